@@ -18,6 +18,8 @@ if (protos.length > 0) {
   const gen = join(dirname(require.resolve('@grpc/proto-loader/package.json')), 'build', 'bin', 'proto-loader-gen-types.js');
   execFileSync(process.execPath, [
     gen, '--keepCase', '--longs=String', '--enums=String', '--defaults', '--oneofs', '--grpcLib=@grpc/grpc-js',
-    '--importFileExtension=.js', '--outDir', outDir, '-I', protoDir, ...protos,
-  ], { stdio: 'inherit' });
+    '--includeComments', '--importFileExtension=.js', '--outDir', outDir,
+    // -I is an array option: it must come last or it swallows the file names.
+    ...protos, '-I', protoDir,
+  ], { stdio: 'inherit', cwd: protoDir });
 }
