@@ -1,0 +1,193 @@
+#!/usr/bin/env node
+/**
+ * exastore: the store server and its maintenance commands.
+ *
+ *   exastore serve --data DIR [--port 7700] [--host 127.0.0.1]
+ *   exastore ls [JOB] | verify [JOB] | gc | compact JOB | stat [JOB] | delete JOB ...
+ *
+ * Client commands reach the server given by --store (default $EXA_STORE or
+ * 127.0.0.1:7700). Every command has --help and --json; long work shows a
+ * progress bar on a TTY. Exit codes come from src/errors.ts exitCodeFor().
+ */
+import { Command, InvalidArgumentError } from 'commander';
+import cliProgress from 'cli-progress';
+import { ExaError, exitCodeFor, toExaError } from '../errors.js';
+import { StoreClient, type ProgressInfo } from '../store/client.js';
+import { startStoreServer } from '../store/server.js';
+
+const DEFAULT_STORE = process.env.EXA_STORE || '127.0.0.1:7700';
+
+function intArg(name: string, min = 0): (v: string) => number {
+  return (v) => {
+    if (!/^-?\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
+    return Number(v);
+  };
+}
+
+function fmtBytes(n: number): string {
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i === 0 ? 0 : 1)} ${u[i]}`;
+}
+
+interface ClientFlags { store: string; json?: boolean; token?: string }
+
+async function withClient<T>(flags: ClientFlags, fn: (c: StoreClient) => Promise<T>): Promise<T> {
+  const c = await StoreClient.connect(flags.store, { token: flags.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+/** A progress bar on a TTY (never with --json); returns the callback and a stop function. */
+function progressBar(json: boolean | undefined): { onProgress: (p: ProgressInfo) => void; stop: () => void } {
+  if (json || !process.stderr.isTTY) return { onProgress: () => undefined, stop: () => undefined };
+  const bar = new cliProgress.SingleBar({
+    stream: process.stderr, format: '{phase} [{bar}] {percentage}% {value}/{total} {unit}', hideCursor: true,
+  }, cliProgress.Presets.shades_classic);
+  let started = false;
+  let phase = '';
+  return {
+    onProgress: (p) => {
+      if (!started || p.phase !== phase) {
+        if (started) bar.stop();
+        bar.start(p.total || 1, p.done, { phase: p.phase, unit: p.unit });
+        started = true;
+        phase = p.phase;
+      } else {
+        bar.setTotal(p.total || 1);
+        bar.update(p.done, { phase: p.phase, unit: p.unit });
+      }
+    },
+    stop: () => { if (started) bar.stop(); },
+  };
+}
+
+function out(json: boolean | undefined, value: unknown, human: () => string): void {
+  process.stdout.write(json ? `${JSON.stringify(value)}\n` : `${human()}\n`);
+}
+
+function clientCommand(program: Command, name: string, description: string): Command {
+  return program.command(name).description(description)
+    .option('--store <addr>', 'store server address (host:port)', DEFAULT_STORE)
+    .option('--token <token>', 'bearer token (default $EXA_TOKEN)')
+    .option('--json', 'print one JSON object');
+}
+
+export function buildProgram(): Command {
+  const program = new Command('exastore')
+    .description('exackpt deduplicating checkpoint store: server and maintenance')
+    .showHelpAfterError()
+    .configureOutput({ writeErr: (s) => process.stderr.write(s) });
+
+  program.command('serve')
+    .description('serve the Store gRPC service from a LevelDB data directory (created if missing)')
+    .requiredOption('--data <dir>', 'data directory')
+    .option('--port <n>', 'TCP port (0 = ephemeral)', intArg('--port'), 7700)
+    .option('--host <addr>', 'address to listen on', '127.0.0.1')
+    .option('--gc-grace <seconds>', 'GC grace period: a page found unreferenced is deleted only after this long', intArg('--gc-grace'), 3600)
+    .option('--token <token>', 'require this bearer token from clients (default $EXA_TOKEN)')
+    .option('--json', 'print the ready line as JSON')
+    .action(async (o: { data: string; port: number; host: string; gcGrace: number; token?: string; json?: boolean }) => {
+      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token: o.token ?? process.env.EXA_TOKEN });
+      // The ready line: tests and scripts wait for it (and probe the port).
+      out(o.json, { listening: s.address, data: o.data, pid: process.pid }, () => `exastore listening on ${s.address} (data ${o.data}, pid ${process.pid})`);
+      let stopping = false;
+      const stop = (sig: string): void => {
+        if (stopping) return;
+        stopping = true;
+        process.stderr.write(`exastore: ${sig}, shutting down\n`);
+        s.close().then(() => process.exit(0), () => process.exit(1));
+      };
+      process.on('SIGTERM', () => stop('SIGTERM'));
+      process.on('SIGINT', () => stop('SIGINT'));
+    });
+
+  clientCommand(program, 'ls [job]', 'list jobs, or the checkpoints of one job')
+    .action(async (job: string | undefined, o: ClientFlags) => withClient(o, async (c) => {
+      if (job) {
+        const cps = await c.listCheckpoints(job);
+        out(o.json, { job, checkpoints: cps }, () => [
+          `job ${job}: ${cps.length} checkpoints`,
+          ...cps.map((k) => `  #${String(k.checkpoint).padEnd(5)} parent ${String(k.parent || '-').padEnd(5)} ${k.createdAt}  image ${fmtBytes(k.logicalBytes).padStart(10)}  changed ${k.changedPages} pages, new ${k.newPages}`),
+        ].join('\n'));
+      } else {
+        const jobs = await c.listJobs();
+        out(o.json, { jobs }, () => (jobs.length === 0 ? 'no jobs' : jobs.map((j) => `${j.job.padEnd(24)} ${String(j.checkpoints).padStart(5)} checkpoints  latest #${j.latest} at ${j.latestAt}  image ${fmtBytes(j.logicalBytes)}`).join('\n')));
+      }
+    }));
+
+  clientCommand(program, 'verify [job]', 'read back every page of every checkpoint (or of one job) and check it against its hash')
+    .option('--checkpoint <n>', 'only this checkpoint', intArg('--checkpoint', 1))
+    .option('--all-pages', 'also check stored pages that no checkpoint references')
+    .action(async (job: string | undefined, o: ClientFlags & { checkpoint?: number; allPages?: boolean }) => withClient(o, async (c) => {
+      const pb = progressBar(o.json);
+      const r = await c.verify({ ...(job ? { job } : {}), ...(o.checkpoint ? { checkpoint: o.checkpoint } : {}), allPages: !!o.allPages }, pb.onProgress).finally(pb.stop);
+      out(o.json, r, () => [
+        `${r.ok ? 'OK' : 'PROBLEMS'}: ${r.checkpoints} checkpoints, ${r.pagesChecked} pages checked, ${r.problems.length} problems`,
+        ...r.problems.map((p) => `  ${p.kind}: ${p.message}`),
+      ].join('\n'));
+      if (!r.ok) throw new ExaError('CORRUPT', `verify found ${r.problems.length} problems${r.problems[0] ? `; first: ${r.problems[0].message}` : ''}`);
+    }));
+
+  clientCommand(program, 'gc', 'collect pages no checkpoint references (two phases with a grace period; safe while uploads run)')
+    .option('--grace <seconds>', "grace period for this run (default: the server's)", intArg('--grace'))
+    .option('--dry-run', 'report only')
+    .action(async (o: ClientFlags & { grace?: number; dryRun?: boolean }) => withClient(o, async (c) => {
+      const pb = progressBar(o.json);
+      const r = await c.gc({ ...(o.grace !== undefined ? { graceSeconds: o.grace } : {}), dryRun: !!o.dryRun }, pb.onProgress).finally(pb.stop);
+      out(o.json, r, () => `gc${o.dryRun ? ' (dry run)' : ''}: ${r.livePages} live pages, ${r.markedPages} newly marked, ${r.revivedPages} revived, ${r.deletedPages} deleted (${fmtBytes(r.reclaimedBytes)}), ${r.pendingPages} waiting for the grace period`);
+    }));
+
+  clientCommand(program, 'compact <job>', "check that every page of a job's checkpoints resolves and reclaim the space of deleted pages")
+    .action(async (job: string, o: ClientFlags) => withClient(o, async (c) => {
+      const pb = progressBar(o.json);
+      const r = await c.compact(job, pb.onProgress).finally(pb.stop);
+      out(o.json, r, () => `compacted job ${r.job}: ${r.checkpoints} checkpoints checked`);
+    }));
+
+  clientCommand(program, 'stat [job]', 'logical bytes, stored bytes and dedup ratio, per job and overall')
+    .action(async (job: string | undefined, o: ClientFlags) => withClient(o, async (c) => {
+      const s = await c.stat(job);
+      out(o.json, s, () => [
+        `store: ${fmtBytes(s.logicalBytes)} logical, ${fmtBytes(s.storedBytes)} stored in ${s.storedPages} pages (+${fmtBytes(s.metadataBytes)} manifests), dedup ratio ${s.dedupRatio.toFixed(2)}, ${s.pendingGcPages} pages marked for GC`,
+        ...s.jobs.map((j) => `  ${j.job.padEnd(24)} ${String(j.checkpoints).padStart(5)} checkpoints  logical ${fmtBytes(j.logicalBytes).padStart(10)}  sent ${fmtBytes(j.sentBytes).padStart(10)}  stored ${fmtBytes(j.storedBytes).padStart(10)}  dedup ${j.dedupRatio.toFixed(2)}`),
+      ].join('\n'));
+    }));
+
+  clientCommand(program, 'delete <job> [checkpoints...]', 'delete checkpoints of a job, explicitly or by retention policy (pages go at the next gc)')
+    .option('--keep-last <k>', 'keep the K newest', intArg('--keep-last', 1))
+    .option('--keep-every <n>', 'also keep every checkpoint whose number is a multiple of N', intArg('--keep-every', 1))
+    .option('--dry-run', 'report only')
+    .action(async (job: string, nums: string[], o: ClientFlags & { keepLast?: number; keepEvery?: number; dryRun?: boolean }) => withClient(o, async (c) => {
+      const checkpoints = nums.map((n) => intArg('checkpoint', 1)(n));
+      const r = await c.deleteCheckpoints(job, { checkpoints, keepLast: o.keepLast ?? 0, keepEvery: o.keepEvery ?? 0, dryRun: !!o.dryRun });
+      out(o.json, r, () => `job ${job}: ${o.dryRun ? 'would delete' : 'deleted'} ${r.deleted.join(', ') || 'nothing'}; kept ${r.kept.join(', ') || 'nothing'}`);
+    }));
+
+  return program;
+}
+
+async function main(): Promise<void> {
+  const program = buildProgram();
+  program.exitOverride();
+  try {
+    await program.parseAsync(process.argv);
+  } catch (e) {
+    const ce = e as { code?: string; exitCode?: number };
+    if (typeof ce.code === 'string' && ce.code.startsWith('commander.')) {
+      // --help / --version exit 0; usage errors were already printed by commander.
+      process.exit(ce.exitCode === 0 ? 0 : 2);
+    }
+    const x = toExaError(e);
+    const json = process.argv.includes('--json');
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: x.code, message: x.message } })}\n`);
+    process.stderr.write(`exastore: ${x.message}\n`);
+    process.exit(exitCodeFor(x));
+  }
+}
+
+void main();

@@ -1,0 +1,189 @@
+/**
+ * The Store gRPC service over the storage engine: each RPC validates what
+ * arrives, calls storage/engine.ts, and maps failures through src/errors.ts.
+ * A bad request ends that call with a clear status; the server keeps serving.
+ */
+import type * as grpcTypes from '@grpc/grpc-js';
+import { ExaError } from '../errors.js';
+import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, serverStream, unary, type ServerAuth } from '../grpc.js';
+import { grpc } from '../grpc.js';
+import { storeProto } from './proto.js';
+import type { StoreHandlers } from '../gen/exa/v1/Store.js';
+import type { PutRequest__Output } from '../gen/exa/v1/PutRequest.js';
+import type { PutResponse } from '../gen/exa/v1/PutResponse.js';
+import type { Progress } from '../gen/exa/v1/Progress.js';
+import { CheckpointStore, type ProgressEvent, type PutSession } from '../../storage/engine.js';
+import { LevelBackend } from '../../storage/leveldb.js';
+import { PAGE_SIZE } from '../../storage/pages.js';
+import { headerToInfo, regionFromProto } from './convert.js';
+
+export { storeProto };
+
+/** Progress callback that forwards at most every 200 ms (and always the last step). */
+function throttled(send: (p: Progress) => void): (p: ProgressEvent) => void {
+  let last = 0;
+  return (p) => {
+    const now = Date.now();
+    if (now - last < 200 && p.done !== p.total) return;
+    last = now;
+    send({ phase: p.phase, done: p.done, total: p.total, unit: p.unit });
+  };
+}
+
+/** The Store service implementation for one engine. */
+export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHandlers {
+  return {
+    PutCheckpoint: bidiStream<PutRequest__Output, PutResponse>(auth, async (call, emit) => {
+      let session: PutSession | null = null;
+      let committed = false;
+      // A cancelled call never finishes its iteration: abort the upload from the event.
+      call.on('cancelled', () => session?.abort());
+      try {
+        for await (const req of call as AsyncIterable<PutRequest__Output>) {
+          switch (req.msg) {
+            case 'begin': {
+              if (session) throw new ExaError('INVALID_ARGUMENT', 'begin sent twice on one stream');
+              const b = req.begin!;
+              session = await store.beginPut({ job: b.job, parent: b.parent, regions: b.regions.map(regionFromProto), labels: b.labels });
+              await emit({ ready: { max_batch_pages: store.maxBatchPages, max_message_bytes: MAX_MESSAGE_BYTES } });
+              break;
+            }
+            case 'hashes': {
+              if (!session) throw new ExaError('INVALID_ARGUMENT', 'hashes before begin');
+              const h = req.hashes!;
+              const want = await session.offerHashes({ batch: h.batch, region: h.region, index: h.index, hashes: h.hashes, zero: h.zero });
+              await emit({ wanted: { batch: h.batch, want } });
+              break;
+            }
+            case 'data': {
+              if (!session) throw new ExaError('INVALID_ARGUMENT', 'data before begin');
+              const d = req.data!;
+              const n = await session.supplyData(d.batch, d.data);
+              await emit({ stored: { batch: d.batch, pages: n } });
+              break;
+            }
+            case 'commit': {
+              if (!session) throw new ExaError('INVALID_ARGUMENT', 'commit before begin');
+              const header = await session.commit();
+              committed = true;
+              await emit({ committed: headerToInfo(header) });
+              return;
+            }
+            default:
+              throw new ExaError('INVALID_ARGUMENT', 'empty PutRequest (none of begin, hashes, data, commit is set)');
+          }
+        }
+        throw new ExaError('FAILED_PRECONDITION', session
+          ? `the upload stream for job ${session.job} ended before commit; nothing was recorded`
+          : 'the upload stream ended before begin');
+      } finally {
+        if (!committed) session?.abort();
+      }
+    }),
+
+    GetImage: serverStream(auth, async (req, emit) => {
+      const range = { region: req.region, firstPage: req.first_page, pageCount: req.page_count };
+      for await (const item of store.readImage(req.job, req.checkpoint, range)) {
+        if ('checkpoint' in item) await emit({ info: headerToInfo(item) });
+        else await emit({ pages: { region: item.region, first_page: item.firstPage, page_count: item.pageCount, zero: item.zero, data: item.data } });
+      }
+    }),
+
+    ListJobs: unary(auth, async () => ({
+      jobs: (await store.listJobs()).map((j) => ({
+        job: j.job, checkpoints: j.checkpoints, latest: j.latest, latest_at: new Date(j.latestAt).toISOString(), logical_bytes: j.logicalBytes,
+      })),
+    })),
+
+    ListCheckpoints: unary(auth, async (req) => ({ checkpoints: (await store.listCheckpoints(req.job)).map(headerToInfo) })),
+
+    DeleteCheckpoints: unary(auth, async (req) => store.deleteCheckpoints(req.job, {
+      checkpoints: req.checkpoints, keepLast: req.keep_last, keepEvery: req.keep_every, dryRun: req.dry_run,
+    })),
+
+    Compact: serverStream(auth, async (req, emit) => {
+      const pending: Promise<void>[] = [];
+      const r = await store.compact(req.job, throttled((p) => { pending.push(emit({ progress: p }).catch(() => undefined)); }));
+      await Promise.all(pending);
+      await emit({ result: { job: r.job, checkpoints: r.checkpoints, pages_moved: r.pagesMoved, refs_updated: r.refsUpdated } });
+    }),
+
+    Gc: serverStream(auth, async (req, emit) => {
+      const pending: Promise<void>[] = [];
+      const r = await store.gc({ graceMs: req.grace_seconds >= 0 ? req.grace_seconds * 1000 : -1, dryRun: req.dry_run },
+        throttled((p) => { pending.push(emit({ progress: p }).catch(() => undefined)); }));
+      await Promise.all(pending);
+      await emit({ result: {
+        live_pages: r.livePages, marked_pages: r.markedPages, revived_pages: r.revivedPages, deleted_pages: r.deletedPages,
+        reclaimed_bytes: r.reclaimedBytes, pending_pages: r.pendingPages,
+      } });
+    }),
+
+    Verify: serverStream(auth, async (req, emit) => {
+      const pending: Promise<void>[] = [];
+      const r = await store.verify({ job: req.job || undefined, checkpoint: req.checkpoint, allPages: req.all_pages },
+        throttled((p) => { pending.push(emit({ progress: p }).catch(() => undefined)); }));
+      await Promise.all(pending);
+      await emit({ result: { checkpoints: r.checkpoints, pages_checked: r.pagesChecked, problems: r.problems, ok: r.ok } });
+    }),
+
+    Stat: unary(auth, async (req) => {
+      const s = await store.stat(req.job || undefined);
+      return {
+        jobs: s.jobs.map((j) => ({ job: j.job, checkpoints: j.checkpoints, logical_bytes: j.logicalBytes, sent_bytes: j.sentBytes, stored_bytes: j.storedBytes, dedup_ratio: j.dedupRatio })),
+        logical_bytes: s.logicalBytes, stored_bytes: s.storedBytes, stored_pages: s.storedPages, metadata_bytes: s.metadataBytes,
+        dedup_ratio: s.dedupRatio, pending_gc_pages: s.pendingGcPages,
+      };
+    }),
+  };
+}
+
+export interface StoreServerOptions {
+  dataDir: string;
+  host?: string;
+  port?: number;
+  token?: string | undefined;
+  gcGraceMs?: number;
+}
+
+export interface RunningStoreServer {
+  server: grpcTypes.Server;
+  store: CheckpointStore;
+  host: string;
+  port: number;
+  /** host:port as clients should dial it. */
+  address: string;
+  close(): Promise<void>;
+}
+
+/**
+ * Open the LevelDB data directory and serve the Store service. Other
+ * services (the coordinator) can be added to `server` by the caller.
+ */
+export async function startStoreServer(opts: StoreServerOptions): Promise<RunningStoreServer> {
+  const backend = await LevelBackend.open(opts.dataDir);
+  const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
+  const server = createServer();
+  server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token }) as unknown as grpcTypes.UntypedServiceImplementation);
+  const host = opts.host ?? '127.0.0.1';
+  let port: number;
+  try {
+    port = await bindServer(server, host, opts.port ?? 7700);
+  } catch (e) {
+    await store.close();
+    throw e;
+  }
+  const address = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
+  return {
+    server, store, host, port, address,
+    async close() {
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => { server.forceShutdown(); resolve(); }, 2000);
+        server.tryShutdown(() => { clearTimeout(t); resolve(); });
+      });
+      await store.close();
+    },
+  };
+}
+
+export { PAGE_SIZE, grpc };
