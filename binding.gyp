@@ -1,13 +1,32 @@
 {
+  "target_defaults": {
+    "include_dirs": ["native/include"],
+    "cflags": ["-Wall", "-Wextra", "-O2", "-fPIC"],
+  },
   "targets": [
     {
+      "target_name": "libexa",
+      "type": "static_library",
+      "sources": ["native/libexa/exa.c"],
+      "cflags_c": ["-std=gnu11"],
+    },
+    {
       "target_name": "exa_native",
-      "sources": ["native/addon/addon.cc"],
+      "sources": ["native/addon/addon.cc", "native/ckpt/ckpt.cc"],
+      "dependencies": ["libexa"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")", "native/include"],
       "defines": ["NAPI_VERSION=9", "NODE_ADDON_API_DISABLE_DEPRECATED"],
-      "cflags": ["-Wall", "-Wextra", "-O2"],
-      "cflags_cc": ["-std=c++17", "-fexceptions"],
-      "cflags_cc!": ["-fno-exceptions"]
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-Wno-deprecated-declarations", "-Wno-missing-field-initializers"],
+      "cflags_cc!": ["-fno-exceptions"],
+      "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "exa_workload",
+      "type": "executable",
+      "sources": ["native/test/exa_workload.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
     }
   ]
 }

@@ -1,10 +1,29 @@
 /**
- * The only module that loads the native addon. Everything else imports the
- * typed wrappers declared here.
+ * The only module that loads the native addon (build/Release/exa_native.node).
+ * It declares the whole native surface with opaque handle types and wraps each
+ * call so that native failures arrive as ExaError (src/errors.ts):
+ *
+ *   errno from native     -> ExaCode
+ *   ENOENT, ESRCH         -> NOT_FOUND        (unknown job/region, process gone)
+ *   EEXIST, EADDRINUSE    -> ALREADY_EXISTS   (duplicate job/region, agent already listening)
+ *   EINVAL, EPROTO        -> INVALID_ARGUMENT (bad size/name, malformed peer message)
+ *   EACCES, EPERM         -> PERMISSION_DENIED (SO_PEERCRED refused)
+ *   ECONNREFUSED, ESHUTDOWN, ECONNRESET -> UNAVAILABLE (no agent, agent closed)
+ *   EBUSY                 -> CONFLICT         (a checkpoint of the job is running)
+ *   ECANCELED             -> CANCELLED
+ *   ENOTSUP               -> UNIMPLEMENTED    (kernel < 5.19)
+ *   ENOMEM                -> RESOURCE_EXHAUSTED
+ *   anything else         -> INTERNAL
+ * `null` crosses the boundary, never `undefined`.
+ *
+ * Threading: every function here runs on the JS thread and returns quickly;
+ * the pause, the saver and the fault handler run on native threads and
+ * settle promises through thread-safe functions.
  */
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ExaError, toExaError, type ExaCode } from './errors.js';
 
 /** Repository root (this file lives in src/ or dist/src/). */
 export const repoRoot: string = (() => {
@@ -12,9 +31,181 @@ export const repoRoot: string = (() => {
   return here.includes(`${join('dist', 'src')}`) ? join(here, '..', '..') : join(here, '..');
 })();
 
+/** Directory of the native build (the addon and the helper executables such as exa_workload). */
+export const nativeBuildDir: string = join(repoRoot, 'build', 'Release');
+
+// ---- opaque handles -------------------------------------------------------
+
+/** An agent-side checkpointer listening on a Unix socket (owns its IO, saver and fault threads). */
+export interface AgentHandle { readonly kind: 'agent' }
+/** One running checkpoint of one job. */
+export interface CheckpointSessionHandle { readonly kind: 'checkpoint-session' }
+/** This process attached to an agent as a workload (libexa context). */
+export interface WorkloadHandle { readonly kind: 'workload' }
+
+// ---- data crossing the boundary ------------------------------------------
+
+export interface NativeAgentOptions {
+  /** Unix socket path the agent listens on (SOCK_SEQPACKET). */
+  socketPath: string;
+  /** uids allowed to attach besides the agent's own and root (SO_PEERCRED). */
+  allowUids?: number[];
+  /** Shadow memory per checkpoint, bytes (default 256 MiB). */
+  shadowBudgetBytes?: number;
+  /** chmod of the socket file (default 0o600). */
+  socketMode?: number;
+}
+
+export interface NativeAgentEvent {
+  kind: 'attached' | 'detached' | 'checkpoint-request' | 'log';
+  job: string;
+  pid: number;
+  uid: number;
+  text: string;
+}
+
+export interface NativeRegionInfo { name: string; size: number; address: string }
+
+export interface NativeJobInfo {
+  id: string;
+  pid: number;
+  uid: number;
+  /** The workload passed a WP_ASYNC uffd and its pagemap: cheap tracking between checkpoints. */
+  asyncTracking: boolean;
+  /** Fallback uffd (UFFD_USER_MODE_ONLY): read() into a region fails during a checkpoint. */
+  userModeOnly: boolean;
+  busy: boolean;
+  checkpoints: number;
+  regions: NativeRegionInfo[];
+}
+
+export interface NativeCkptOptions {
+  /**
+   * auto (default): per region, copy the dirty pages to shadow during the pause when they fit the
+   * shadow budget (then no write faults at all), else save live with synchronous write-protect faults.
+   * sync: always the live fault-driven path (the seed's four cases). copy: prefer copy-at-pause.
+   */
+  mode?: 'auto' | 'sync' | 'copy';
+  /** Save every page, not only those written since the previous checkpoint (a new chain). */
+  full?: boolean;
+  /** Page bytes per batch (default 1 MiB). */
+  batchBytes?: number;
+  /** Batches ready before the saver waits for JavaScript (default 2). */
+  queueDepth?: number;
+  /** Test hook: hold the saver before/while saving this page until checkpointReleaseHold(). */
+  testHold?: { region: string; page: number; when?: 'before' | 'during' };
+}
+
+/**
+ * A batch of saved pages. Entry i: region index regions[i] (into the session's region table),
+ * page index pages[i], zero[i] = 1 for an all-zero page (no bytes, hash all zero), hash =
+ * hashes[32i..32i+32) (SHA-256 of the 4096 bytes). data holds the bytes of the non-zero pages in entry order.
+ */
+export interface PageBatch {
+  count: number;
+  regions: Uint32Array;
+  pages: Uint32Array;
+  zero: Uint8Array;
+  hashes: Uint8Array;
+  data: Uint8Array;
+}
+
+export interface CheckpointStats {
+  /** Stop .. resume of the checkpoint's pause. */
+  pauseUs: number;
+  /** The second short stop after a live-sync save that returns regions to async tracking. */
+  resyncPauseUs: number;
+  /** Resume .. last batch taken by JavaScript. */
+  saveUs: number;
+  dirtyPages: number;
+  pagesSaved: number;
+  zeroPages: number;
+  bytesSaved: number;
+  shadowCopies: number;
+  shadowPeakBytes: number;
+  /** Write faults during the save by the seed's cases 1..4 (index 0..3). */
+  faults: [number, number, number, number];
+  /** Case-3 faults that found the shadow full and waited for the saver instead. */
+  shadowWaits: number;
+  batches: number;
+  syncRegions: number;
+  copyRegions: number;
+}
+
 interface NativeAddon {
   version(): number;
+  agentOpen(opts: NativeAgentOptions, onEvent: (ev: NativeAgentEvent) => void): AgentHandle;
+  agentClose(h: AgentHandle): void;
+  agentJobs(h: AgentHandle): NativeJobInfo[];
+  checkpointBegin(h: AgentHandle, job: string, opts: NativeCkptOptions): { session: CheckpointSessionHandle; paused: Promise<void> };
+  checkpointNext(s: CheckpointSessionHandle): Promise<PageBatch | null>;
+  checkpointResult(s: CheckpointSessionHandle): Promise<CheckpointStats>;
+  checkpointStats(s: CheckpointSessionHandle): CheckpointStats;
+  checkpointRegions(s: CheckpointSessionHandle): { name: string; size: number }[];
+  checkpointCancel(s: CheckpointSessionHandle): void;
+  checkpointHeld(s: CheckpointSessionHandle): boolean;
+  checkpointReleaseHold(s: CheckpointSessionHandle): void;
+  declineCheckpointRequests(h: AgentHandle, job: string, text: string): void;
+  stopAndCopy(h: AgentHandle, job: string): { pauseUs: number; bytes: number };
+  workloadAttach(socketPath: string | null, jobId: string | null): WorkloadHandle;
+  workloadAlloc(h: WorkloadHandle, name: string, size: number): ArrayBuffer;
+  workloadFree(h: WorkloadHandle, name: string): void;
+  workloadList(h: WorkloadHandle): { name: string; size: number }[];
+  workloadCheckpoint(h: WorkloadHandle): Promise<void>;
+  workloadDetach(h: WorkloadHandle): void;
 }
 
 const require = createRequire(import.meta.url);
-export const addon: NativeAddon = require(join(repoRoot, 'build', 'Release', 'exa_native.node')) as NativeAddon;
+export const addon: NativeAddon = require(join(nativeBuildDir, 'exa_native.node')) as NativeAddon;
+
+const extraErrno: Record<string, ExaCode> = {
+  EPROTO: 'INVALID_ARGUMENT',
+  EADDRINUSE: 'ALREADY_EXISTS',
+  ECANCELED: 'CANCELLED',
+  ESHUTDOWN: 'UNAVAILABLE',
+  ENOTSUP: 'UNIMPLEMENTED',
+  EIO: 'INTERNAL',
+};
+
+/** Fold a native failure onto an ExaError; the errno name is kept in detail.errno. */
+export function nativeError(e: unknown, context?: string): ExaError {
+  const code = (e as { code?: unknown })?.code;
+  const msg = e instanceof Error ? e.message : String(e);
+  const full = context ? `${context}: ${msg}` : msg;
+  if (typeof code === 'string' && code in extraErrno) return new ExaError(extraErrno[code]!, full, { errno: code }, { cause: e });
+  const x = toExaError(e, context);
+  return typeof code === 'string' ? new ExaError(x.code, x.message, { errno: code }, { cause: e }) : x;
+}
+
+function wrap<A extends unknown[], R>(fn: (...a: A) => R): (...a: A) => R {
+  return (...a: A): R => {
+    try {
+      const r = fn(...a);
+      if (r instanceof Promise) return r.catch((e: unknown) => { throw nativeError(e); }) as R;
+      return r;
+    } catch (e) {
+      throw nativeError(e);
+    }
+  };
+}
+
+export const version = wrap(addon.version);
+export const agentOpen = wrap(addon.agentOpen);
+export const agentClose = wrap(addon.agentClose);
+export const agentJobs = wrap(addon.agentJobs);
+export const checkpointBegin = wrap(addon.checkpointBegin);
+export const checkpointNext = wrap(addon.checkpointNext);
+export const checkpointResult = wrap(addon.checkpointResult);
+export const checkpointStats = wrap(addon.checkpointStats);
+export const checkpointRegions = wrap(addon.checkpointRegions);
+export const checkpointCancel = wrap(addon.checkpointCancel);
+export const checkpointHeld = wrap(addon.checkpointHeld);
+export const checkpointReleaseHold = wrap(addon.checkpointReleaseHold);
+export const declineCheckpointRequests = wrap(addon.declineCheckpointRequests);
+export const stopAndCopy = wrap(addon.stopAndCopy);
+export const workloadAttach = wrap(addon.workloadAttach);
+export const workloadAlloc = wrap(addon.workloadAlloc);
+export const workloadFree = wrap(addon.workloadFree);
+export const workloadList = wrap(addon.workloadList);
+export const workloadCheckpoint = wrap(addon.workloadCheckpoint);
+export const workloadDetach = wrap(addon.workloadDetach);

@@ -1,0 +1,235 @@
+/**
+ * LocalAgent: the workload-facing half of the per-host agent, without gRPC.
+ *
+ * It listens on a Unix socket for workloads (libexa or the Node binding),
+ * keeps track of attached jobs, and takes live incremental checkpoints of
+ * them. A checkpoint streams batches of (region, page, SHA-256, bytes) through
+ * an async iterator with real backpressure: the native saver waits while the
+ * consumer has not taken the previous batch, so memory in flight is bounded by
+ * (queueDepth + 1) batches plus the shadow budget, whatever the consumer does.
+ *
+ * The gRPC agent service (a later issue) wraps this class: it calls
+ * checkpoint(job), forwards every batch to the store (awaiting the store's
+ * acknowledgement before pulling the next) and commits when `result` resolves.
+ *
+ * Events: 'attached' (JobInfo), 'detached' (job id), 'log' (line),
+ * 'checkpoint-request' (job id): a workload called exa_checkpoint(); a listener
+ * must call checkpoint(job) (the workload's call returns at the end of the
+ * pause) or declineCheckpointRequest(job). With no listener the request is
+ * declined at once, so the workload never hangs.
+ */
+import { EventEmitter } from 'node:events';
+import { ExaError } from '../errors.js';
+import * as native from '../native.js';
+import type {
+  AgentHandle, CheckpointSessionHandle, CheckpointStats, NativeCkptOptions, NativeJobInfo, PageBatch,
+} from '../native.js';
+
+export type { CheckpointStats, PageBatch, NativeCkptOptions as CheckpointOptions, NativeJobInfo as JobInfo } from '../native.js';
+
+export interface LocalAgentOptions {
+  socketPath: string;
+  /** uids allowed to attach besides this process's euid and root. */
+  allowUids?: number[];
+  /** Shadow memory per checkpoint in bytes (default 256 MiB). */
+  shadowBudgetBytes?: number;
+  /** chmod of the socket file (default 0o600). */
+  socketMode?: number;
+}
+
+/** One page of a batch, decoded (see PageBatch for the packed form). */
+export interface SavedPage {
+  region: string;
+  page: number;
+  zero: boolean;
+  hash: Uint8Array;
+  /** 4096 bytes, or null for a zero page. */
+  bytes: Uint8Array | null;
+}
+
+/**
+ * One running checkpoint. Consume it with `for await (const b of ckpt)` (or
+ * next()); `result` resolves with the stats once every batch was taken, and
+ * rejects if the checkpoint was cancelled or failed. Use one consumer only.
+ */
+export class Checkpoint implements AsyncIterable<PageBatch> {
+  /** Region table at the pause; PageBatch.regions index into it. */
+  readonly regions: readonly { name: string; size: number }[];
+  readonly result: Promise<CheckpointStats>;
+
+  constructor(readonly job: string, private readonly session: CheckpointSessionHandle) {
+    this.regions = native.checkpointRegions(session);
+    this.result = native.checkpointResult(session);
+    // a consumer that only iterates must not see an unhandled rejection here
+    this.result.catch(() => undefined);
+  }
+
+  /** The next batch, or null when the checkpoint is complete. */
+  next(): Promise<PageBatch | null> {
+    return native.checkpointNext(this.session);
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<PageBatch> {
+    for (;;) {
+      const b = await this.next();
+      if (b === null) return;
+      yield b;
+    }
+  }
+
+  /** Stats so far (final once `result` resolved). */
+  stats(): CheckpointStats {
+    return native.checkpointStats(this.session);
+  }
+
+  /** Abandon the checkpoint: pages not saved go to the next checkpoint's set; pending next() rejects with CANCELLED. */
+  cancel(): void {
+    native.checkpointCancel(this.session);
+  }
+
+  /** Decode a batch into pages (copies nothing but the subarray views). */
+  pagesOf(b: PageBatch): SavedPage[] {
+    const out: SavedPage[] = [];
+    let off = 0;
+    for (let i = 0; i < b.count; i++) {
+      const zero = b.zero[i] === 1;
+      const name = this.regions[b.regions[i]!]?.name ?? `#${b.regions[i]}`;
+      out.push({
+        region: name, page: b.pages[i]!, zero, hash: b.hashes.subarray(32 * i, 32 * i + 32),
+        bytes: zero ? null : b.data.subarray(off, off + 4096),
+      });
+      if (!zero) off += 4096;
+    }
+    return out;
+  }
+
+  /** Test hook: true while the saver is held (NativeCkptOptions.testHold). */
+  testHeld(): boolean {
+    return native.checkpointHeld(this.session);
+  }
+
+  /** Test hook: let a held saver go on. */
+  testReleaseHold(): void {
+    native.checkpointReleaseHold(this.session);
+  }
+}
+
+export class LocalAgent extends EventEmitter {
+  private handle: AgentHandle | null;
+  private readonly running = new Set<Checkpoint>();
+
+  private constructor(readonly socketPath: string, opts: LocalAgentOptions) {
+    super();
+    this.handle = native.agentOpen(
+      { socketPath: opts.socketPath, allowUids: opts.allowUids ?? [], shadowBudgetBytes: opts.shadowBudgetBytes ?? 256 * 2 ** 20, socketMode: opts.socketMode ?? 0o600 },
+      (ev) => this.onEvent(ev),
+    );
+  }
+
+  /** Start listening. Fails with ALREADY_EXISTS if a live agent owns the socket. */
+  static listen(opts: LocalAgentOptions): LocalAgent {
+    return new LocalAgent(opts.socketPath, opts);
+  }
+
+  private onEvent(ev: native.NativeAgentEvent): void {
+    switch (ev.kind) {
+      case 'attached':
+        this.emit('attached', this.job(ev.job) ?? { id: ev.job, pid: ev.pid, uid: ev.uid });
+        break;
+      case 'detached':
+        this.emit('detached', ev.job);
+        break;
+      case 'checkpoint-request':
+        if (this.listenerCount('checkpoint-request') === 0) {
+          this.declineCheckpointRequest(ev.job, 'this agent takes no app-initiated checkpoints (no handler)');
+        } else {
+          this.emit('checkpoint-request', ev.job);
+        }
+        break;
+      case 'log':
+        if (this.listenerCount('log') > 0) this.emit('log', ev.text);
+        else process.stderr.write(`${ev.text}\n`);
+        break;
+    }
+  }
+
+  private get h(): AgentHandle {
+    if (!this.handle) throw new ExaError('UNAVAILABLE', `agent on ${this.socketPath} is closed`);
+    return this.handle;
+  }
+
+  get closed(): boolean {
+    return this.handle === null;
+  }
+
+  /** Attached jobs. */
+  jobs(): NativeJobInfo[] {
+    return native.agentJobs(this.h);
+  }
+
+  job(id: string): NativeJobInfo | null {
+    return this.jobs().find((j) => j.id === id) ?? null;
+  }
+
+  /** Resolves when job `id` is attached (probing, for callers that started the workload themselves). */
+  waitForJob(id: string, timeoutMs = 10_000): Promise<NativeJobInfo> {
+    const found = this.job(id);
+    if (found) return Promise.resolve(found);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.off('attached', on);
+        reject(new ExaError('DEADLINE_EXCEEDED', `job "${id}" did not attach to ${this.socketPath} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const on = (j: { id: string }): void => {
+        if (j.id !== id) return;
+        clearTimeout(timer);
+        this.off('attached', on);
+        resolve(this.job(id) ?? (j as NativeJobInfo));
+      };
+      this.on('attached', on);
+    });
+  }
+
+  /**
+   * Checkpoint a job: resolves when the pause is over (the job runs again) with
+   * the Checkpoint to consume. NOT_FOUND for an unknown job, CONFLICT when one
+   * is already running for it. The first checkpoint of a job (or with full:
+   * true) holds every page; later ones the pages written since the previous
+   * completed one.
+   */
+  async checkpoint(job: string, opts: NativeCkptOptions = {}): Promise<Checkpoint> {
+    const { session, paused } = native.checkpointBegin(this.h, job, opts);
+    try {
+      await paused;
+    } catch (e) {
+      throw native.nativeError(e, `checkpoint of job ${job}`);
+    }
+    const c = new Checkpoint(job, session);
+    this.running.add(c);
+    c.result.finally(() => this.running.delete(c)).catch(() => undefined);
+    return c;
+  }
+
+  /** Answer a job's pending exa_checkpoint() calls with an error. */
+  declineCheckpointRequest(job: string, reason: string): void {
+    if (this.handle) native.declineCheckpointRequests(this.handle, job, reason);
+  }
+
+  /** Benchmark baseline: stop the job, copy and hash every page, resume. */
+  stopAndCopy(job: string): { pauseUs: number; bytes: number } {
+    return native.stopAndCopy(this.h, job);
+  }
+
+  /**
+   * Stop listening, cancel running checkpoints (their iterators reject with
+   * CANCELLED) and drop every job: closing the passed uffds wakes any workload
+   * thread blocked on a write fault, so jobs keep running untracked.
+   */
+  async close(): Promise<void> {
+    if (!this.handle) return;
+    const h = this.handle;
+    this.handle = null;
+    native.agentClose(h);
+    await Promise.allSettled([...this.running].map((c) => c.result));
+  }
+}
