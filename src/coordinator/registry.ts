@@ -1,0 +1,226 @@
+/**
+ * The coordinator's state: which hosts (agents) exist and are alive, and
+ * where every job runs. Pure logic, no transport: src/coordinator/service.ts
+ * serves it over gRPC from `exastore serve`.
+ *
+ * Invariant: a job runs on at most one host. Placement changes only through
+ * claim() (a new job, or a restore onto a host), move() (compare-and-swap on
+ * the job's epoch, used by migration) and release(). Every change bumps the
+ * job's epoch, so an agent holding a stale epoch is fenced off.
+ *
+ * The registry is rebuilt from agents: after a coordinator restart, agents
+ * re-register with the jobs they run, so nothing here needs to be durable
+ * except job specs (kept by the caller, see JobSpec persistence in service.ts).
+ */
+import { ExaError } from '../errors.js';
+
+export type HostState = 'UP' | 'DOWN';
+
+export interface HostInfo {
+  hostId: string;
+  address: string;
+  state: HostState;
+  lastSeenMs: number;
+  registeredAtMs: number;
+  jobs: string[];
+}
+
+export type JobState = 'RUNNING' | 'STOPPED' | 'FINISHED' | 'FAILED' | 'MIGRATING' | 'LOST';
+
+export interface JobPlacement {
+  job: string;
+  host: string;
+  state: JobState;
+  epoch: number;
+  updatedAtMs: number;
+  pid: number;
+  lastCheckpoint: number;
+}
+
+export interface RegistryOptions {
+  /** Heartbeat period agents are told to use. */
+  heartbeatMs: number;
+  /** A host is DOWN after this many missed heartbeats. */
+  missedBeats: number;
+  now?: () => number;
+}
+
+const ID_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
+/** Validate a host or job id: 1-63 characters of [A-Za-z0-9._-], starting alphanumeric. */
+export function checkId(kind: 'host' | 'job', id: unknown): string {
+  if (typeof id !== 'string' || !ID_RE.test(id)) {
+    throw new ExaError('INVALID_ARGUMENT', `${kind} id ${JSON.stringify(id)} is not valid: use 1-63 characters of A-Z a-z 0-9 . _ - starting with a letter or digit`);
+  }
+  return id;
+}
+
+export class Registry {
+  private readonly hosts = new Map<string, HostInfo>();
+  private readonly jobs = new Map<string, JobPlacement>();
+  private readonly now: () => number;
+
+  constructor(private readonly opts: RegistryOptions) {
+    this.now = opts.now ?? Date.now;
+  }
+
+  get heartbeatMs(): number { return this.opts.heartbeatMs; }
+
+  /** Register (or re-register) an agent with the jobs it currently runs. */
+  register(hostId: string, address: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): HostInfo {
+    checkId('host', hostId);
+    if (typeof address !== 'string' || address.length === 0 || address.length > 255) {
+      throw new ExaError('INVALID_ARGUMENT', `agent address for host ${hostId} is missing or too long`);
+    }
+    const t = this.now();
+    const prev = this.hosts.get(hostId);
+    const info: HostInfo = { hostId, address, state: 'UP', lastSeenMs: t, registeredAtMs: prev?.registeredAtMs ?? t, jobs: [] };
+    this.hosts.set(hostId, info);
+    this.syncJobs(hostId, running);
+    return this.describeHost(hostId);
+  }
+
+  /** Record a heartbeat; false when the host is unknown (the agent must re-register). */
+  heartbeat(hostId: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): boolean {
+    const h = this.hosts.get(hostId);
+    if (!h) return false;
+    h.lastSeenMs = this.now();
+    h.state = 'UP';
+    this.syncJobs(hostId, running);
+    return true;
+  }
+
+  private syncJobs(hostId: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): void {
+    const t = this.now();
+    for (const r of running) {
+      checkId('job', r.job);
+      const j = this.jobs.get(r.job);
+      if (!j) {
+        this.jobs.set(r.job, { job: r.job, host: hostId, state: 'RUNNING', epoch: 1, updatedAtMs: t, pid: r.pid, lastCheckpoint: r.lastCheckpoint });
+      } else if (j.host === hostId) {
+        j.pid = r.pid;
+        j.lastCheckpoint = Math.max(j.lastCheckpoint, r.lastCheckpoint);
+        if (j.state !== 'MIGRATING') j.state = 'RUNNING';
+      }
+      // A job reported by a host that is not its placement is a stale copy; the
+      // agent learns so from claim()/fence checks, the registry does not move it.
+    }
+  }
+
+  /** Hosts with their state computed from the last heartbeat. */
+  listHosts(): HostInfo[] {
+    return [...this.hosts.keys()].sort().map((h) => this.describeHost(h));
+  }
+
+  describeHost(hostId: string): HostInfo {
+    const h = this.hosts.get(hostId);
+    if (!h) throw new ExaError('NOT_FOUND', `host ${hostId} is not registered; known hosts: ${this.knownHosts()}`);
+    const down = this.now() - h.lastSeenMs > this.opts.heartbeatMs * this.opts.missedBeats;
+    return {
+      ...h,
+      state: down ? 'DOWN' : 'UP',
+      jobs: [...this.jobs.values()].filter((j) => j.host === h.hostId && (j.state === 'RUNNING' || j.state === 'MIGRATING')).map((j) => j.job).sort(),
+    };
+  }
+
+  knownHosts(): string {
+    const names = [...this.hosts.keys()].sort();
+    return names.length ? names.join(', ') : '(none)';
+  }
+
+  /** The host an operation targets; NOT_FOUND lists the known hosts. */
+  requireHost(hostId: string, mustBeUp = false): HostInfo {
+    checkId('host', hostId);
+    const h = this.describeHost(hostId);
+    if (mustBeUp && h.state !== 'UP') throw new ExaError('UNAVAILABLE', `host ${hostId} is down (last heartbeat ${Math.round((this.now() - h.lastSeenMs) / 1000)} s ago)`);
+    return h;
+  }
+
+  getJob(job: string): JobPlacement {
+    checkId('job', job);
+    const j = this.jobs.get(job);
+    if (!j) throw new ExaError('NOT_FOUND', `job ${job} is not known to the coordinator`);
+    return { ...j };
+  }
+
+  findJob(job: string): JobPlacement | undefined {
+    const j = this.jobs.get(job);
+    return j ? { ...j } : undefined;
+  }
+
+  listJobs(): JobPlacement[] {
+    return [...this.jobs.values()].sort((a, b) => a.job.localeCompare(b.job)).map((j) => ({ ...j }));
+  }
+
+  /**
+   * Place a job on a host. Refused when the job runs (or is migrating) on a
+   * live host; a job whose host is DOWN may be claimed (restore after failure).
+   */
+  claim(job: string, hostId: string, pid = 0): JobPlacement {
+    checkId('job', job);
+    this.requireHost(hostId);
+    const j = this.jobs.get(job);
+    const t = this.now();
+    if (j && (j.state === 'RUNNING' || j.state === 'MIGRATING')) {
+      const owner = this.describeHost(j.host);
+      if (owner.state === 'UP') {
+        throw new ExaError('ALREADY_EXISTS', `job ${job} is already ${j.state === 'RUNNING' ? 'running' : 'migrating'} on host ${j.host}`);
+      }
+    }
+    const placed: JobPlacement = { job, host: hostId, state: 'RUNNING', epoch: (j?.epoch ?? 0) + 1, updatedAtMs: t, pid, lastCheckpoint: j?.lastCheckpoint ?? 0 };
+    this.jobs.set(job, placed);
+    return { ...placed };
+  }
+
+  /** Mark a job as migrating (transfers to it are held); CAS on the epoch. */
+  beginMove(job: string, epoch: number): JobPlacement {
+    const j = this.fenced(job, epoch);
+    j.state = 'MIGRATING';
+    j.epoch += 1;
+    j.updatedAtMs = this.now();
+    return { ...j };
+  }
+
+  /** Complete a move to a new host; CAS on the epoch returned by beginMove(). */
+  finishMove(job: string, epoch: number, toHost: string, pid: number): JobPlacement {
+    this.requireHost(toHost);
+    const j = this.fenced(job, epoch);
+    j.host = toHost;
+    j.state = 'RUNNING';
+    j.pid = pid;
+    j.epoch += 1;
+    j.updatedAtMs = this.now();
+    return { ...j };
+  }
+
+  /** Abort a move: the job stays (or is back) on its source host. */
+  abortMove(job: string, epoch: number): JobPlacement {
+    const j = this.fenced(job, epoch);
+    j.state = 'RUNNING';
+    j.epoch += 1;
+    j.updatedAtMs = this.now();
+    return { ...j };
+  }
+
+  /** A job ended on its host (finished, stopped or failed). Ignored from a host that is not the placement. */
+  release(job: string, hostId: string, state: Exclude<JobState, 'RUNNING' | 'MIGRATING'>): boolean {
+    const j = this.jobs.get(job);
+    if (!j || j.host !== hostId || j.state === 'MIGRATING') return false;
+    j.state = state;
+    j.epoch += 1;
+    j.updatedAtMs = this.now();
+    return true;
+  }
+
+  noteCheckpoint(job: string, hostId: string, checkpoint: number): void {
+    const j = this.jobs.get(job);
+    if (j && j.host === hostId) j.lastCheckpoint = Math.max(j.lastCheckpoint, checkpoint);
+  }
+
+  private fenced(job: string, epoch: number): JobPlacement {
+    const j = this.jobs.get(job);
+    if (!j) throw new ExaError('NOT_FOUND', `job ${job} is not known to the coordinator`);
+    if (j.epoch !== epoch) throw new ExaError('CONFLICT', `job ${job} changed placement meanwhile (epoch ${j.epoch}, expected ${epoch}); retry`);
+    return j;
+  }
+}

@@ -1,0 +1,523 @@
+/**
+ * exaagent: the per-host agent. It
+ *  - listens on a Unix socket for workloads (the native checkpointer, behind CheckpointerPort),
+ *  - serves the Agent gRPC service (run, checkpoint, list, stop, prestage, restore),
+ *  - registers with the coordinator and heartbeats the jobs it runs,
+ *  - streams every checkpoint to the store; a checkpoint is reported done only
+ *    after the store committed it. When the store is unreachable the job keeps
+ *    running: the agent records the gap and retries with exponential backoff,
+ *    and the first checkpoint after a failed upload is a full one (the native
+ *    dirty set of the failed one is gone; dedup makes the full one cheap).
+ */
+import { basename, join } from 'node:path';
+import { mkdirSync } from 'node:fs';
+import { ExaError, toExaError } from '../errors.js';
+import { bindServer, createServer, grpc, loadProto, serverStream, unary, type ServerAuth } from '../grpc.js';
+import type { ProtoGrpcType } from '../gen/exa_agent.js';
+import type { AgentHandlers } from '../gen/exa/v1/Agent.js';
+import type { AgentJob } from '../gen/exa/v1/AgentJob.js';
+import type { AgentProgress } from '../gen/exa/v1/AgentProgress.js';
+import { StoreClient, type CheckpointSummary, type PageBatch, type RegionSpec } from '../store/client.js';
+import { CoordinatorClient } from '../coordinator/client.js';
+import { specFromMsg, type JobSpecRecord } from '../coordinator/service.js';
+import { checkId } from '../coordinator/registry.js';
+import { checkCwd, checkSpec, launch, resolveCommand, tailLog, type RunningProcess } from './runner.js';
+import { advanceImage, discardStaged, stageImage, type StagedImage } from './staging.js';
+import type { CheckpointerPort, NativeCkptStats } from './port.js';
+
+export type JobState = 'STARTING' | 'RUNNING' | 'STOPPED' | 'FINISHED' | 'FAILED';
+
+interface JobRec {
+  spec: JobSpecRecord;
+  proc: RunningProcess | null;
+  state: JobState;
+  exitCode: number;
+  /** Head of the job's chain in the store (0 = none yet). */
+  lastCommitted: number;
+  checkpoints: number;
+  /** The next checkpoint must save every page (fresh attach, failed upload, changed regions). */
+  needFull: boolean;
+  lastRegions: string;
+  gap: string;
+  gapSince: number;
+  backoffMs: number;
+  /** Serializes checkpoints of this job. */
+  chain: Promise<unknown>;
+  timer: NodeJS.Timeout | null;
+  /** Set while a migration takes the job away: its exit is not a failure. */
+  leaving: boolean;
+  attached: boolean;
+  attachWaiters: Array<() => void>;
+}
+
+export interface AgentOptions {
+  hostId: string;
+  storeAddress: string;
+  /** host:port for the Agent gRPC service (port 0 = ephemeral). */
+  listen: string;
+  /** Address other parties use to reach this agent (default: the bound listen address). */
+  advertise?: string;
+  stateDir: string;
+  stagingRoot: string;
+  token?: string;
+  heartbeatMs?: number;
+  log?: (line: string) => void;
+}
+
+export interface CheckpointResult {
+  summary: CheckpointSummary;
+  stats: NativeCkptStats;
+  totalMs: number;
+}
+
+const MAX_BACKOFF_MS = 30_000;
+
+export class HostAgent {
+  private readonly jobs = new Map<string, JobRec>();
+  private readonly staged = new Map<string, StagedImage>();
+  private server: grpc.Server | null = null;
+  private store: StoreClient | null = null;
+  private coord: CoordinatorClient | null = null;
+  private hbTimer: NodeJS.Timeout | null = null;
+  private coordDownSince = 0;
+  private closed = false;
+  address = '';
+  private readonly log: (line: string) => void;
+
+  constructor(private readonly opts: AgentOptions, private readonly ckpt: CheckpointerPort) {
+    checkId('host', opts.hostId);
+    this.log = opts.log ?? ((l) => process.stderr.write(`exaagent[${opts.hostId}]: ${l}\n`));
+    mkdirSync(opts.stateDir, { recursive: true });
+    ckpt.on('attach', (job) => this.onAttach(job));
+    ckpt.on('detach', (job) => this.onDetach(job));
+    ckpt.on('request', (job) => this.onRequest(job));
+  }
+
+  /** Bind the gRPC service, connect to store and coordinator (lazily: they may be down), start heartbeats. */
+  async start(): Promise<void> {
+    const auth: ServerAuth = { token: this.opts.token };
+    this.coord = CoordinatorClient.lazy(this.opts.storeAddress, { token: this.opts.token });
+    const server = createServer();
+    const proto = loadProto<ProtoGrpcType>('exa_agent.proto');
+    server.addService(proto.exa.v1.Agent.service, this.handlers(auth) as unknown as grpc.UntypedServiceImplementation);
+    const [host, portText] = splitHostPort(this.opts.listen);
+    const port = await bindServer(server, host, Number(portText));
+    this.server = server;
+    this.address = this.opts.advertise ?? `${host}:${port}`;
+    await this.beat();
+    this.hbTimer = setInterval(() => void this.beat(), this.opts.heartbeatMs ?? 1000);
+    this.hbTimer.unref();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.hbTimer) clearInterval(this.hbTimer);
+    for (const j of this.jobs.values()) if (j.timer) clearTimeout(j.timer);
+    await new Promise<void>((res) => (this.server ? this.server.tryShutdown(() => res()) : res()));
+    this.server?.forceShutdown();
+    for (const s of this.staged.values()) discardStaged(s);
+    await this.ckpt.close();
+    this.store?.close();
+    this.coord?.close();
+  }
+
+  /**
+   * The store client, connected on first use and kept: a grpc channel
+   * reconnects by itself after a store restart. UNAVAILABLE (naming the
+   * address) while the store cannot be reached.
+   */
+  private async storeClient(timeoutMs = 3000): Promise<StoreClient> {
+    if (!this.store) this.store = await StoreClient.connect(this.opts.storeAddress, { token: this.opts.token, timeoutMs });
+    return this.store;
+  }
+
+  // ---- coordinator ----
+
+  private running() {
+    return [...this.jobs.values()]
+      .filter((j) => j.state === 'RUNNING' || j.state === 'STARTING')
+      .map((j) => ({ job: j.spec.job, pid: j.proc?.pid ?? 0, last_checkpoint: j.lastCommitted }));
+  }
+
+  private async beat(): Promise<void> {
+    if (!this.coord) return;
+    try {
+      const known = await this.coord.heartbeat(this.opts.hostId, this.running());
+      if (!known) await this.coord.register(this.opts.hostId, this.address, this.running());
+      if (this.coordDownSince) this.log(`coordinator at ${this.opts.storeAddress} reachable again`);
+      this.coordDownSince = 0;
+    } catch (e) {
+      if (!this.coordDownSince) {
+        this.coordDownSince = Date.now();
+        this.log(`coordinator unreachable: ${toExaError(e).message}`);
+      }
+    }
+  }
+
+  // ---- workload events ----
+
+  private onAttach(job: string): void {
+    const j = this.jobs.get(job);
+    if (!j) return; // a workload the agent did not launch: checkpointable on request only
+    j.attached = true;
+    j.needFull = true; // native tracking starts from nothing on attach
+    if (j.state === 'STARTING') j.state = 'RUNNING';
+    for (const w of j.attachWaiters.splice(0)) w();
+  }
+
+  private onDetach(job: string): void {
+    const j = this.jobs.get(job);
+    if (j) j.attached = false;
+  }
+
+  private onRequest(job: string): void {
+    this.checkpoint(job, {}).catch((e: unknown) => {
+      const msg = toExaError(e).message;
+      this.ckpt.decline(job, msg);
+      this.log(`app-initiated checkpoint of ${job} failed: ${msg}`);
+    });
+  }
+
+  // ---- jobs ----
+
+  private rec(job: string): JobRec {
+    checkId('job', job);
+    const j = this.jobs.get(job);
+    if (!j) throw new ExaError('NOT_FOUND', `job ${job} does not run on host ${this.opts.hostId}`);
+    return j;
+  }
+
+  private newRec(spec: JobSpecRecord, lastCommitted: number): JobRec {
+    return {
+      spec, proc: null, state: 'STARTING', exitCode: 0, lastCommitted, checkpoints: 0, needFull: true, lastRegions: '',
+      gap: '', gapSince: 0, backoffMs: 1000, chain: Promise.resolve(), timer: null, leaving: false, attached: false, attachWaiters: [],
+    };
+  }
+
+  describe(j: JobRec): AgentJob {
+    return {
+      job: j.spec.job, host_id: this.opts.hostId, pid: j.proc?.pid ?? 0, state: j.state,
+      last_checkpoint: j.lastCommitted, checkpoints: String(j.checkpoints), gap: j.gap, exit_code: j.exitCode,
+      argv: j.spec.argv, log_path: j.proc?.logPath ?? '', output_tail: j.proc ? tailLog(j.proc.logPath, 2048) : '',
+    };
+  }
+
+  /** Launch a job (new, or restored when `restore` is given). Nothing is left behind on failure. */
+  async runJob(spec: JobSpecRecord, restore?: { staged: StagedImage; epoch?: string }): Promise<JobRec> {
+    checkSpec({ ...spec });
+    checkCwd(spec);
+    resolveCommand(spec);
+    const existing = this.jobs.get(spec.job);
+    if (existing && (existing.state === 'RUNNING' || existing.state === 'STARTING')) {
+      throw new ExaError('ALREADY_EXISTS', `job ${spec.job} is already running on host ${this.opts.hostId}`);
+    }
+    if (!restore) {
+      await this.coord!.claim(spec.job, this.opts.hostId);
+      await this.coord!.putSpec(spec);
+    }
+    const rec = this.newRec(spec, restore ? restore.staged.checkpoint : 0);
+    this.jobs.set(spec.job, rec);
+    try {
+      rec.proc = await launch(spec, {
+        agentSocket: this.socketPath(), logDir: join(this.opts.stateDir, 'logs'),
+        ...(restore ? { restoreToken: restore.staged.dir } : {}),
+      });
+    } catch (e) {
+      this.jobs.delete(spec.job);
+      if (!restore) await this.coord!.release(spec.job, this.opts.hostId, 'FAILED').catch(() => undefined);
+      throw e;
+    }
+    const proc = rec.proc;
+    void proc.exited.then((code) => this.onExit(rec, proc, code));
+    this.schedule(rec, spec.everyMs);
+    return rec;
+  }
+
+  private onExit(rec: JobRec, proc: RunningProcess, code: number): void {
+    if (rec.proc !== proc) return;
+    if (rec.timer) clearTimeout(rec.timer);
+    rec.timer = null;
+    rec.exitCode = code;
+    rec.attached = false;
+    for (const w of rec.attachWaiters.splice(0)) w();
+    if (rec.leaving) {
+      rec.state = 'STOPPED';
+      return;
+    }
+    rec.state = rec.state === 'STOPPED' ? 'STOPPED' : code === 0 ? 'FINISHED' : 'FAILED';
+    this.log(`job ${rec.spec.job} ended: ${rec.state} (exit ${code})`);
+    this.coord?.release(rec.spec.job, this.opts.hostId, rec.state === 'STOPPED' ? 'STOPPED' : rec.state === 'FINISHED' ? 'FINISHED' : 'FAILED').catch(() => undefined);
+  }
+
+  private schedule(rec: JobRec, delayMs: number): void {
+    if (rec.timer) clearTimeout(rec.timer);
+    rec.timer = null;
+    if (!delayMs || this.closed) return;
+    rec.timer = setTimeout(() => {
+      rec.timer = null;
+      if (rec.state !== 'RUNNING' && rec.state !== 'STARTING') return;
+      if (!rec.attached) { this.schedule(rec, rec.spec.everyMs); return; }
+      this.checkpoint(rec.spec.job, {}).then(
+        () => this.schedule(rec, rec.spec.everyMs),
+        (e: unknown) => {
+          const x = toExaError(e);
+          if (x.code === 'UNAVAILABLE') {
+            this.schedule(rec, Math.min(rec.backoffMs, rec.spec.everyMs || rec.backoffMs));
+            rec.backoffMs = Math.min(rec.backoffMs * 2, MAX_BACKOFF_MS);
+          } else {
+            this.log(`periodic checkpoint of ${rec.spec.job} failed: ${x.message}`);
+            this.schedule(rec, rec.spec.everyMs);
+          }
+        },
+      );
+    }, delayMs);
+    rec.timer.unref();
+  }
+
+  private socketPath(): string {
+    return join(this.opts.stateDir, 'agent.sock');
+  }
+
+  /** Wait until the job's workload is attached (or the job ended). */
+  private waitAttached(rec: JobRec, timeoutMs: number): Promise<void> {
+    if (rec.attached) return Promise.resolve();
+    return new Promise((res, rej) => {
+      const t = setTimeout(() => rej(new ExaError('DEADLINE_EXCEEDED', `job ${rec.spec.job} did not attach to the agent within ${timeoutMs} ms`)), timeoutMs);
+      rec.attachWaiters.push(() => { clearTimeout(t); if (rec.attached) res(); else rej(new ExaError('FAILED_PRECONDITION', `job ${rec.spec.job} ended before it attached`)); });
+    });
+  }
+
+  /**
+   * Take a checkpoint and stream it to the store. Resolves only once the store
+   * committed it. Checkpoints of one job run one at a time.
+   */
+  checkpoint(job: string, o: { leaveStopped?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
+    const rec = this.rec(job);
+    const run = rec.chain.then(() => this.checkpointNow(rec, o));
+    rec.chain = run.catch(() => undefined);
+    return run;
+  }
+
+  private async checkpointNow(rec: JobRec, o: { leaveStopped?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
+    const job = rec.spec.job;
+    if (!rec.attached) {
+      if (rec.state === 'STARTING') await this.waitAttached(rec, 10_000);
+      else throw new ExaError('FAILED_PRECONDITION', `job ${job} is ${rec.state.toLowerCase()} and not attached: nothing to checkpoint`);
+    }
+    // Probe the store first, so an outage does not consume the job's dirty set.
+    let store: StoreClient;
+    try {
+      store = await this.storeClient();
+      await store.listCheckpoints(job).catch((e: unknown) => { if (toExaError(e).code !== 'NOT_FOUND') throw e; });
+    } catch (e) {
+      this.noteGap(rec, e);
+      throw toExaError(e, `checkpoint of job ${job}`);
+    }
+    const t0 = performance.now();
+    const full = rec.needFull || rec.lastCommitted === 0;
+    const run = await this.ckpt.checkpoint(job, { full, leaveStopped: o.leaveStopped ?? false });
+    const regionKey = JSON.stringify(run.regions.map((r) => [r.name, r.pageCount]));
+    if (!full && regionKey !== rec.lastRegions) {
+      // The region table changed since the parent: the native side saved only
+      // dirty pages, which is still right per region by name, but a region
+      // that disappeared must not be inherited; the store keys maps by table.
+      // Handled by sending the new table; the store fills new regions with zeros.
+    }
+    let pages = 0;
+    const counted = countPages(run.batches, (n) => { pages += n; o.onProgress?.(pages); });
+    let summary: CheckpointSummary;
+    try {
+      summary = await store.putCheckpoint({
+        job, parent: full ? 0 : rec.lastCommitted, regions: run.regions,
+        labels: { host: this.opts.hostId, spec: JSON.stringify(rec.spec) },
+      }, counted);
+    } catch (e) {
+      run.cancel();
+      await run.done.catch(() => undefined);
+      rec.needFull = true;
+      this.noteGap(rec, e);
+      throw toExaError(e, `checkpoint of job ${job}`);
+    }
+    const stats = await run.done;
+    rec.lastCommitted = summary.checkpoint;
+    rec.lastRegions = regionKey;
+    rec.needFull = false;
+    rec.checkpoints += 1;
+    if (rec.gap) this.log(`store reachable again; job ${job} checkpointed after a gap of ${Math.round((Date.now() - rec.gapSince) / 1000)} s`);
+    rec.gap = '';
+    rec.gapSince = 0;
+    rec.backoffMs = 1000;
+    if (rec.spec.keep > 0) {
+      await store.deleteCheckpoints(job, { keepLast: rec.spec.keep }).catch((e: unknown) => this.log(`retention for ${job}: ${toExaError(e).message}`));
+    }
+    return { summary, stats, totalMs: performance.now() - t0 };
+  }
+
+  private noteGap(rec: JobRec, e: unknown): void {
+    if (!rec.gapSince) rec.gapSince = Date.now();
+    rec.gap = `no checkpoint committed since ${new Date(rec.gapSince).toISOString()}: ${toExaError(e).message}`;
+  }
+
+  /** Stop a job (optionally after a last checkpoint). */
+  async stopJob(job: string, checkpointFirst: boolean): Promise<JobRec> {
+    const rec = this.rec(job);
+    if (rec.state !== 'RUNNING' && rec.state !== 'STARTING') return rec;
+    if (checkpointFirst) await this.checkpoint(job, {});
+    rec.state = 'STOPPED';
+    await this.kill(rec);
+    return rec;
+  }
+
+  /** End the job's process: SIGCONT (it may be stopped), SIGTERM, then SIGKILL after 3 s. */
+  private async kill(rec: JobRec): Promise<void> {
+    if (rec.timer) clearTimeout(rec.timer);
+    rec.timer = null;
+    const p = rec.proc;
+    if (!p || p.child.exitCode !== null || p.child.signalCode !== null) return;
+    const gone = p.exited.then(() => true);
+    try { process.kill(p.pid, 'SIGKILL'); } catch { /* already gone */ }
+    await Promise.race([gone, new Promise((r) => setTimeout(r, 3000))]);
+  }
+
+  /** Migration source: final checkpoint with the job left stopped; the process is ended after commit. */
+  async finalCheckpoint(job: string, onProgress?: (done: number) => void): Promise<CheckpointResult> {
+    const rec = this.rec(job);
+    rec.leaving = true;
+    try {
+      const r = await this.checkpoint(job, { leaveStopped: true, ...(onProgress ? { onProgress } : {}) });
+      await this.kill(rec);
+      rec.state = 'STOPPED';
+      return r;
+    } catch (e) {
+      rec.leaving = false;
+      // The job must not stay stopped when the final checkpoint failed.
+      if (rec.proc) try { process.kill(rec.proc.pid, 'SIGCONT'); } catch { /* gone */ }
+      throw e;
+    }
+  }
+
+  /** Pre-stage checkpoint N (0 = latest) of a job into tmpfs ahead of a restore. */
+  async prestage(job: string, checkpoint: number, onProgress?: (d: number, t: number) => void): Promise<StagedImage> {
+    checkId('job', job);
+    const old = this.staged.get(job);
+    if (old && (checkpoint === 0 ? false : old.checkpoint === checkpoint)) return old;
+    const staged = await stageImage(await this.storeClient(), job, checkpoint, { root: this.opts.stagingRoot, ...(onProgress ? { onProgress } : {}) });
+    discardStaged(old);
+    this.staged.set(job, staged);
+    return staged;
+  }
+
+  /** Restore a job from checkpoint N (0 = latest) and relaunch it here with EXA_RESTORE. */
+  async restore(job: string, checkpoint: number, spec: JobSpecRecord, onProgress?: (d: number, t: number) => void): Promise<JobRec> {
+    checkId('job', job);
+    const existing = this.jobs.get(job);
+    if (existing && (existing.state === 'RUNNING' || existing.state === 'STARTING')) {
+      throw new ExaError('ALREADY_EXISTS', `job ${job} is already running on host ${this.opts.hostId}`);
+    }
+    // Refuse before touching anything when the command cannot run here.
+    checkSpec(spec);
+    checkCwd(spec);
+    resolveCommand(spec);
+    const progress = onProgress ? { onProgress } : {};
+    let staged = this.staged.get(job);
+    try {
+      if (staged && checkpoint !== 0 && staged.checkpoint <= checkpoint) {
+        staged = await advanceImage(await this.storeClient(), staged, checkpoint, { root: this.opts.stagingRoot, ...progress });
+      } else if (staged && checkpoint === 0) {
+        const latest = (await (await this.storeClient()).listCheckpoints(job)).at(-1);
+        if (!latest) throw new ExaError('NOT_FOUND', `job ${job} has no checkpoint in the store`);
+        staged = latest.checkpoint >= staged.checkpoint
+          ? await advanceImage(await this.storeClient(), staged, latest.checkpoint, { root: this.opts.stagingRoot, ...progress })
+          : await this.prestage(job, latest.checkpoint, onProgress);
+      } else {
+        staged = await this.prestage(job, checkpoint, onProgress);
+      }
+      this.staged.delete(job);
+      const rec = await this.runJob(spec, { staged });
+      rec.lastCommitted = staged.checkpoint;
+      // libexa adopted (and unlinked) the region files once it attached; the directory goes now.
+      void this.waitAttached(rec, 30_000).then(() => discardStaged(staged), () => discardStaged(staged));
+      return rec;
+    } catch (e) {
+      if (staged) { discardStaged(staged); this.staged.delete(job); }
+      throw e;
+    }
+  }
+
+  /** Resume a job left stopped by a failed migration. */
+  resumeStopped(job: string): void {
+    const rec = this.rec(job);
+    rec.leaving = false;
+    if (rec.proc) try { process.kill(rec.proc.pid, 'SIGCONT'); } catch { /* gone */ }
+  }
+
+  list(): AgentJob[] {
+    return [...this.jobs.values()].map((j) => this.describe(j));
+  }
+
+  // ---- gRPC ----
+
+  private handlers(auth: ServerAuth): AgentHandlers {
+    return {
+      RunJob: unary(auth, async (req) => {
+        if (!req.spec) throw new ExaError('INVALID_ARGUMENT', 'RunJob needs a spec');
+        const spec = req.spec;
+        let job = spec.job;
+        if (!job) job = await this.pickJobId(spec.argv[0] ?? 'job');
+        const rec = await this.runJob(specFromMsg({ ...spec, job }));
+        return this.describe(rec);
+      }),
+      Checkpoint: serverStream<Parameters<AgentHandlers['Checkpoint']>[0]['request'], AgentProgress>(auth, async (req, emit) => {
+        let last = 0;
+        const pending: Promise<void>[] = [];
+        const r = req.stop_after
+          ? await this.finalCheckpoint(req.job, (d) => { if (d - last >= 4096) { last = d; pending.push(emit({ progress: { phase: 'saving', done: String(d), total: '0', unit: 'pages' } }).catch(() => undefined)); } })
+          : await this.checkpoint(req.job, { onProgress: (d) => { if (d - last >= 4096) { last = d; pending.push(emit({ progress: { phase: 'saving', done: String(d), total: '0', unit: 'pages' } }).catch(() => undefined)); } } });
+        await Promise.all(pending);
+        await emit({ checkpoint: statsMsg(r) });
+      }),
+      ListJobs: unary(auth, async () => ({ jobs: this.list() })),
+      StopJob: unary(auth, async (req) => this.describe(await this.stopJob(req.job, req.checkpoint_first))),
+      Prestage: serverStream(auth, async (req, emit) => {
+        const staged = await this.prestage(req.job, req.checkpoint);
+        await emit({ progress: { phase: 'staged', done: String(staged.checkpoint), total: String(staged.checkpoint), unit: 'checkpoint' } });
+      }),
+      Restore: serverStream(auth, async (req, emit) => {
+        if (!req.spec) throw new ExaError('INVALID_ARGUMENT', 'Restore needs the job spec');
+        const rec = await this.restore(req.job, req.checkpoint, specFromMsg({ ...req.spec, job: req.job }));
+        await emit({ job: this.describe(rec) });
+      }),
+    };
+  }
+
+  private async pickJobId(argv0: string): Promise<string> {
+    const base = basename(argv0).replace(/[^A-Za-z0-9._-]/g, '').replace(/^[^A-Za-z0-9]+/, '').slice(0, 50) || 'job';
+    const taken = new Set((await this.coord!.listPlacements()).map((p) => p.job));
+    for (let n = 1; ; n++) if (!taken.has(`${base}-${n}`) && !this.jobs.has(`${base}-${n}`)) return `${base}-${n}`;
+  }
+}
+
+function statsMsg(r: CheckpointResult) {
+  return {
+    checkpoint: r.summary.checkpoint, parent: r.summary.parent, pause_ms: r.stats.pauseMs,
+    pages_saved: String(r.stats.pagesSaved), zero_pages: String(r.stats.zeroPages),
+    bytes_sent: String(r.summary.newPages * 4096), total_ms: r.totalMs,
+    shadow_copies: String(r.stats.shadowCopies), shadow_peak_bytes: String(r.stats.shadowPeakBytes),
+  };
+}
+
+async function* countPages(src: AsyncIterable<PageBatch>, add: (n: number) => void): AsyncGenerator<PageBatch> {
+  for await (const b of src) {
+    add(b.index.length);
+    yield b;
+  }
+}
+
+export function splitHostPort(addr: string): [string, string] {
+  const m = /^\[?([^\]]*?)\]?:(\d+)$/.exec(addr);
+  if (!m) throw new ExaError('INVALID_ARGUMENT', `address ${JSON.stringify(addr)} is not HOST:PORT`);
+  return [m[1]!, m[2]!];
+}
+
+export type { RegionSpec };
