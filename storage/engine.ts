@@ -554,10 +554,18 @@ export class CheckpointStore {
       this.checkOpen();
       const n = (await this.backend.lastNumber(s.job)) + 1;
       const full: ManifestHeader = { ...header, checkpoint: n, createdAt: Date.now() };
-      if (this.gcRecent) {
-        for (const m of s.maps) for (let off = 0; off < m.length; off += ENTRY_BYTES) if (!isZeroHash(m, off)) this.gcRecent.add(hashKey(m, off));
-      }
+      // A GC that lists manifests before this one lands, and looks at the
+      // sessions after this one has left, must still see these pages: record
+      // them in gcRecent before the write (GC already running) and after it
+      // (GC started while the write was in flight).
+      const recordRecent = (): void => {
+        const recent = this.gcRecent;
+        if (!recent) return;
+        for (const m of s.maps) for (let off = 0; off < m.length; off += ENTRY_BYTES) if (!isZeroHash(m, off)) recent.add(hashKey(m, off));
+      };
+      recordRecent();
       await this.backend.putManifest(full, s.maps);
+      recordRecent();
       return full;
     });
   }
@@ -726,6 +734,8 @@ export class PutSession {
       }
       return { hash, data: page };
     });
+    // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
+    for (const p of pages) this.pins.add(hashKey(p.hash));
     const { refs, written } = await this.store.backend.putPages(pages);
     this.checkLive();
     pages.forEach((p, i) => {

@@ -162,8 +162,18 @@ export class StoreClient {
     let ready = false;
     let committed: CheckpointSummary | null = null;
     const inflight = new Map<number, { batch: PageBatch }>();
-    const dataQueue: PutRequest[] = [];
-    let stats = { batches: 0, pages: 0, sentBytes: 0, newPages: 0 };
+    const stats = { batches: 0, pages: 0, sentBytes: 0, newPages: 0 };
+    // One ordered writer: data goes out as soon as the store asks for it,
+    // whatever the source is doing; each write waits for the transport.
+    let chain: Promise<void> = Promise.resolve();
+    const send = (m: PutRequest): Promise<void> => {
+      const p = chain.then(() => (failure ? undefined : writeMessage(call, m))).catch((e: unknown) => {
+        failure ??= fromGrpcError(e, what);
+        notify();
+      });
+      chain = p;
+      return p;
+    };
 
     call.on('data', (msg: PutResponse__Output) => {
       switch (msg.msg) {
@@ -182,7 +192,7 @@ export class StoreClient {
             want.forEach((p, i) => src.copy(data, i * PAGE_SIZE, p * PAGE_SIZE, (p + 1) * PAGE_SIZE));
           }
           stats.sentBytes += data.length;
-          dataQueue.push({ data: { batch: w.batch, data } });
+          void send({ data: { batch: w.batch, data } });
           break;
         }
         case 'stored':
@@ -196,18 +206,7 @@ export class StoreClient {
     });
     call.on('error', (e) => { failure ??= fromGrpcError(e, what); notify(); });
     call.on('end', () => { if (!committed) failure ??= new ExaError('UNAVAILABLE', `${what}: the store ended the stream without committing`); notify(); });
-
-    const send = async (m: PutRequest): Promise<void> => {
-      try {
-        await writeMessage(call, m);
-      } catch (e) {
-        failure ??= fromGrpcError(e, what);
-      }
-    };
     const check = (): void => { if (failure) throw failure; };
-    const flushData = async (): Promise<void> => {
-      while (dataQueue.length > 0) { check(); await send(dataQueue.shift()!); }
-    };
 
     try {
       await send({ begin: { job: opts.job, parent: opts.parent, regions: opts.regions.map(regionToProto), labels: opts.labels ?? {} } });
@@ -219,12 +218,8 @@ export class StoreClient {
         if (n === 0) continue;
         const { hashes, zero } = completeBatch(batch);
         // Backpressure: at most `window` batches between hashes and stored.
-        for (;;) {
-          await flushData();
-          check();
-          if (inflight.size < window) break;
-          await waitEvent();
-        }
+        while (inflight.size >= window) { check(); await waitEvent(); }
+        check();
         const id = next++;
         inflight.set(id, { batch });
         await send({ hashes: { batch: id, region: Array.from(batch.region), index: Array.from(batch.index), hashes, zero: zero ? Buffer.from(zero.buffer, zero.byteOffset, zero.length) : Buffer.alloc(0) } });
@@ -232,12 +227,8 @@ export class StoreClient {
         stats.pages += n;
         opts.onProgress?.({ ...stats });
       }
-      for (;;) {
-        await flushData();
-        check();
-        if (inflight.size === 0) break;
-        await waitEvent();
-      }
+      while (inflight.size > 0) { check(); await waitEvent(); }
+      check();
       await send({ commit: {} });
       while (!committed) { check(); await waitEvent(); }
       call.end();
