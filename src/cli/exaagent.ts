@@ -1,0 +1,47 @@
+#!/usr/bin/env node
+/**
+ * exaagent: the per-host agent.
+ *
+ *   exaagent --store ADDR --host ID [--listen HOST:PORT] [--state-dir DIR] [--staging DIR]
+ *
+ * Prints "exaagent <host> ready agent=<addr> socket=<path>" on stdout once it
+ * serves; stops cleanly on SIGINT/SIGTERM (jobs keep running untracked).
+ */
+import { Command } from 'commander';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { HostAgent } from '../hostagent/daemon.js';
+import { NativeCheckpointer } from '../hostagent/native-port.js';
+import { DEFAULT_STORE, intArg, runCli } from './common.js';
+
+export function buildProgram(): Command {
+  return new Command('exaagent')
+    .description('per-host agent: runs jobs under the live checkpointer, streams checkpoints to the store, restores jobs')
+    .requiredOption('--host <id>', 'this host\'s id, as the coordinator shows it')
+    .option('--store <addr>', 'store/coordinator address (host:port)', DEFAULT_STORE)
+    .option('--listen <host:port>', 'address of the Agent gRPC service', '127.0.0.1:0')
+    .option('--advertise <host:port>', 'address others use to reach this agent (default: the bound --listen address)')
+    .option('--state-dir <dir>', 'socket, job logs (default: $TMPDIR/exa-agent-<host>)')
+    .option('--staging <dir>', 'tmpfs directory for restore images', '/dev/shm')
+    .option('--allow-uid <uid...>', 'uids allowed to attach besides this user and root', (v, prev: number[] = []) => [...prev, intArg('--allow-uid')(v)])
+    .option('--heartbeat-ms <ms>', 'heartbeat period', intArg('--heartbeat-ms', 100), 1000)
+    .option('--token <token>', 'bearer token for the store and for callers (default $EXA_TOKEN)')
+    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string }) => {
+      const stateDir = o.stateDir ?? join(tmpdir(), `exa-agent-${o.host}`);
+      const token = o.token ?? process.env.EXA_TOKEN;
+      const ckpt = new NativeCheckpointer({ socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}) });
+      const agent = new HostAgent({
+        hostId: o.host, storeAddress: o.store, listen: o.listen, stateDir, stagingRoot: o.staging,
+        heartbeatMs: o.heartbeatMs, ...(o.advertise ? { advertise: o.advertise } : {}), ...(token ? { token } : {}),
+      }, ckpt);
+      await agent.start();
+      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}\n`);
+      await new Promise<void>((resolve) => {
+        const stop = (): void => { void agent.close().then(resolve, resolve); };
+        process.once('SIGINT', stop);
+        process.once('SIGTERM', stop);
+      });
+    });
+}
+
+void runCli('exaagent', async () => { await buildProgram().parseAsync(process.argv); });

@@ -1,0 +1,90 @@
+/**
+ * CheckpointerPort over the native LocalAgent (src/agent/local-agent.ts):
+ * turns native checkpoints into the store client's batch format and native
+ * events into the daemon's attach/detach/request events.
+ */
+import { LocalAgent, type PageBatch as NativeBatch } from '../agent/local-agent.js';
+import type { PageBatch } from '../store/client.js';
+import { PAGE_SIZE } from '../../storage/pages.js';
+import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, NativeCkptStats } from './port.js';
+
+export interface NativePortOptions {
+  socketPath: string;
+  allowUids?: number[];
+  shadowBudgetBytes?: number;
+}
+
+export class NativeCheckpointer implements CheckpointerPort {
+  private readonly agent: LocalAgent;
+
+  constructor(opts: NativePortOptions) {
+    this.agent = LocalAgent.listen({
+      socketPath: opts.socketPath,
+      ...(opts.allowUids ? { allowUids: opts.allowUids } : {}),
+      ...(opts.shadowBudgetBytes ? { shadowBudgetBytes: opts.shadowBudgetBytes } : {}),
+    });
+  }
+
+  attached(): AttachedJob[] {
+    return this.agent.jobs().map((j) => ({
+      job: j.id, pid: j.pid,
+      regions: j.regions.map((r) => ({ name: r.name, pageCount: Math.ceil(r.size / PAGE_SIZE), address: r.address, flags: 0 })),
+    }));
+  }
+
+  async checkpoint(job: string, opts: CheckpointOptions): Promise<CheckpointRun> {
+    const addresses = new Map((this.agent.job(job)?.regions ?? []).map((r) => [r.name, r.address]));
+    const c = await this.agent.checkpoint(job, { full: opts.full, ...(opts.leaveStopped ? { leaveStopped: true } : {}) } as Parameters<LocalAgent['checkpoint']>[1]);
+    const regions = c.regions.map((r) => ({ name: r.name, pageCount: Math.ceil(r.size / PAGE_SIZE), address: addresses.get(r.name) ?? '', flags: 0 }));
+    async function* batches(): AsyncGenerator<PageBatch> {
+      for await (const b of c) yield toStoreBatch(b);
+    }
+    const done: Promise<NativeCkptStats> = c.result.then((s) => ({
+      pauseMs: s.pauseUs / 1000, pagesSaved: s.pagesSaved, zeroPages: s.zeroPages,
+      shadowCopies: s.shadowCopies, shadowPeakBytes: s.shadowPeakBytes, faults: [...s.faults],
+    }));
+    done.catch(() => undefined);
+    return { regions, batches: batches(), done, cancel: () => c.cancel() };
+  }
+
+  decline(job: string, reason: string): void {
+    this.agent.declineCheckpointRequest(job, reason);
+  }
+
+  on(event: 'attach' | 'detach' | 'request', fn: (job: string, pid: number) => void): void {
+    if (event === 'attach') this.agent.on('attached', (j: { id: string; pid: number }) => fn(j.id, j.pid));
+    else if (event === 'detach') this.agent.on('detached', (id: string) => fn(id, 0));
+    else this.agent.on('checkpoint-request', (id: string) => fn(id, 0));
+  }
+
+  close(): Promise<void> {
+    return this.agent.close();
+  }
+}
+
+/**
+ * Native batches pack the bytes of non-zero pages only; the store client
+ * expects page i at i*4096. Without zero pages the layouts are the same and
+ * nothing is copied.
+ */
+export function toStoreBatch(b: NativeBatch): PageBatch {
+  const n = b.count;
+  const packed = Buffer.from(b.data.buffer, b.data.byteOffset, b.data.byteLength);
+  let zeros = 0;
+  for (let i = 0; i < n; i++) zeros += b.zero[i]!;
+  let data = packed;
+  if (zeros > 0) {
+    data = Buffer.allocUnsafe(n * PAGE_SIZE);
+    let k = 0;
+    for (let i = 0; i < n; i++) {
+      if (b.zero[i]) continue;
+      packed.copy(data, i * PAGE_SIZE, k * PAGE_SIZE, (k + 1) * PAGE_SIZE);
+      k++;
+    }
+  }
+  return {
+    region: b.regions, index: b.pages, data,
+    hashes: Buffer.from(b.hashes.buffer, b.hashes.byteOffset, b.hashes.byteLength),
+    zero: b.zero,
+  };
+}

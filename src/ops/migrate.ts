@@ -1,0 +1,147 @@
+/**
+ * Restore and live migration (DESIGN.md §5), orchestrated from the caller
+ * (exarestore, the demo, tests) through the coordinator and the agents.
+ *
+ * Live migration of a running job from A to B:
+ *   1. BeginMove: the coordinator marks the job MIGRATING (CAS on its epoch).
+ *   2. B pre-stages the latest committed checkpoint while the job runs on A.
+ *   3. A takes a final checkpoint with the job left stopped and ends it
+ *      (downtime starts at that pause).
+ *   4. B advances its staged image by the final increment only, relaunches
+ *      the job with EXA_RESTORE, and FinishMove records B.
+ * If anything fails before B runs the job, A resumes it (or it is restarted
+ * from the final checkpoint on A) and AbortMove restores the placement: the
+ * job is never running on two hosts, and never silently lost.
+ * When A is down, B restores from the last committed checkpoint.
+ */
+import { ExaError, toExaError } from '../errors.js';
+import { CoordinatorClient, type HostRecord, type Placement } from '../coordinator/client.js';
+import { AgentClient, type AgentJobInfo } from '../hostagent/client.js';
+import type { ProgressEvent } from '../cli/common.js';
+import type { ClientOptions } from '../grpc.js';
+
+export interface MigrateOptions extends ClientOptions {
+  job: string;
+  to: string;
+  /** Checkpoint to restore (0 = a final checkpoint now, or the latest when the source is down). */
+  at?: number;
+  onStep?: (line: string) => void;
+  onProgress?: (p: ProgressEvent) => void;
+}
+
+export interface MigrateResult {
+  job: string;
+  from: string;
+  to: string;
+  checkpoint: number;
+  live: boolean;
+  downtimeMs: number;
+  totalMs: number;
+  pid: number;
+}
+
+function hostList(hosts: HostRecord[]): string {
+  return hosts.length ? hosts.map((h) => `${h.host_id} (${h.state.toLowerCase()})`).join(', ') : '(none)';
+}
+
+export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Promise<MigrateResult> {
+  const step = o.onStep ?? (() => undefined);
+  const t0 = performance.now();
+  const hosts = await coord.listHosts();
+  const target = hosts.find((h) => h.host_id === o.to);
+  if (!target) throw new ExaError('NOT_FOUND', `host ${o.to} is not known to the coordinator; known hosts: ${hostList(hosts)}`);
+  if (target.state !== 'UP') throw new ExaError('UNAVAILABLE', `host ${o.to} is down; hosts: ${hostList(hosts)}`);
+  let placement: Placement;
+  try {
+    placement = await coord.getPlacement(o.job);
+  } catch (e) {
+    if (toExaError(e).code === 'NOT_FOUND') throw new ExaError('NOT_FOUND', `job ${o.job} does not exist (not known to the coordinator)`);
+    throw e;
+  }
+  const spec = await coord.getSpec(o.job);
+  const runningOnSource = placement.state === 'RUNNING' && placement.host_state === 'UP';
+  if (placement.host_id === o.to && runningOnSource) throw new ExaError('ALREADY_EXISTS', `job ${o.job} is already running on host ${o.to}`);
+  if (placement.state === 'MIGRATING') throw new ExaError('CONFLICT', `job ${o.job} is being migrated already`);
+
+  const targetAgent = await AgentClient.connect(target.agent_address, o);
+  try {
+    if (!runningOnSource) {
+      // Source down (or job not running): restore from the last committed checkpoint.
+      step(`host ${placement.host_id} is ${placement.host_state === 'UP' ? 'up but the job is ' + placement.state.toLowerCase() : 'down'}: restoring ${o.job} from checkpoint ${o.at || 'latest'}`);
+      const moving = await coord.claim(o.job, o.to).catch((e: unknown) => { throw toExaError(e, `place job ${o.job} on ${o.to}`); });
+      let job: AgentJobInfo;
+      try {
+        job = await targetAgent.restore(o.job, o.at ?? 0, spec, moving.epoch, o.onProgress);
+      } catch (e) {
+        await coord.release(o.job, o.to, 'FAILED').catch(() => undefined);
+        throw e;
+      }
+      return { job: o.job, from: placement.host_id, to: o.to, checkpoint: job.last_checkpoint, live: false, downtimeMs: 0, totalMs: performance.now() - t0, pid: job.pid };
+    }
+
+    const source = hosts.find((h) => h.host_id === placement.host_id);
+    if (!source) throw new ExaError('UNAVAILABLE', `source host ${placement.host_id} of job ${o.job} is not registered`);
+    const sourceAgent = await AgentClient.connect(source.agent_address, o);
+    try {
+      const moving = await coord.beginMove(o.job, placement.epoch);
+      let stopped = false;
+      let finalCkpt = 0;
+      let tStop = 0;
+      try {
+        // Pre-copy: stage the newest committed image on the target while the job runs.
+        if (!o.at && placement.last_checkpoint > 0) {
+          step(`pre-staging checkpoint ${placement.last_checkpoint} of ${o.job} on ${o.to} while it runs on ${placement.host_id}`);
+          await targetAgent.prestage(o.job, placement.last_checkpoint, o.onProgress);
+        }
+        step(`final checkpoint of ${o.job} on ${placement.host_id} (job stopped)`);
+        tStop = performance.now();
+        const fin = await sourceAgent.checkpoint(o.job, true, o.onProgress);
+        stopped = true;
+        finalCkpt = o.at || fin.checkpoint;
+        step(`checkpoint ${fin.checkpoint} committed (${Number(fin.pages_saved)} pages, pause ${fin.pause_ms.toFixed(1)} ms); restoring on ${o.to}`);
+        const job = await targetAgent.restore(o.job, finalCkpt, spec, moving.epoch, o.onProgress);
+        const downtimeMs = performance.now() - tStop;
+        await coord.finishMove(o.job, moving.epoch, o.to, job.pid);
+        step(`${o.job} runs on ${o.to} (pid ${job.pid}); downtime ${downtimeMs.toFixed(0)} ms`);
+        return { job: o.job, from: placement.host_id, to: o.to, checkpoint: finalCkpt, live: true, downtimeMs, totalMs: performance.now() - t0, pid: job.pid };
+      } catch (e) {
+        const err = toExaError(e);
+        step(`migration failed: ${err.message}; keeping ${o.job} on ${placement.host_id}`);
+        if (stopped) {
+          // The source process is gone: bring the job back on the source from the final checkpoint.
+          await sourceAgent.restore(o.job, finalCkpt, spec, moving.epoch).catch((e2: unknown) => {
+            step(`could not restart ${o.job} on ${placement.host_id}: ${toExaError(e2).message}`);
+          });
+        }
+        await coord.abortMove(o.job, moving.epoch).catch(() => undefined);
+        throw err;
+      }
+    } finally {
+      sourceAgent.close();
+    }
+  } finally {
+    targetAgent.close();
+  }
+}
+
+/** Find a host's agent through the coordinator (NOT_FOUND lists the known hosts). */
+export async function agentFor(coord: CoordinatorClient, hostId: string, opts: ClientOptions = {}): Promise<AgentClient> {
+  const hosts = await coord.listHosts();
+  const h = hosts.find((x) => x.host_id === hostId);
+  if (!h) throw new ExaError('NOT_FOUND', `host ${hostId} is not known to the coordinator; known hosts: ${hostList(hosts)}`);
+  if (h.state !== 'UP') throw new ExaError('UNAVAILABLE', `host ${hostId} is down`);
+  return AgentClient.connect(h.agent_address, opts);
+}
+
+/** The agent currently running a job. */
+export async function agentOfJob(coord: CoordinatorClient, job: string, opts: ClientOptions = {}): Promise<{ agent: AgentClient; placement: Placement }> {
+  let placement: Placement;
+  try {
+    placement = await coord.getPlacement(job);
+  } catch (e) {
+    if (toExaError(e).code === 'NOT_FOUND') throw new ExaError('NOT_FOUND', `job ${job} does not exist (not known to the coordinator)`);
+    throw e;
+  }
+  if (placement.host_state !== 'UP') throw new ExaError('UNAVAILABLE', `job ${job} was on host ${placement.host_id}, which is down; restore it with exarestore ${job} --to HOST`);
+  return { agent: await AgentClient.connect(placement.agent_address, opts), placement };
+}
