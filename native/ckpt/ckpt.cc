@@ -247,7 +247,8 @@ class Job {
   bool busy = false;         /* a session exists and has not finished */
   uint64_t checkpoints = 0;
   std::vector<uint32_t> pending_requests; /* seq of exa_checkpoint() calls waiting for a pause */
-  std::vector<std::pair<Region *, uint64_t>> urgent; /* case-3 pages that found the shadow full */
+  std::vector<std::pair<Region *, uint64_t>> urgent;   /* case-3 pages that found the shadow full */
+  std::vector<std::pair<Region *, uint64_t>> deferred; /* faults (case 4, full-shadow case 3) resolved once saved */
   Shadow shadow;
   uint64_t faults_outside = 0; /* sync faults between checkpoints (pure sync mode) */
 
@@ -378,6 +379,21 @@ class Job {
   /* fault cases 1, 2 and the end of 4: the page joins the next checkpoint's set */
   static void to_written(Region &r, uint64_t p) { r.state[p] = PAGE_WRITTEN; }
 
+  /* end of cases 3 (shadow full) and 4: pages now saved join the next set and their writers go on */
+  void resolve_deferred_locked() {
+    size_t k = 0;
+    for (auto &d : deferred) {
+      uint8_t s = d.first->state[d.second];
+      if (s == PAGE_SAVED || s == PAGE_WRITTEN) {
+        to_written(*d.first, d.second);
+        uffd_wp(uffd_sync, d.first->addr + d.second * kPage, kPage, false);
+      } else {
+        deferred[k++] = d;
+      }
+    }
+    deferred.resize(k);
+  }
+
   /* cancel/failure: whatever was in the set goes to the next checkpoint's set */
   void abandon_locked(const std::vector<std::shared_ptr<Region>> &regs) {
     for (auto &r : regs) {
@@ -390,11 +406,12 @@ class Job {
       r->sync_save = false;
     }
     urgent.clear();
+    resolve_deferred_locked();
     cv.notify_all();
   }
 
-  /* The fault handler: the seed's four cases. Called on the fault thread with mu held via lk. */
-  void on_write_fault(std::unique_lock<std::mutex> &lk, uint64_t addr) {
+  /* The fault handler: the seed's four cases. Fault thread, mu held. Never blocks: a fault that must wait (case 4, or case 3 with the shadow full) is left unresolved in `deferred` and the saver resolves it. */
+  void on_write_fault(uint64_t addr) {
     Region *r = find_region_locked(addr);
     if (!r || r->reg != Region::REG_SYNC) {
       /* stale message from before a mode switch, or a range no longer ours: just make sure nobody stays blocked */
@@ -417,19 +434,21 @@ class Job {
       case PAGE_PENDING: /* case 3: save the pause-time bytes to shadow first */
         if (st) st->faults[2]++;
         if (!to_shadowed(*r, p, st)) {
-          /* shadow full: have the saver take this page next, and wait for it rather than grow */
+          /* shadow full: the saver takes this page next; the writer stays blocked until it is
+           * saved (resolve_deferred_locked) rather than the shadow growing */
           if (st) st->shadow_waits++;
           urgent.emplace_back(r, p);
+          deferred.emplace_back(r, p);
           cv.notify_all();
-          cv.wait(lk, [&] { return r->state[p] != PAGE_PENDING && r->state[p] != PAGE_SAVING; });
-          if (r->state[p] == PAGE_SAVED) to_written(*r, p);
+          return;
         }
         break;
-      case PAGE_SAVING: /* case 4: being saved right now: wait */
+      case PAGE_SAVING: /* case 4: being saved right now: the writer waits until it is saved */
         if (st) st->faults[3]++;
-        cv.wait(lk, [&] { return r->state[p] != PAGE_SAVING; });
-        if (r->state[p] == PAGE_SAVED) to_written(*r, p);
-        break;
+        /* the fault stays unresolved (the writer blocked) and this thread goes on serving other
+         * faults; the saver resolves it when the page reaches SAVED */
+        deferred.emplace_back(r, p);
+        return;
       case PAGE_SHADOWED: /* a second message for a page already handled */
       case PAGE_WRITTEN:
         break;
@@ -459,7 +478,7 @@ class Job {
       for (size_t i = 0; i < cnt; i++) {
         if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
         uint64_t addr = msgs[i].arg.pagefault.address & ~(uint64_t)(kPage - 1);
-        on_write_fault(lk, addr);
+        on_write_fault(addr);
       }
     }
   }
@@ -790,6 +809,7 @@ void Session::run() {
           if (it.slot < 0) j.to_saved(*it.r, it.p);
           else j.shadow_saved(*it.r, it.p);
         }
+        if (!j.deferred.empty()) j.resolve_deferred_locked();
       }
       /* hash and flag zero pages outside the lock */
       uint64_t zero = 0, saved = 0;
