@@ -94,6 +94,8 @@ export interface NativeCkptOptions {
   queueDepth?: number;
   /** Test hook: hold the saver before/while saving this page until checkpointReleaseHold(). */
   testHold?: { region: string; page: number; when?: 'before' | 'during' };
+  /** Test hook: copy every region while the job is stopped; fetch with checkpointTestReference(). */
+  testReference?: boolean;
 }
 
 /**
@@ -145,6 +147,7 @@ interface NativeAddon {
   checkpointCancel(s: CheckpointSessionHandle): void;
   checkpointHeld(s: CheckpointSessionHandle): boolean;
   checkpointReleaseHold(s: CheckpointSessionHandle): void;
+  checkpointTestReference(s: CheckpointSessionHandle): Buffer[];
   declineCheckpointRequests(h: AgentHandle, job: string, text: string): void;
   stopAndCopy(h: AgentHandle, job: string): { pauseUs: number; bytes: number };
   workloadAttach(socketPath: string | null, jobId: string | null): WorkloadHandle;
@@ -201,6 +204,7 @@ export const checkpointRegions = wrap(addon.checkpointRegions);
 export const checkpointCancel = wrap(addon.checkpointCancel);
 export const checkpointHeld = wrap(addon.checkpointHeld);
 export const checkpointReleaseHold = wrap(addon.checkpointReleaseHold);
+export const checkpointTestReference = wrap(addon.checkpointTestReference);
 export const declineCheckpointRequests = wrap(addon.declineCheckpointRequests);
 export const stopAndCopy = wrap(addon.stopAndCopy);
 export const workloadAttach = wrap(addon.workloadAttach);

@@ -293,6 +293,7 @@ exa::CkptOptions parse_ckpt_options(Napi::Env env, Napi::Value v) {
   if (x.Get("full").IsBoolean()) o.full = x.Get("full").As<Napi::Boolean>().Value();
   if (x.Get("batchBytes").IsNumber()) o.batch_bytes = (size_t)x.Get("batchBytes").As<Napi::Number>().DoubleValue();
   if (x.Get("queueDepth").IsNumber()) o.queue_depth = x.Get("queueDepth").As<Napi::Number>().Uint32Value();
+  if (x.Get("testReference").IsBoolean()) o.test_reference = x.Get("testReference").As<Napi::Boolean>().Value();
   if (x.Get("testHold").IsObject()) {
     Napi::Object h = x.Get("testHold").As<Napi::Object>();
     std::string when = h.Get("when").IsString() ? h.Get("when").As<Napi::String>().Utf8Value() : "before";
@@ -379,6 +380,14 @@ Napi::Value CheckpointCancel(const Napi::CallbackInfo &info) {
 
 Napi::Value CheckpointHeld(const Napi::CallbackInfo &info) {
   return Napi::Boolean::New(info.Env(), unwrap_session(info)->s->held());
+}
+
+Napi::Value CheckpointTestReference(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  auto ref = unwrap_session(info)->s->take_reference();
+  Napi::Array a = Napi::Array::New(env, ref.size());
+  for (size_t i = 0; i < ref.size(); i++) a.Set((uint32_t)i, Napi::Buffer<uint8_t>::Copy(env, ref[i].data(), ref[i].size()));
+  return a;
 }
 
 Napi::Value CheckpointReleaseHold(const Napi::CallbackInfo &info) {
@@ -542,6 +551,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checkpointCancel", Napi::Function::New(env, CheckpointCancel));
   exports.Set("checkpointHeld", Napi::Function::New(env, CheckpointHeld));
   exports.Set("checkpointReleaseHold", Napi::Function::New(env, CheckpointReleaseHold));
+  exports.Set("checkpointTestReference", Napi::Function::New(env, CheckpointTestReference));
   exports.Set("declineCheckpointRequests", Napi::Function::New(env, DeclineRequests));
   exports.Set("stopAndCopy", Napi::Function::New(env, StopAndCopy));
   exports.Set("workloadAttach", Napi::Function::New(env, WorkloadAttach));

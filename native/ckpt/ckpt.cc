@@ -581,6 +581,11 @@ std::vector<RegionInfo> Session::regions() {
   std::lock_guard<std::mutex> g(job_->mu);
   return table_;
 }
+std::vector<std::vector<uint8_t>> Session::take_reference() {
+  std::lock_guard<std::mutex> g(job_->mu);
+  return std::move(reference_);
+}
+
 bool Session::held() {
   std::lock_guard<std::mutex> g(job_->mu);
   return held_;
@@ -640,6 +645,8 @@ void Session::run() {
     j.shadow.init(shadow_budget_);
     table_.clear();
     for (auto &r : regs) table_.push_back({r->name, r->size, r->addr});
+    if (opts_.test_reference)
+      for (auto &r : regs) reference_.emplace_back(r->view, r->view + r->size);
     for (auto &rp : regs) {
       Region &r = *rp;
       bool first = !r.base_done || opts_.full;

@@ -81,6 +81,8 @@ struct CkptOptions {
   HoldWhen hold_when = HoldWhen::NONE;
   std::string hold_region;
   uint64_t hold_page = 0;
+  /* test hook: copy every region while the workload is stopped (the pause-instant reference) */
+  bool test_reference = false;
 };
 
 struct CkptStats {
@@ -124,6 +126,8 @@ class Session {
   std::vector<RegionInfo> regions(); /* the table batch entries index into */
   bool held();
   std::string job_id() const { return job_id_; }
+  /* test hook: the regions' bytes copied during the pause (empty unless test_reference) */
+  std::vector<std::vector<uint8_t>> take_reference();
 
   /* Take the next ready batch (nullptr if none ready yet). Wakes the saver. */
   std::unique_ptr<Batch> pop();
@@ -159,6 +163,7 @@ class Session {
   bool hold_released_ = false;
   std::vector<RegionInfo> table_;
   size_t shadow_budget_ = 0;
+  std::vector<std::vector<uint8_t>> reference_;
 };
 
 class Agent {

@@ -108,6 +108,11 @@ export class Checkpoint implements AsyncIterable<PageBatch> {
     return native.checkpointHeld(this.session);
   }
 
+  /** Test hook (testReference option): the regions' bytes read while the job was stopped, in table order. */
+  testReference(): Buffer[] {
+    return native.checkpointTestReference(this.session);
+  }
+
   /** Test hook: let a held saver go on. */
   testReleaseHold(): void {
     native.checkpointReleaseHold(this.session);

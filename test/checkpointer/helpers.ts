@@ -142,9 +142,10 @@ export async function until(cond: () => boolean | Promise<boolean>, what: string
 
 export interface ImagePage { zero: boolean; bytes: Buffer | null }
 /** Drain a checkpoint: every page keyed "region:page"; hashes are verified against the bytes. */
-export async function drain(c: Checkpoint): Promise<Map<string, ImagePage>> {
+export async function drain(c: Checkpoint, delayMsPerBatch = 0): Promise<Map<string, ImagePage>> {
   const out = new Map<string, ImagePage>();
   for await (const b of c) {
+    if (delayMsPerBatch > 0) await new Promise((r) => setTimeout(r, delayMsPerBatch));
     for (const p of c.pagesOf(b)) {
       const key = `${p.region}:${p.page}`;
       if (out.has(key)) throw new Error(`page ${key} appears twice in one checkpoint`);

@@ -1,0 +1,68 @@
+/**
+ * Incremental exactness: the first checkpoint of a chain holds every page
+ * (zero pages flagged, no bytes); after writing K known pages, including pages
+ * never touched before (they were unpopulated when protected:
+ * UFFD_FEATURE_WP_UNPOPULATED), the next checkpoint holds exactly those K
+ * pages with their new bytes, on both the copy-at-pause and the live sync path.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import type { LocalAgent } from '../../src/agent/local-agent.js';
+import { WorkloadProc, drain, killAll, pattern, removeTempDirs, startAgent } from './helpers.js';
+
+const PAGES = 256;
+let agent: LocalAgent | null = null;
+
+afterEach(async () => {
+  await agent?.close();
+  agent = null;
+  await killAll();
+  removeTempDirs();
+});
+
+describe.each(['auto', 'sync'] as const)('incremental checkpoints (%s mode)', (mode) => {
+  it('holds exactly the K pages written since the previous checkpoint, never-touched pages included', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const job = `inc-${mode}`;
+    const w = WorkloadProc.start(a.socketPath, job);
+    await w.ok('attach');
+    await w.ok(`alloc r ${PAGES}`);
+    // populate only the first half; the second half is never touched before checkpoint 1
+    for (let p = 0; p < PAGES / 2; p++) await w.ok(`write r ${p} 1`);
+
+    const c1 = await a.agent.checkpoint(job, { mode });
+    const img1 = await drain(c1);
+    const s1 = await c1.result;
+    expect(img1.size).toBe(PAGES);
+    expect(s1.pagesSaved).toBe(PAGES / 2);
+    expect(s1.zeroPages).toBe(PAGES / 2);
+    for (let p = 0; p < PAGES / 2; p++) expect(img1.get(`r:${p}`)!.bytes!.equals(pattern(1, p))).toBe(true);
+    for (let p = PAGES / 2; p < PAGES; p++) expect(img1.get(`r:${p}`)!.zero).toBe(true);
+
+    // K known pages: some populated before, some never touched, one rewritten twice, one zeroed
+    const written = [0, 7, 100, 127, 128, 129, 200, 255];
+    for (const p of written) await w.ok(`write r ${p} 2`);
+    await w.ok('write r 7 3');
+    await w.ok('zero r 100');
+
+    for (let round = 0; round < 2; round++) {
+      const c2 = await a.agent.checkpoint(job, { mode });
+      const img2 = await drain(c2);
+      const s2 = await c2.result;
+      if (round === 0) {
+        expect([...img2.keys()].sort()).toEqual(written.map((p) => `r:${p}`).sort());
+        expect(s2.dirtyPages).toBe(written.length);
+        for (const p of written) {
+          const got = img2.get(`r:${p}`)!;
+          if (p === 100) expect(got.zero).toBe(true);
+          else expect(got.bytes!.equals(pattern(p === 7 ? 3 : 2, p))).toBe(true);
+        }
+      } else {
+        // nothing written since: an empty increment
+        expect(img2.size).toBe(0);
+        expect(s2.dirtyPages).toBe(0);
+      }
+    }
+    expect(a.agent.job(job)!.checkpoints).toBe(3);
+  });
+});
