@@ -1,0 +1,68 @@
+/**
+ * Migrated runs of both demo jobs (C heat stencil, Node lattice) finish with
+ * the same checksum as uninterrupted runs: migrated once, and three times
+ * back and forth between two agents running as separate processes.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import {
+  HEAT, LATTICE, cli, finalChecksum, jobOn, referenceChecksum, startAgent, startStore, stopAll, until,
+} from './helpers.js';
+
+afterEach(stopAll);
+
+const heatArgs = ['--n', '96', '--steps', '400', '--step-delay-us', '8000'];
+const latticeArgs = ['--cells', '8192', '--steps', '300', '--step-delay-ms', '10'];
+
+const demos = [
+  { name: 'heat (C)', argv: [HEAT, ...heatArgs], job: 'heat-m' },
+  { name: 'lattice (Node)', argv: [process.execPath, LATTICE, ...latticeArgs], job: 'lattice-m' },
+];
+
+async function cluster() {
+  const store = await startStore();
+  const a = await startAgent('host-a', store.address);
+  const b = await startAgent('host-b', store.address);
+  return { store, a, b };
+}
+
+/** Step count the job has reached, from its log on the agent. */
+async function runningSince(agent: string, job: string): Promise<void> {
+  await until(`${job} running on ${agent}`, async () => ((await jobOn(agent, job))?.state === 'RUNNING' ? true : undefined));
+}
+
+describe.each(demos)('$name', ({ argv, job }) => {
+  it('finishes with the uninterrupted checksum after one live migration', async () => {
+    const expected = referenceChecksum(argv);
+    const { store, a, b } = await cluster();
+    const run = await cli('exackpt', ['run', '--store', store.address, '--agent', 'host-a', '--job', job, '--every', '500ms', '--json', '--', ...argv]);
+    expect(run.code, run.stderr).toBe(0);
+    await runningSince(a.address, job);
+    const ck = await cli('exackpt', ['checkpoint', job, '--store', store.address, '--json']);
+    expect(ck.code, ck.stderr).toBe(0);
+    const mig = await cli('exarestore', [job, '--to', 'host-b', '--store', store.address, '--json']);
+    expect(mig.code, mig.stderr).toBe(0);
+    const r = JSON.parse(mig.stdout.trim().split('\n').pop()!) as { live: boolean; to: string; checkpoint: number };
+    expect(r.live).toBe(true);
+    expect(r.to).toBe('host-b');
+    expect(await finalChecksum(b.address, job)).toBe(expected);
+    // Exactly one host ran it to the end: the source's process was ended at the final checkpoint.
+    expect((await jobOn(a.address, job))?.state).toBe('STOPPED');
+    expect((await jobOn(b.address, job))?.output_tail).toMatch(/restored at step \d+/);
+  });
+
+  it('finishes with the uninterrupted checksum after three migrations back and forth', async () => {
+    const expected = referenceChecksum(argv);
+    const { store, a, b } = await cluster();
+    const run = await cli('exackpt', ['run', '--store', store.address, '--agent', 'host-a', '--job', job, '--every', '400ms', '--', ...argv]);
+    expect(run.code, run.stderr).toBe(0);
+    const hosts = [['host-b', b.address], ['host-a', a.address], ['host-b', b.address]] as const;
+    let at = a.address;
+    for (const [to, addr] of hosts) {
+      await runningSince(at, job);
+      const mig = await cli('exarestore', [job, '--to', to, '--store', store.address, '--json']);
+      expect(mig.code, `${mig.stderr}${mig.stdout}`).toBe(0);
+      at = addr;
+    }
+    expect(await finalChecksum(b.address, job)).toBe(expected);
+  });
+});
