@@ -36,7 +36,15 @@ export class Workload {
 
   /** Attach this process to the local agent. UNAVAILABLE when no agent listens, ALREADY_EXISTS for a job id in use. */
   static attach(opts: AttachOptions = {}): Workload {
-    const h = native.workloadAttach(opts.socketPath ?? null, opts.jobId ?? null);
+    let h: WorkloadHandle;
+    try {
+      h = native.workloadAttach(opts.socketPath ?? null, opts.jobId ?? null);
+    } catch (e) {
+      // no socket file or nobody listening: the agent is unavailable, not a missing resource
+      const errno = e instanceof ExaError ? e.detail.errno : undefined;
+      if (errno === 'ENOENT' || errno === 'ECONNREFUSED') throw new ExaError('UNAVAILABLE', (e as Error).message, { errno }, { cause: e });
+      throw e;
+    }
     return new Workload(h, opts.jobId ?? process.env.EXA_JOB_ID ?? '');
   }
 

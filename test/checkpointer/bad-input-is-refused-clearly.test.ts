@@ -1,0 +1,111 @@
+/**
+ * Bad input across the process boundary gets a clear error naming what was
+ * wrong, and nothing crashes: zero and absurd region sizes, a duplicate region
+ * name, a duplicate job id, an unknown job, attach with no agent, a peer uid
+ * the agent does not accept, freeing a region during a checkpoint, and a peer
+ * sending garbage on the socket (the agent answers, closes that connection,
+ * logs, and keeps serving everyone else).
+ */
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { isExaError } from '../../src/errors.js';
+import type { LocalAgent } from '../../src/agent/local-agent.js';
+import { Workload } from '../../src/workload/index.js';
+import { WORKLOAD_BIN, WorkloadProc, drain, killAll, openDir, removeTempDirs, startAgent, tempDir, until } from './helpers.js';
+
+let agent: LocalAgent | null = null;
+afterEach(async () => {
+  await agent?.close();
+  agent = null;
+  await killAll();
+  removeTempDirs();
+});
+
+describe('bad input', () => {
+  it('region sizes: zero, beyond the limit, beyond host memory; duplicate names; then the job still works', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const w = WorkloadProc.start(a.socketPath, 'sizes');
+    await w.ok('attach');
+    expect(await w.cmd('allocbytes r 0')).toMatch(/^err EINVAL .*"r": size 0/);
+    expect(await w.cmd('allocbytes r 4000000000000000')).toMatch(/^err EINVAL .*exceeds the limit/);
+    expect(await w.cmd('allocbytes r 200000000000000')).toMatch(/^err EINVAL .*exceeds the limit/);
+    expect(await w.cmd('allocbytes huge 900000000000')).toMatch(/^err EINVAL .*exceeds this host's memory/);
+    expect(await w.cmd('alloc bad/name 1')).toMatch(/^err EINVAL .*region name/);
+    await w.ok('alloc r 4');
+    expect(await w.cmd('alloc r 4')).toMatch(/^err EEXIST .*"r" already exists/);
+    expect(await w.ok('list')).toBe('ok r');
+    await w.ok('fill r 1');
+    const img = await drain(await a.agent.checkpoint('sizes'));
+    expect(img.size).toBe(4);
+  });
+
+  it('unknown job, duplicate job id, attach with no agent, uid not allowed', async () => {
+    const a = startAgent({ socketMode: 0o666 });
+    agent = a.agent;
+    await expect(a.agent.checkpoint('no-such-job')).rejects.toSatisfy(
+      (e: unknown) => isExaError(e, 'NOT_FOUND') && /no job "no-such-job"/.test((e as Error).message),
+    );
+    const w1 = WorkloadProc.start(a.socketPath, 'twin');
+    await w1.ok('attach');
+    const w2 = WorkloadProc.start(a.socketPath, 'twin');
+    expect(await w2.cmd('attach')).toMatch(/^err EEXIST .*job "twin" is already attached/);
+
+    const none = join(tempDir(), 'nobody-listens.sock');
+    const w3 = WorkloadProc.start(none, 'lonely');
+    expect(await w3.cmd('attach')).toMatch(/^err ENOENT .*no agent listening on/);
+    expect(() => Workload.attach({ socketPath: none, jobId: 'lonely' })).toThrow(/no agent listening/);
+    try { Workload.attach({ socketPath: none, jobId: 'lonely' }); } catch (e) { expect(isExaError(e, 'UNAVAILABLE')).toBe(true); }
+    expect(() => Workload.attach({ socketPath: a.socketPath, jobId: 'bad job' })).toThrow(/job id "bad job"/);
+
+    // SO_PEERCRED: an unprivileged uid the agent was not told to accept is refused
+    const dir = openDir();
+    const b = startAgent({ socketPath: join(dir, 'b.sock'), socketMode: 0o666 });
+    const w4 = WorkloadProc.start(b.socketPath, 'intruder', { uid: 65534, gid: 65534 });
+    expect(await w4.cmd('attach')).toMatch(/^err EACCES .*uid 65534 may not attach/);
+    expect(b.agent.jobs()).toEqual([]);
+    await b.agent.close();
+  });
+
+  it('freeing a region while its checkpoint runs is refused (CONFLICT), and works afterwards', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const w = WorkloadProc.start(a.socketPath, 'busy');
+    await w.ok('attach');
+    await w.ok('alloc r 8');
+    await w.ok('fill r 1');
+    const c = await a.agent.checkpoint('busy', { mode: 'sync', testHold: { region: 'r', page: 4, when: 'before' } });
+    await until(() => c.testHeld(), 'saver held');
+    expect(await w.cmd('free r')).toMatch(/^err EBUSY .*cannot be freed while a checkpoint is running/);
+    await expect(a.agent.checkpoint('busy')).rejects.toSatisfy((e: unknown) => isExaError(e, 'CONFLICT'));
+    c.testReleaseHold();
+    await drain(c);
+    await c.result;
+    await w.ok('free r');
+    expect(await w.ok('list')).toBe('ok');
+  });
+
+  it('garbage on the socket: each peer gets a protocol error and is disconnected; the agent keeps serving', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const logs: string[] = [];
+    a.agent.on('log', (l: string) => logs.push(l));
+    const r = spawnSync(WORKLOAD_BIN, ['--garbage', a.socketPath], { encoding: 'utf8', timeout: 20_000 });
+    expect(r.status).toBe(0);
+    const out = r.stdout.trim().split('\n');
+    const cases = ['three-bytes', 'bad-magic', 'length-mismatch', 'region-before-hello', 'bad-job-name', 'unknown-type'];
+    for (const c of cases) {
+      expect(out).toContainEqual(expect.stringMatching(new RegExp(`^${c} status=-71 protocol error: .+`)));
+      expect(out).toContain(`${c} then closed`);
+    }
+    await until(() => logs.length >= cases.length, 'one log line per bad peer');
+    expect(logs.every((l) => /protocol error/.test(l))).toBe(true);
+    // still serving
+    const w = WorkloadProc.start(a.socketPath, 'after-garbage');
+    await w.ok('attach');
+    await w.ok('alloc r 2');
+    await w.ok('fill r 9');
+    expect((await drain(await a.agent.checkpoint('after-garbage'))).size).toBe(2);
+  });
+});
