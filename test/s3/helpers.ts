@@ -1,0 +1,185 @@
+/**
+ * Test helpers for the S3 suite: a real S3 server (s3rver) on loopback port
+ * 0 with a temp directory, that can be stopped and restarted on the same
+ * port; a deterministic page generator; temp directories cleaned up by the
+ * caller's afterEach.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import S3rver from 's3rver';
+import { PAGE_SIZE } from '../../storage/pages.js';
+
+export const S3RVER_KEYS = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' };
+
+export interface TestS3 {
+  endpoint: string;
+  port: number;
+  dir: string;
+  bucket: string;
+  /** Stop the server, dropping open connections. */
+  stop(): Promise<void>;
+  /** Start it again on the same port and directory. */
+  start(): Promise<void>;
+  running(): boolean;
+}
+
+export function tempDir(tag: string): string {
+  return mkdtempSync(join(tmpdir(), `exa-s3test-${tag}-`));
+}
+
+export function removeDir(d: string | undefined): void {
+  if (d) rmSync(d, { recursive: true, force: true });
+}
+
+/** Start s3rver on 127.0.0.1 with `bucket` created. */
+export async function startS3(bucket = 'exa-test'): Promise<TestS3> {
+  const dir = tempDir('s3rver');
+  let port = 0;
+  let srv: S3rver | null = null;
+  const start = async (): Promise<void> => {
+    for (let attempt = 0; ; attempt++) {
+      const s = new S3rver({ address: '127.0.0.1', port, silent: true, directory: dir, configureBuckets: [{ name: bucket }] });
+      try {
+        const addr = await s.run();
+        port = addr.port;
+        srv = s;
+        return;
+      } catch (e) {
+        // The port may still be held briefly after a stop.
+        if (attempt > 50) throw e;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  };
+  await start();
+  const t: TestS3 = {
+    get endpoint() { return `http://127.0.0.1:${port}`; },
+    get port() { return port; },
+    dir, bucket,
+    async stop() {
+      const s = srv;
+      srv = null;
+      if (!s) return;
+      const closing = s.close().catch(() => undefined);
+      s.httpServer?.closeAllConnections();
+      await closing;
+    },
+    start,
+    running: () => srv !== null,
+  };
+  return t;
+}
+
+/** A TCP port nothing listens on (bound then released). */
+export async function deadPort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => (a && typeof a === 'object' ? resolve(a.port) : reject(new Error('no port'))));
+    });
+  });
+}
+
+/**
+ * Deterministic page content: a xorshift stream seeded by (seed, region,
+ * page, version). Version 0 of a page index divisible by 7 is a zero page.
+ */
+export function genPage(seed: number, region: number, page: number, version: number): Buffer | null {
+  if (version === 0 && page % 7 === 3) return null;
+  const b = Buffer.allocUnsafe(PAGE_SIZE);
+  let x = (seed * 0x9e3779b1) ^ (region * 0x85ebca6b) ^ (page * 0xc2b2ae35) ^ (version * 0x27d4eb2f) ^ 0x1234567;
+  x >>>= 0;
+  if (x === 0) x = 1;
+  for (let i = 0; i < PAGE_SIZE; i += 4) {
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  return b;
+}
+
+/**
+ * A chain of images: checkpoint k (1-based) changes the pages whose
+ * (page + k) % every == 0 to version k. Returns, per checkpoint, the
+ * changed pages and the full expected image of each region.
+ */
+export function makeChain(seed: number, regions: { name: string; pages: number }[], checkpoints: number, every = 10): {
+  changes: { region: number; index: number; bytes: Buffer | null }[][];
+  images: Map<string, Buffer>[];
+} {
+  const cur = regions.map((r, ri) => Array.from({ length: r.pages }, (_, i) => genPage(seed, ri, i, 0)));
+  const changes: { region: number; index: number; bytes: Buffer | null }[][] = [];
+  const images: Map<string, Buffer>[] = [];
+  for (let k = 1; k <= checkpoints; k++) {
+    const ch: { region: number; index: number; bytes: Buffer | null }[] = [];
+    regions.forEach((r, ri) => {
+      for (let i = 0; i < r.pages; i++) {
+        if (k === 1) { ch.push({ region: ri, index: i, bytes: cur[ri]![i]! }); continue; }
+        if ((i + k) % every === 0) {
+          // Some pages go back to zero, some repeat another region's content (dedup).
+          const v = (i + k) % (every * 5) === 0 ? null : genPage(seed, ri, i, k);
+          cur[ri]![i] = v;
+          ch.push({ region: ri, index: i, bytes: v });
+        }
+      }
+    });
+    changes.push(ch);
+    images.push(new Map(regions.map((r, ri) => {
+      const img = Buffer.alloc(r.pages * PAGE_SIZE);
+      cur[ri]!.forEach((p, i) => p?.copy(img, i * PAGE_SIZE));
+      return [r.name, img];
+    })));
+  }
+  return { changes, images };
+}
+
+import type { CheckpointStore } from '../../storage/engine.js';
+import type { ManifestHeader, RegionSpec } from '../../storage/backend.js';
+import { sha256 } from '../../storage/pages.js';
+
+export type PageChange = { region: number; index: number; bytes: Buffer | null };
+
+/** Upload one checkpoint straight through an engine (no gRPC), in batches of 1024 pages. */
+export async function putDirect(store: CheckpointStore, job: string, parent: number, regions: RegionSpec[], pages: readonly PageChange[]): Promise<ManifestHeader> {
+  const s = await store.beginPut({ job, parent, regions });
+  try {
+    for (let off = 0, b = 0; off < pages.length; off += 1024, b++) {
+      const part = pages.slice(off, off + 1024);
+      const hashes = Buffer.alloc(part.length * 32);
+      const zero = Buffer.alloc(part.length);
+      part.forEach((p, i) => { if (!p.bytes) zero[i] = 1; else sha256(p.bytes).copy(hashes, i * 32); });
+      const want = await s.offerHashes({ batch: b, region: part.map((p) => p.region), index: part.map((p) => p.index), hashes, zero });
+      if (want.length > 0) await s.supplyData(b, Buffer.concat(want.map((i) => part[i]!.bytes!)));
+    }
+    return await s.commit();
+  } catch (e) {
+    s.abort();
+    throw e;
+  }
+}
+
+/** Read a whole checkpoint image through an engine, as Map region -> bytes. */
+export async function readDirect(store: CheckpointStore, job: string, n: number): Promise<Map<string, Buffer>> {
+  const out = new Map<string, Buffer>();
+  let header: ManifestHeader | null = null;
+  for await (const item of store.readImage(job, n)) {
+    if ('checkpoint' in item) {
+      header = item;
+      for (const r of item.regions) out.set(r.name, Buffer.alloc(r.pageCount * PAGE_SIZE));
+      continue;
+    }
+    const img = out.get(item.region)!;
+    let d = 0;
+    for (let i = 0; i < item.pageCount; i++) {
+      if (item.zero.length > 0 && item.zero[i]) continue;
+      item.data.copy(img, (item.firstPage + i) * PAGE_SIZE, d * PAGE_SIZE, (d + 1) * PAGE_SIZE);
+      d++;
+    }
+  }
+  if (!header) throw new Error('no header');
+  return out;
+}
