@@ -5,9 +5,7 @@
  * host-b, the job finishes there, and its checksum is compared with an
  * uninterrupted run. Everything it starts is stopped on exit, even on Ctrl-C.
  */
-import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, readdirSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
 import { repoRoot } from './native.js';
 import { CoordinatorClient } from './coordinator/client.js';
@@ -15,45 +13,20 @@ import { AgentClient } from './hostagent/client.js';
 import { migrate, agentFor } from './ops/migrate.js';
 import { StoreClient } from './store/client.js';
 import { fmtBytes } from './cli/common.js';
+import { startLocalCluster, type LocalCluster } from './ops/local-cluster.js';
 
 const HEAT = join(repoRoot, 'build', 'Release', 'exa_heat');
-const CLI = (n: string): string => join(repoRoot, 'dist', 'src', 'cli', `${n}.js`);
 const ARGS = ['--n', '512', '--steps', '600', '--step-delay-us', '5000'];
 
-const children: ChildProcess[] = [];
-const dirs: string[] = [];
+let cluster: LocalCluster | null = null;
 const t0 = Date.now();
 
 function say(line: string): void {
   process.stdout.write(`[${((Date.now() - t0) / 1000).toFixed(1).padStart(5)} s] ${line}\n`);
 }
 
-function spawnReady(name: string, args: string[], ready: RegExp): Promise<{ proc: ChildProcess; match: RegExpExecArray }> {
-  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  children.push(proc);
-  let out = '';
-  return new Promise((resolve, reject) => {
-    const on = (d: Buffer): void => {
-      out += d.toString();
-      const m = ready.exec(out);
-      if (m) { proc.stdout!.off('data', on); resolve({ proc, match: m }); }
-    };
-    proc.stdout!.on('data', on);
-    proc.stderr!.on('data', (d: Buffer) => { out += d.toString(); });
-    proc.once('exit', (code) => reject(new Error(`${name} exited (${code}) before it was ready:\n${out}`)));
-  });
-}
-
 function cleanup(): void {
-  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
-  // Jobs outlive agents by design; the demo's jobs are found by their agent socket.
-  for (const d of dirs) {
-    const marker = `EXA_AGENT_SOCKET=${join(d, 'agent.sock')}`;
-    for (const pid of readdirSync('/proc').filter((x) => /^\d+$/.test(x))) {
-      try { if (readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(marker)) process.kill(Number(pid), 'SIGKILL'); } catch { /* gone */ }
-    }
-    rmSync(d, { recursive: true, force: true });
-  }
+  cluster?.stop();
 }
 
 async function main(): Promise<number> {
@@ -61,17 +34,10 @@ async function main(): Promise<number> {
   const reference = /checksum=([0-9a-f]{16})/.exec(execFileSync(HEAT, [...ARGS, '--no-agent'], { encoding: 'utf8' }))![1]!;
   say(`reference checksum ${reference}`);
 
-  const data = mkdtempSync(join(tmpdir(), 'exa-demo-store-'));
-  dirs.push(data);
-  const store = await spawnReady('exastore', [CLI('exastore'), 'serve', '--data', data, '--port', '0'], /listening on (\S+)/);
-  const storeAddr = store.match[1]!;
-  say(`store + coordinator serving on ${storeAddr} (LevelDB in ${data})`);
-  for (const host of ['host-a', 'host-b']) {
-    const dir = mkdtempSync(join(tmpdir(), `exa-demo-${host}-`));
-    dirs.push(dir);
-    const a = await spawnReady(`exaagent ${host}`, [CLI('exaagent'), '--host', host, '--store', storeAddr, '--state-dir', dir, '--heartbeat-ms', '250'], /ready agent=(\S+)/);
-    say(`agent ${host} ready on ${a.match[1]}`);
-  }
+  cluster = await startLocalCluster(['host-a', 'host-b']);
+  const storeAddr = cluster.storeAddress;
+  say(`store + coordinator serving on ${storeAddr} (LevelDB in ${cluster.dataDir})`);
+  for (const a of cluster.agents) say(`agent ${a.host} ready on ${a.address}`);
 
   const coord = await CoordinatorClient.connect(storeAddr);
   const job = 'heat-demo';

@@ -44,8 +44,8 @@ export class AgentClient {
     return callUnary(`stop job ${job} on agent ${this.address}`, (cb) => this.c.StopJob({ job, checkpoint_first: checkpointFirst }, this.md(), cb));
   }
 
-  async checkpoint(job: string, stopAfter: boolean, onProgress?: (p: ProgressEvent) => void): Promise<AgentCheckpointStats> {
-    const r = await this.stream(`checkpoint job ${job} on agent ${this.address}`, this.c.Checkpoint({ job, stop_after: stopAfter }, this.md()), onProgress);
+  async checkpoint(job: string, stopAfter: boolean, onProgress?: (p: ProgressEvent) => void, full = false): Promise<AgentCheckpointStats> {
+    const r = await this.stream(`checkpoint job ${job} on agent ${this.address}`, this.c.Checkpoint({ job, stop_after: stopAfter, full }, this.md()), onProgress);
     if (!r.checkpoint) throw fromGrpcError({ code: 13, details: 'the agent ended the checkpoint call without a result' }, `checkpoint job ${job}`);
     return r.checkpoint;
   }

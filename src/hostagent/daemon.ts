@@ -292,14 +292,14 @@ export class HostAgent {
    * Take a checkpoint and stream it to the store. Resolves only once the store
    * committed it. Checkpoints of one job run one at a time.
    */
-  checkpoint(job: string, o: { leaveStopped?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
+  checkpoint(job: string, o: { leaveStopped?: boolean; full?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
     const rec = this.rec(job);
     const run = rec.chain.then(() => this.checkpointNow(rec, o));
     rec.chain = run.catch(() => undefined);
     return run;
   }
 
-  private async checkpointNow(rec: JobRec, o: { leaveStopped?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
+  private async checkpointNow(rec: JobRec, o: { leaveStopped?: boolean; full?: boolean; onProgress?: (done: number) => void }): Promise<CheckpointResult> {
     const job = rec.spec.job;
     if (!rec.attached) {
       if (rec.state === 'STARTING') await this.waitAttached(rec, 10_000);
@@ -315,7 +315,7 @@ export class HostAgent {
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     const t0 = performance.now();
-    const full = rec.needFull || rec.lastCommitted === 0;
+    const full = o.full === true || rec.needFull || rec.lastCommitted === 0;
     const run = await this.ckpt.checkpoint(job, { full, leaveStopped: o.leaveStopped ?? false });
     const regionKey = JSON.stringify(run.regions.map((r) => [r.name, r.pageCount]));
     if (!full && regionKey !== rec.lastRegions) {
@@ -381,11 +381,11 @@ export class HostAgent {
   }
 
   /** Migration source: final checkpoint with the job left stopped; the process is ended after commit. */
-  async finalCheckpoint(job: string, onProgress?: (done: number) => void): Promise<CheckpointResult> {
+  async finalCheckpoint(job: string, onProgress?: (done: number) => void, full = false): Promise<CheckpointResult> {
     const rec = this.rec(job);
     rec.leaving = true;
     try {
-      const r = await this.checkpoint(job, { leaveStopped: true, ...(onProgress ? { onProgress } : {}) });
+      const r = await this.checkpoint(job, { leaveStopped: true, full, ...(onProgress ? { onProgress } : {}) });
       await this.kill(rec);
       rec.state = 'STOPPED';
       return r;
@@ -436,8 +436,13 @@ export class HostAgent {
       this.staged.delete(job);
       const rec = await this.runJob(spec, { staged });
       rec.lastCommitted = staged.checkpoint;
-      // libexa adopted (and unlinked) the region files once it attached; the directory goes now.
-      void this.waitAttached(rec, 30_000).then(() => discardStaged(staged), () => discardStaged(staged));
+      // The job runs again once it attached with its restored regions; libexa
+      // adopted (and unlinked) the region files by then, so the directory goes.
+      try {
+        await this.waitAttached(rec, 30_000);
+      } finally {
+        discardStaged(staged);
+      }
       return rec;
     } catch (e) {
       if (staged) { discardStaged(staged); this.staged.delete(job); }
@@ -471,9 +476,14 @@ export class HostAgent {
       Checkpoint: serverStream<Parameters<AgentHandlers['Checkpoint']>[0]['request'], AgentProgress>(auth, async (req, emit) => {
         let last = 0;
         const pending: Promise<void>[] = [];
+        const progress = (d: number): void => {
+          if (d - last < 4096) return;
+          last = d;
+          pending.push(emit({ progress: { phase: 'saving', done: String(d), total: '0', unit: 'pages' } }).catch(() => undefined));
+        };
         const r = req.stop_after
-          ? await this.finalCheckpoint(req.job, (d) => { if (d - last >= 4096) { last = d; pending.push(emit({ progress: { phase: 'saving', done: String(d), total: '0', unit: 'pages' } }).catch(() => undefined)); } })
-          : await this.checkpoint(req.job, { onProgress: (d) => { if (d - last >= 4096) { last = d; pending.push(emit({ progress: { phase: 'saving', done: String(d), total: '0', unit: 'pages' } }).catch(() => undefined)); } } });
+          ? await this.finalCheckpoint(req.job, progress, req.full)
+          : await this.checkpoint(req.job, { onProgress: progress, full: req.full });
         await Promise.all(pending);
         await emit({ checkpoint: statsMsg(r) });
       }),

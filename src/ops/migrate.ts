@@ -25,6 +25,11 @@ export interface MigrateOptions extends ClientOptions {
   to: string;
   /** Checkpoint to restore (0 = a final checkpoint now, or the latest when the source is down). */
   at?: number;
+  /**
+   * Baseline for benchmarks: no pre-staging, and the final checkpoint saves
+   * every page, so the whole image crosses while the job is stopped.
+   */
+  stopAndCopy?: boolean;
   onStep?: (line: string) => void;
   onProgress?: (p: ProgressEvent) => void;
 }
@@ -89,13 +94,13 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       let tStop = 0;
       try {
         // Pre-copy: stage the newest committed image on the target while the job runs.
-        if (!o.at && placement.last_checkpoint > 0) {
+        if (!o.at && !o.stopAndCopy && placement.last_checkpoint > 0) {
           step(`pre-staging checkpoint ${placement.last_checkpoint} of ${o.job} on ${o.to} while it runs on ${placement.host_id}`);
           await targetAgent.prestage(o.job, placement.last_checkpoint, o.onProgress);
         }
         step(`final checkpoint of ${o.job} on ${placement.host_id} (job stopped)`);
         tStop = performance.now();
-        const fin = await sourceAgent.checkpoint(o.job, true, o.onProgress);
+        const fin = await sourceAgent.checkpoint(o.job, true, o.onProgress, o.stopAndCopy ?? false);
         stopped = true;
         finalCkpt = o.at || fin.checkpoint;
         step(`checkpoint ${fin.checkpoint} committed (${Number(fin.pages_saved)} pages, pause ${fin.pause_ms.toFixed(1)} ms); restoring on ${o.to}`);

@@ -7,12 +7,15 @@
  * afterEach, so a failing test leaves nothing running.
  */
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CoordinatorClient } from '../../src/coordinator/client.js';
 import { AgentClient, type AgentJobInfo } from '../../src/hostagent/client.js';
+import { killJobsOf } from '../../src/ops/local-cluster.js';
+
+export { killJobsOf };
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const BIN = (name: string): string => join(ROOT, 'dist', 'src', 'cli', `${name}.js`);
@@ -148,16 +151,6 @@ export function referenceChecksum(argv: string[]): string {
 
 export async function coordinator(address: string): Promise<CoordinatorClient> {
   return CoordinatorClient.connect(address, { timeoutMs: 5000 });
-}
-
-/** SIGKILL every process launched by the agent whose state directory is `stateDir`. */
-export function killJobsOf(stateDir: string): void {
-  const marker = `EXA_AGENT_SOCKET=${join(stateDir, 'agent.sock')}`;
-  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
-    try {
-      if (readFileSync(`/proc/${pid}/environ`, 'latin1').split('\0').includes(marker)) process.kill(Number(pid), 'SIGKILL');
-    } catch { /* gone or not ours */ }
-  }
 }
 
 /** Register a cleanup (e.g. a network namespace) run by stopAll(). */
