@@ -7,7 +7,7 @@
     {
       "target_name": "libexa",
       "type": "static_library",
-      "sources": ["native/libexa/exa.c"],
+      "sources": ["native/libexa/exa.c", "native/libexa/restore.c"],
       "cflags_c": ["-std=gnu11"],
     },
     {
@@ -24,6 +24,22 @@
       "target_name": "exa_workload",
       "type": "executable",
       "sources": ["native/test/exa_workload.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "exa_heat",
+      "type": "executable",
+      "sources": ["native/demo/heat.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
+    },
+    {
+      "target_name": "exa_memjob",
+      "type": "executable",
+      "sources": ["native/demo/memjob.c"],
       "dependencies": ["libexa"],
       "cflags_c": ["-std=gnu11"],
       "libraries": ["-lpthread"]

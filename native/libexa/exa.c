@@ -13,6 +13,7 @@
 #include "exa.h"
 #include "exa_linux_compat.h"
 #include "exa_wire.h"
+#include "restore.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -43,11 +44,21 @@ struct exa_ctx {
   char job[EXA_WIRE_NAME];
   struct exa_region *regions;
   int nregions;
+  struct exa_restore *restore; /* the staged image when launched with EXA_RESTORE, else NULL */
 };
 
 static __thread char g_err[512];
 
 static int fail(int err, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(g_err, sizeof g_err, fmt, ap);
+  va_end(ap);
+  return err;
+}
+
+/* For the other libexa units (restore.c). */
+int exa_fail(int err, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(g_err, sizeof g_err, fmt, ap);
@@ -265,6 +276,15 @@ int exa_attach(const char *socket_path, const char *job_id, exa_ctx **out) {
   /* Our copies go whatever the answer: the agent holds the only references from now on. */
   for (int i = 0; i < nfds; i++) close(fds[i]);
   if (r < 0) goto out_err;
+  /* Relaunched from a checkpoint: regions of these names come back with their contents. */
+  const char *restore_dir = getenv("EXA_RESTORE");
+  if (restore_dir && *restore_dir) {
+    r = exa_restore_open(restore_dir, ctx->job, &ctx->restore);
+    if (r < 0) {
+      request(ctx, EXA_MSG_DETACH, NULL, 0, NULL, 0, NULL, NULL);
+      goto out_err;
+    }
+  }
   *out = ctx;
   return 0;
 out_err:
@@ -285,6 +305,7 @@ int exa_detach(exa_ctx *ctx) {
     g = n;
   }
   close(ctx->sock);
+  exa_restore_close(ctx->restore);
   pthread_mutex_unlock(&ctx->lock);
   pthread_mutex_destroy(&ctx->lock);
   free(ctx);
@@ -311,17 +332,44 @@ int exa_region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags
       goto out;
     }
   }
-  int mfd = memfd_create(name, MFD_CLOEXEC);
+  int mfd = -1;
+  uint64_t want_addr = 0;
+  if (ctx->restore) {
+    /* The staged region file becomes the backing: its contents are the checkpoint's. */
+    r = exa_restore_take(ctx->restore, name, size, &mfd, &want_addr);
+    if (r < 0 && r != -ENOENT) goto out;
+  }
   if (mfd < 0) {
-    r = fail(-errno, "exa_region_alloc: memfd_create(%s): %s", name, strerror(errno));
-    goto out;
+    want_addr = 0;
+    mfd = memfd_create(name, MFD_CLOEXEC);
+    if (mfd < 0) {
+      r = fail(-errno, "exa_region_alloc: memfd_create(%s): %s", name, strerror(errno));
+      goto out;
+    }
+    if (ftruncate(mfd, (off_t)size) != 0) {
+      r = fail(-errno, "exa_region_alloc: region \"%s\": cannot size to %zu bytes: %s", name, size, strerror(errno));
+      close(mfd);
+      goto out;
+    }
   }
-  if (ftruncate(mfd, (off_t)size) != 0) {
-    r = fail(-errno, "exa_region_alloc: region \"%s\": cannot size to %zu bytes: %s", name, size, strerror(errno));
-    close(mfd);
-    goto out;
+  void *addr;
+  if ((flags & EXA_REGION_FIXED) && want_addr) {
+    /* Back at the original address, or a clear error: never silently elsewhere. */
+    addr = mmap((void *)(uintptr_t)want_addr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED_NOREPLACE, mfd, 0);
+    if (addr != MAP_FAILED && addr != (void *)(uintptr_t)want_addr) {
+      munmap(addr, size);
+      addr = MAP_FAILED;
+      errno = EEXIST;
+    }
+    if (addr == MAP_FAILED) {
+      r = fail(-errno, "exa_region_alloc: region \"%s\": cannot map at its original address 0x%llx: %s", name,
+               (unsigned long long)want_addr, strerror(errno));
+      close(mfd);
+      goto out;
+    }
+  } else {
+    addr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
   }
-  void *addr = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
   if (addr == MAP_FAILED) {
     r = fail(-errno, "exa_region_alloc: region \"%s\": mmap of %zu bytes: %s", name, size, strerror(errno));
     close(mfd);
@@ -410,9 +458,6 @@ int exa_checkpoint(exa_ctx *ctx) {
   return r;
 }
 
-int exa_restored(const exa_ctx *ctx) {
-  (void)ctx;
-  return 0; /* restore (EXA_RESTORE) arrives with the restore issue */
-}
+int exa_restored(const exa_ctx *ctx) { return ctx && ctx->restore ? 1 : 0; }
 
 const char *exa_job_id(const exa_ctx *ctx) { return ctx ? ctx->job : NULL; }

@@ -1,0 +1,131 @@
+/* restore.c: adopting a staged checkpoint image as the job's regions (see restore.h). */
+#define _GNU_SOURCE
+#include "restore.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define RESTORE_MAX_REGIONS 4096
+#define NAME_CAP 64
+
+struct staged_region {
+  char name[NAME_CAP];
+  uint64_t size;
+  uint64_t addr;
+  int taken;
+};
+
+struct exa_restore {
+  char dir[4096];
+  uint64_t checkpoint;
+  size_t n;
+  struct staged_region *regions;
+};
+
+static int name_ok(const char *s) {
+  size_t n = strlen(s);
+  if (n == 0 || n >= NAME_CAP || !strcmp(s, ".") || !strcmp(s, "..")) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-')) return 0;
+  }
+  return 1;
+}
+
+int exa_restore_open(const char *dir, const char *job, struct exa_restore **out) {
+  *out = NULL;
+  if (strlen(dir) >= sizeof(((struct exa_restore *)0)->dir) - 80)
+    return exa_fail(-ENAMETOOLONG, "EXA_RESTORE: directory path too long");
+  char path[4200];
+  snprintf(path, sizeof path, "%s/restore.tab", dir);
+  FILE *f = fopen(path, "re");
+  if (!f) return exa_fail(-errno, "EXA_RESTORE: cannot open %s: %s", path, strerror(errno));
+  struct exa_restore *r = calloc(1, sizeof *r);
+  if (!r) {
+    fclose(f);
+    return exa_fail(-ENOMEM, "EXA_RESTORE: out of memory");
+  }
+  snprintf(r->dir, sizeof r->dir, "%s", dir);
+  char line[512];
+  int lineno = 0, rc = 0, have_job = 0;
+  while (fgets(line, sizeof line, f)) {
+    lineno++;
+    size_t len = strlen(line);
+    if (len == 0 || line[len - 1] != '\n') { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d is too long or unterminated", path, lineno); break; }
+    line[len - 1] = '\0';
+    char a[NAME_CAP + 8], b[NAME_CAP + 8];
+    unsigned long long size, addr, flags;
+    if (lineno == 1) {
+      if (strcmp(line, "exa-restore 1") != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s is not an exa restore table (version 1)", path); break; }
+    } else if (sscanf(line, "job %70s", a) == 1) {
+      if (strcmp(a, job) != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: the staged image is of job %s, not %s", a, job); break; }
+      have_job = 1;
+    } else if (sscanf(line, "checkpoint %llu", &size) == 1) {
+      r->checkpoint = size;
+    } else if (sscanf(line, "region %70s %llu %70s %llu", a, &size, b, &flags) == 4) {
+      addr = strtoull(b, NULL, 0);
+      if (!name_ok(a) || size == 0 || size % 4096 != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d: bad region entry", path, lineno); break; }
+      if (r->n >= RESTORE_MAX_REGIONS) { rc = exa_fail(-E2BIG, "EXA_RESTORE: more than %d regions", RESTORE_MAX_REGIONS); break; }
+      struct staged_region *nr = realloc(r->regions, (r->n + 1) * sizeof *nr);
+      if (!nr) { rc = exa_fail(-ENOMEM, "EXA_RESTORE: out of memory"); break; }
+      r->regions = nr;
+      memset(&nr[r->n], 0, sizeof nr[r->n]);
+      snprintf(nr[r->n].name, NAME_CAP, "%s", a);
+      nr[r->n].size = size;
+      nr[r->n].addr = addr;
+      r->n++;
+    } else {
+      rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d is not understood: %.80s", path, lineno, line);
+      break;
+    }
+  }
+  fclose(f);
+  if (rc == 0 && !have_job) rc = exa_fail(-EINVAL, "EXA_RESTORE: %s names no job", path);
+  if (rc < 0) {
+    exa_restore_close(r);
+    return rc;
+  }
+  *out = r;
+  return 0;
+}
+
+int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *fd, uint64_t *addr) {
+  for (size_t i = 0; i < r->n; i++) {
+    struct staged_region *g = &r->regions[i];
+    if (strcmp(g->name, name) != 0) continue;
+    if (g->taken) return exa_fail(-EEXIST, "EXA_RESTORE: region \"%s\" was already restored", name);
+    if (g->size != size)
+      return exa_fail(-EINVAL, "EXA_RESTORE: region \"%s\" is %" PRIu64 " bytes in checkpoint %" PRIu64 ", the job asks for %zu",
+                      name, g->size, r->checkpoint, size);
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s.region", r->dir, name);
+    int f = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (f < 0) return exa_fail(-errno, "EXA_RESTORE: cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != g->size) {
+      close(f);
+      return exa_fail(-EINVAL, "EXA_RESTORE: %s is not a %" PRIu64 "-byte regular file", path, g->size);
+    }
+    /* Anonymous from now on, like a memfd: nobody else can open it, and it goes when the job does. */
+    unlink(path);
+    g->taken = 1;
+    *fd = f;
+    *addr = g->addr;
+    return 0;
+  }
+  return -ENOENT;
+}
+
+uint64_t exa_restore_checkpoint(const struct exa_restore *r) { return r ? r->checkpoint : 0; }
+
+void exa_restore_close(struct exa_restore *r) {
+  if (!r) return;
+  free(r->regions);
+  free(r);
+}

@@ -1,0 +1,38 @@
+/*
+ * restore.h: libexa's side of EXA_RESTORE (internal to libexa).
+ *
+ * An agent relaunching a job from a checkpoint stages the image as one tmpfs
+ * file per region in a directory and sets EXA_RESTORE to it (layout in
+ * src/hostagent/staging.ts). exa_region_alloc() of a name in the image adopts
+ * that file as the region's backing instead of a fresh memfd: tmpfs is shmem,
+ * so write-protection works on it as on a memfd, and nothing is copied. The
+ * file is unlinked once opened, so the region is anonymous like a memfd.
+ */
+#ifndef EXA_RESTORE_H
+#define EXA_RESTORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct exa_restore;
+
+/* Parse <dir>/restore.tab. -EINVAL (with exa_last_error set) for a table that is not for `job` or malformed. */
+int exa_restore_open(const char *dir, const char *job, struct exa_restore **out);
+
+/*
+ * Take region `name` out of the image: 0 and an O_RDWR fd of its file (the
+ * caller owns it) plus its recorded address, -ENOENT when the image has no
+ * such region, -EINVAL when its size differs from `size`, another -errno on
+ * failure. A region can be taken once.
+ */
+int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *fd, uint64_t *addr);
+
+/* Checkpoint number of the image. */
+uint64_t exa_restore_checkpoint(const struct exa_restore *r);
+
+void exa_restore_close(struct exa_restore *r);
+
+/* Shared with exa.c: set exa_last_error() and return err. */
+int exa_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#endif
