@@ -14,6 +14,7 @@ import cliProgress from 'cli-progress';
 import { ExaError, exitCodeFor, toExaError } from '../errors.js';
 import { StoreClient, type ProgressInfo } from '../store/client.js';
 import { startStoreServer } from '../store/server.js';
+import { Coordinator } from '../coordinator/service.js';
 
 const DEFAULT_STORE = process.env.EXA_STORE || '127.0.0.1:7700';
 
@@ -90,9 +91,13 @@ export function buildProgram(): Command {
     .option('--host <addr>', 'address to listen on', '127.0.0.1')
     .option('--gc-grace <seconds>', 'GC grace period: a page found unreferenced is deleted only after this long', intArg('--gc-grace'), 3600)
     .option('--token <token>', 'require this bearer token from clients (default $EXA_TOKEN)')
+    .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: { data: string; port: number; host: string; gcGrace: number; token?: string; json?: boolean }) => {
-      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token: o.token ?? process.env.EXA_TOKEN });
+    .action(async (o: { data: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; json?: boolean }) => {
+      const token = o.token ?? process.env.EXA_TOKEN;
+      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token });
+      // The coordinator (host registry, placement, job specs) is served next to the store.
+      new Coordinator({ dataDir: o.data, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 }).addTo(s.server, { token });
       // The ready line: tests and scripts wait for it (and probe the port).
       out(o.json, { listening: s.address, data: o.data, pid: process.pid }, () => `exastore listening on ${s.address} (data ${o.data}, pid ${process.pid})`);
       let stopping = false;
