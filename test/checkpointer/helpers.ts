@@ -120,6 +120,11 @@ export class WorkloadProc {
     return new Promise((resolve) => this.eventWaiters.push({ prefix, resolve }));
   }
 
+  /** Number of arrived, unconsumed events with this prefix. */
+  eventCount(prefix: string): number {
+    return this.events.filter((l) => l.startsWith(prefix)).length;
+  }
+
   /** True if an event with this prefix has arrived (without consuming it). */
   hasEvent(prefix: string): boolean {
     return this.events.some((l) => l.startsWith(prefix));
