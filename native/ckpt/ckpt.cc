@@ -33,6 +33,8 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <sys/syscall.h>
 #include <sys/sysinfo.h>
 #include <sys/un.h>
@@ -1356,8 +1358,11 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
                                    std::to_string(ram) + " bytes)");
       if (m.addr == 0 || m.addr % kPage) return refuse(-EINVAL, "region \"" + name + "\": address is not page-aligned");
       struct stat st;
-      if (fstat(mfd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < m.size || fd_link(mfd).rfind("/memfd:", 0) != 0)
-        return refuse(-EINVAL, "region \"" + name + "\": the passed fd is not a memfd of at least its size");
+      /* shmem is what write-protection needs: a memfd, or a tmpfs file adopted on restore (EXA_RESTORE). */
+      struct statfs sfs;
+      if (fstat(mfd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < m.size || fstatfs(mfd, &sfs) != 0 ||
+          sfs.f_type != TMPFS_MAGIC)
+        return refuse(-EINVAL, "region \"" + name + "\": the passed fd is not a memfd or tmpfs file of at least its size");
       {
         /* the workload must really map this memfd there: else we would track one range and save another */
         char mp[64];

@@ -80,7 +80,11 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined>, t
     try {
       const v = await fn();
       if (v !== undefined) return v;
-    } catch (e) { last = e; }
+    } catch (e) {
+      // A definite failure (e.g. the job FAILED) ends the wait at once.
+      if ((e as { fatal?: boolean }).fatal) throw e;
+      last = e;
+    }
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ''}`);
     await new Promise((r) => setTimeout(r, 50));
   }
@@ -136,7 +140,7 @@ export async function finalChecksum(agentAddress: string, job: string, timeoutMs
     const j = await jobOn(agentAddress, job);
     if (!j || (j.state !== 'FINISHED' && j.state !== 'FAILED')) return undefined;
     const m = /checksum=([0-9a-f]{16})/.exec(j.output_tail);
-    if (j.state === 'FAILED' || !m) throw new Error(`job ${job} ${j.state} (exit ${j.exit_code}): ${j.output_tail}`);
+    if (j.state === 'FAILED' || !m) throw Object.assign(new Error(`job ${job} ${j.state} (exit ${j.exit_code}): ${j.output_tail}`), { fatal: true });
     return m[1]!;
   }, timeoutMs);
 }
