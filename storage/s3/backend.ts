@@ -163,6 +163,8 @@ export class S3Backend implements Backend {
   private lastRefresh = 0;
   private readonly headers = new Map<string, ManifestHeader>();
   private closed = false;
+  /** Pack-level GC counters of this process (tests, stat). */
+  readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0 };
 
   private constructor(opts: S3BackendOptions, private readonly cache: Cache, private readonly tempCache: string | null) {
     this.io = new S3Io(opts);
@@ -539,8 +541,8 @@ export class S3Backend implements Backend {
       this.unindexPack(p);
       p.tombAt = Date.now();
       p.tombKeys.push(key);
+      this.gcCounters.condemned++;
     }
-    await this.sweep();
     return removed;
   }
 
@@ -578,10 +580,12 @@ export class S3Backend implements Backend {
           p.deadCount = 0;
           this.reindexPack(p);
           revived++;
+          this.gcCounters.revived++;
         } else {
           await this.io.del(packKey(p.base));
           p.gone = true;
           deleted++;
+          this.gcCounters.deleted++;
         }
       }
     }
@@ -595,6 +599,7 @@ export class S3Backend implements Backend {
         if (this.packsByBase.has(pk.base)) continue;
         await this.io.del(o.key);
         deleted++;
+        this.gcCounters.orphansDeleted++;
       }
     }
     return { deleted, revived };
@@ -613,6 +618,9 @@ export class S3Backend implements Backend {
       }
     }
     if (batch.length > 0) yield batch;
+    // The engine's GC scans once per run and has applied its deletions by the time it asks
+    // past the last batch: the pack-level step runs here, once per GC run.
+    await this.sweep();
   }
 
   pageStats(): { pages: number; bytes: number } {

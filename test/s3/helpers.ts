@@ -104,10 +104,11 @@ export function genPage(seed: number, region: number, page: number, version: num
 
 /**
  * A chain of images: checkpoint k (1-based) changes the pages whose
- * (page + k) % every == 0 to version k. Returns, per checkpoint, the
+ * (page + k) % every == 0 to version k (generated from versionSeed, so two
+ * chains with one seed share their first image and nothing after). Returns, per checkpoint, the
  * changed pages and the full expected image of each region.
  */
-export function makeChain(seed: number, regions: { name: string; pages: number }[], checkpoints: number, every = 10): {
+export function makeChain(seed: number, regions: { name: string; pages: number }[], checkpoints: number, every = 10, versionSeed = seed): {
   changes: { region: number; index: number; bytes: Buffer | null }[][];
   images: Map<string, Buffer>[];
 } {
@@ -121,7 +122,7 @@ export function makeChain(seed: number, regions: { name: string; pages: number }
         if (k === 1) { ch.push({ region: ri, index: i, bytes: cur[ri]![i]! }); continue; }
         if ((i + k) % every === 0) {
           // Some pages go back to zero, some repeat another region's content (dedup).
-          const v = (i + k) % (every * 5) === 0 ? null : genPage(seed, ri, i, k);
+          const v = (i + k) % (every * 5) === 0 ? null : genPage(versionSeed, ri, i, k);
           cur[ri]![i] = v;
           ch.push({ region: ri, index: i, bytes: v });
         }
