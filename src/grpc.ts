@@ -10,6 +10,8 @@
  * grpc-js (which would crash the process).
  */
 import { existsSync } from 'node:fs';
+import type { Http2Session } from 'node:http2';
+import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
@@ -55,7 +57,8 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   // Large windows keep a single stream near loopback speed.
-  'grpc-node.max_session_memory': 256,
+  // The client's receive window (restores stream multi-MiB messages).
+  'grpc-node.flow_control_window': 32 * 1024 * 1024,
   'grpc.keepalive_time_ms': 30_000,
   'grpc.keepalive_timeout_ms': 20_000,
   'grpc.keepalive_permit_without_calls': 1,
@@ -66,8 +69,53 @@ export interface ServerAuth {
   token?: string | undefined;
 }
 
+/** HTTP/2 flow-control window (per stream and per connection) for large page messages. */
+export const FLOW_CONTROL_WINDOW = 32 * 1024 * 1024;
+
+/**
+ * grpc-js's server exposes no flow-control window option and leaves Node's
+ * default of 64 KiB, which caps a stream of multi-MiB messages far below
+ * loopback speed (a window update per 64 KiB). The per-stream window goes
+ * in through the server's HTTP/2 settings; the connection window is raised
+ * on each new session. Both through grpc-js internals that have been stable
+ * across 1.x; if they move, the server still works, only slower.
+ */
+function raiseServerWindows(server: grpc.Server): void {
+  const s = server as unknown as { commonServerOptions?: { settings?: Record<string, unknown> } };
+  if (s.commonServerOptions) {
+    s.commonServerOptions.settings = { ...(s.commonServerOptions.settings ?? {}), initialWindowSize: FLOW_CONTROL_WINDOW };
+  }
+}
+
+/** Called for every HTTP/2 session a server accepts (see installSessionHook). */
+function onServerSession(session: Http2Session): void {
+  try {
+    session.setLocalWindowSize(FLOW_CONTROL_WINDOW);
+  } catch {
+    // An old Node without setLocalWindowSize: keep the default window.
+  }
+}
+
+let hooked = false;
+/** Raise the connection window of every HTTP/2 server session created in this process. */
+function installSessionHook(): void {
+  if (hooked) return;
+  hooked = true;
+  const req = createRequire(import.meta.url);
+  const http2 = req('node:http2') as { createServer: (...a: unknown[]) => { on(ev: string, fn: (s: Http2Session) => void): unknown } };
+  const orig = http2.createServer;
+  http2.createServer = (...a: unknown[]) => {
+    const srv = orig(...a);
+    srv.on('session', onServerSession);
+    return srv;
+  };
+}
+
 export function createServer(): grpc.Server {
-  return new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256 });
+  installSessionHook();
+  const server = new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256 });
+  raiseServerWindows(server);
+  return server;
 }
 
 /** Bind (insecure loopback/cluster transport) and resolve with the bound port (port 0 = ephemeral). */
@@ -141,36 +189,36 @@ export function serverStream<Req, Res>(
 /**
  * Wrap an async bidirectional handler. `fn` consumes `call` (an async
  * iterable of requests: one is pulled at a time, so a slow handler slows the
- * sender through HTTP/2 flow control) and writes responses with `emit`.
- * `onEnd` runs once whatever happens (cleanup of half-done work).
+ * sender through HTTP/2 flow control) and writes responses with `emit`;
+ * `fail` ends the call with an error at once (for work running beside the
+ * request loop, which may be waiting for a message that will never come).
  */
 export function bidiStream<Req, Res>(
   auth: ServerAuth,
-  fn: (call: grpc.ServerDuplexStream<Req, Res>, emit: (msg: Res) => Promise<void>, isCancelled: () => boolean) => Promise<void>,
-  onEnd?: (call: grpc.ServerDuplexStream<Req, Res>, error: unknown) => void,
+  fn: (call: grpc.ServerDuplexStream<Req, Res>, emit: (msg: Res) => Promise<void>, fail: (e: unknown) => void) => Promise<void>,
 ): grpc.handleBidiStreamingCall<Req, Res> {
   return (call) => {
     let cancelled = false;
-    let ended = false;
-    const finish = (err: unknown): void => {
-      if (ended) return;
-      ended = true;
-      onEnd?.(call, err);
-    };
-    call.on('cancelled', () => { cancelled = true; finish(new ExaError('CANCELLED', 'the client cancelled the call')); });
+    let statusSent = false;
+    call.on('cancelled', () => { cancelled = true; });
     // A stream error from the transport (e.g. an oversized message) must not become an unhandled 'error'.
     call.on('error', () => undefined);
     const emit = async (msg: Res): Promise<void> => {
-      if (cancelled) throw new ExaError('CANCELLED', 'the client cancelled the call');
+      if (cancelled || statusSent) throw new ExaError('CANCELLED', 'the call is over');
       await writeMessage(call, msg);
+    };
+    // End the call with an error now (from work running beside the request loop).
+    const fail = (e: unknown): void => {
+      if (statusSent || cancelled) return;
+      statusSent = true;
+      call.emit('error', grpcStatusFor(e));
     };
     (async () => {
       checkAuth(call.metadata, auth);
-      await fn(call, emit, () => cancelled);
-    })().then(() => { finish(null); if (!cancelled) call.end(); }, (e: unknown) => {
-      finish(e);
-      if (!cancelled) call.emit('error', grpcStatusFor(e));
-    });
+      await fn(call, emit, fail);
+    })().then(() => {
+      if (!cancelled && !statusSent) { statusSent = true; call.end(); }
+    }, (e: unknown) => fail(e));
   };
 }
 

@@ -121,6 +121,11 @@ export interface GcMarkStore {
 
 export interface Backend extends PageStore, ManifestStore, GcMarkStore {
   readonly kind: string;
+  /**
+   * Remove page bytes that a crash left without an index entry (a backend
+   * whose page write is two steps). Called by GC phase 2; returns pages removed.
+   */
+  sweepOrphans?(): Promise<number>;
   /** Physical housekeeping after GC (LevelDB compactRange); optional work. */
   compactStorage(): Promise<void>;
   close(): Promise<void>;

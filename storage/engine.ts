@@ -227,13 +227,22 @@ export class CheckpointStore {
       for (const p of plan) {
         for (let f = p.first; f < p.first + p.count; f += chunkPages) pieces.push({ r: p.r, first: f, count: Math.min(chunkPages, p.first + p.count - f) });
       }
-      // Read one piece ahead so the backend works while the consumer sends.
-      let next = pieces.length > 0 ? this.readPiece(header, maps, pieces[0]!) : null;
-      for (let i = 0; i < pieces.length; i++) {
-        const cur = await next!;
-        next = i + 1 < pieces.length ? this.readPiece(header, maps, pieces[i + 1]!) : null;
-        // Avoid an unhandled rejection of the read-ahead if the consumer stops early.
-        next?.catch(() => undefined);
+      // Read two pieces ahead so the backend works while the consumer sends
+      // (memory: three pieces, 6 MiB at the default size).
+      const ahead: Promise<ImagePiece>[] = [];
+      let k = 0;
+      const fill = (): void => {
+        while (ahead.length < 3 && k < pieces.length) {
+          const p = this.readPiece(header, maps, pieces[k++]!);
+          // No unhandled rejection if the consumer stops early.
+          p.catch(() => undefined);
+          ahead.push(p);
+        }
+      };
+      fill();
+      while (ahead.length > 0) {
+        const cur = await ahead.shift()!;
+        fill();
         yield cur;
       }
     } finally {
@@ -437,6 +446,7 @@ export class CheckpointStore {
         scanned += batch.length;
         progress?.({ phase: 'sweep', done: scanned, total, unit: 'pages' });
       }
+      if (!opts.dryRun && this.backend.sweepOrphans) res.deletedPages += await this.backend.sweepOrphans();
       res.reclaimedBytes = res.deletedPages * PAGE_SIZE;
       return res;
     } finally {

@@ -1,9 +1,11 @@
 /**
- * The embedded backend: one LevelDB database (through `level`) holding pages,
- * manifests and GC marks.
+ * The embedded backend: two LevelDB databases (through `level`) under the
+ * data directory: `pages/` holds only page bytes, `index/` holds the hash
+ * index, manifests and GC marks.
  *
  * Key layout (keys and values are raw bytes):
- *   'D' seq(u64 BE)               -> page bytes (4096)       the page log
+ *   pages/  'D' seq(u64 BE)       -> page bytes (4096)       the page log
+ *   index/:
  *   'H' hash(32)                  -> seq(u64 BE)             hash index
  *   'M' job 0x00 ckpt(u32 BE)     -> header JSON             committed checkpoints
  *   'P' job 0x00 ckpt(u32 BE)     -> page maps (40 B/page)   their full page maps
@@ -13,17 +15,25 @@
  * Why a page log keyed by sequence number rather than pages keyed by hash:
  * hashes are random, so hash-keyed 4 KiB values make LevelDB rewrite every
  * page at each level during compaction (write amplification of 10x and more).
- * New pages get increasing sequence numbers instead, so their SST files never
- * overlap and LevelDB moves them down without rewriting; only the small hash
- * index (40 B a page) is random. The ref of a page is its sequence number, so
- * a restore reads runs of neighbouring pages with one iterator.
+ * New pages get increasing sequence numbers instead, in a database of their
+ * own (one memtable shared with the random index keys would make every level-0
+ * file span the whole key space and drag page bytes through every
+ * compaction), so their SST files never overlap and LevelDB moves them down
+ * without rewriting; only the small hash index (40 B a page) is random. The
+ * ref of a page is its sequence number, so a restore reads runs of
+ * neighbouring pages with one iterator.
  *
- * Commit: 'M', 'P' and 'J' of a checkpoint go in one write batch with
- * sync: true. LevelDB applies a batch atomically and the synced log write
- * also makes every earlier (unsynced) page write durable, as the backend
- * contract requires.
+ * Order of writes: page bytes first, then their index entries. A crash in
+ * between leaves page bytes no index entry names; GC removes them
+ * (sweepOrphans). Page writes are not synced one by one: before a manifest
+ * is written (synced), the pages database gets a synced write, so every page
+ * a manifest names is on disk first.
+ *
+ * Commit: 'M', 'P' and 'J' of a checkpoint go in one write batch of the
+ * index database with sync: true; LevelDB applies a batch atomically.
  */
 import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { Level } from 'level';
 import { ExaError, toExaError } from '../src/errors.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
@@ -33,13 +43,10 @@ import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE } from './pages.js';
 type DB = Level<Buffer, Buffer>;
 
 const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, J = 0x4a, G = 0x47;
+/** A key outside the page range of the pages database, written with sync to flush its log. */
+const SYNC_KEY = Buffer.from('Zsync');
+const PUT_CHUNK = 256;
 
-function seqKey(seq: bigint): Buffer {
-  const k = Buffer.allocUnsafe(9);
-  k[0] = D;
-  k.writeBigUInt64BE(seq, 1);
-  return k;
-}
 function refKey(ref: PageRef): Buffer {
   const k = Buffer.allocUnsafe(9);
   k[0] = D;
@@ -84,7 +91,7 @@ export class LevelBackend implements Backend {
   private readonly writeLock = new Mutex();
   private readonly manifestLock = new Mutex();
 
-  private constructor(private readonly db: DB, readonly dir: string) {}
+  private constructor(private readonly db: DB, private readonly pagesDb: DB, readonly dir: string) {}
 
   /** Open (creating the directory and database when missing). UNAVAILABLE when another process holds it. */
   static async open(dir: string, opts: LevelBackendOptions = {}): Promise<LevelBackend> {
@@ -93,28 +100,44 @@ export class LevelBackend implements Backend {
     } catch (e) {
       throw toExaError(e, `data directory ${dir}`);
     }
-    const db = new Level<Buffer, Buffer>(dir, {
-      keyEncoding: 'buffer',
-      valueEncoding: 'buffer',
+    const open = async (sub: string, o: Record<string, unknown>): Promise<DB> => {
+      const db = new Level<Buffer, Buffer>(join(dir, sub), { keyEncoding: 'buffer', valueEncoding: 'buffer', ...o });
+      try {
+        await db.open();
+      } catch (e) {
+        const cause = (e as { cause?: unknown }).cause ?? e;
+        throw toExaError(cause, `cannot open LevelDB in ${join(dir, sub)}`);
+      }
+      return db;
+    };
+    const index = await open('index', {
       cacheSize: opts.cacheSize ?? 64 * 1024 * 1024,
-      writeBufferSize: opts.writeBufferSize ?? 64 * 1024 * 1024,
-      maxFileSize: 32 * 1024 * 1024,
-      blockSize: 16 * 1024,
+      writeBufferSize: 16 * 1024 * 1024,
+      maxFileSize: 8 * 1024 * 1024,
     });
+    let pages: DB;
     try {
-      await db.open();
+      pages = await open('pages', {
+        cacheSize: 8 * 1024 * 1024,
+        writeBufferSize: opts.writeBufferSize ?? 64 * 1024 * 1024,
+        maxFileSize: 64 * 1024 * 1024,
+        blockSize: 64 * 1024,
+        // Page bytes are mostly incompressible once zero pages are dropped;
+        // Snappy's attempt on every block halved ingest throughput when measured.
+        compression: false,
+      });
     } catch (e) {
-      const cause = (e as { cause?: unknown }).cause ?? e;
-      throw toExaError(cause, `cannot open LevelDB in ${dir}`);
+      await index.close();
+      throw e;
     }
-    const b = new LevelBackend(db, dir);
+    const b = new LevelBackend(index, pages, dir);
     await b.init();
     return b;
   }
 
   private async init(): Promise<void> {
     // The next sequence number follows the last page in the log.
-    for await (const k of this.db.keys({ gte: Buffer.from([D]), lt: Buffer.from([D + 1]), reverse: true, limit: 1 })) {
+    for await (const k of this.pagesDb.keys({ gte: Buffer.from([D]), lt: Buffer.from([D + 1]), reverse: true, limit: 1 })) {
       this.nextSeq = k.readBigUInt64BE(1) + 1n;
     }
     let n = 0;
@@ -142,7 +165,8 @@ export class LevelBackend implements Backend {
     return this.writeLock.run(async () => {
       const existing = await this.lookup(pages.map((p) => p.hash));
       const refs: PageRef[] = [];
-      const ops: { type: 'put'; key: Buffer; value: Buffer }[] = [];
+      const data: { type: 'put'; key: Buffer; value: Buffer }[] = [];
+      const index: { type: 'put'; key: Buffer; value: Buffer }[] = [];
       const seen = new Map<string, PageRef>();
       for (let i = 0; i < pages.length; i++) {
         const p = pages[i]!;
@@ -150,80 +174,51 @@ export class LevelBackend implements Backend {
         if (have) { refs.push(have); continue; }
         const ref = Buffer.allocUnsafe(8);
         ref.writeBigUInt64BE(this.nextSeq++);
-        ops.push({ type: 'put', key: refKey(ref), value: p.data });
-        ops.push({ type: 'put', key: hashKeyOf(H, p.hash), value: ref });
+        data.push({ type: 'put', key: refKey(ref), value: p.data });
+        index.push({ type: 'put', key: hashKeyOf(H, p.hash), value: ref });
         seen.set(p.hash.toString('latin1'), ref);
         refs.push(ref);
       }
-      if (ops.length > 0) await this.db.batch(ops);
-      this.pages += ops.length / 2;
-      return { refs, written: ops.length / 2 };
+      if (data.length > 0) {
+        // 1 MiB batches issued together: LevelDB groups them in its write queue
+        // (one large batch measured no faster, sometimes slower).
+        const parts: Promise<void>[] = [];
+        for (let i = 0; i < data.length; i += PUT_CHUNK) parts.push(this.pagesDb.batch(data.slice(i, i + PUT_CHUNK)));
+        await Promise.all(parts);
+        await this.db.batch(index);
+      }
+      this.pages += data.length;
+      return { refs, written: data.length };
     });
   }
 
   async readPages(refs: readonly PageRef[]): Promise<(Buffer | null)[]> {
-    const out: (Buffer | null)[] = new Array(refs.length).fill(null);
-    if (refs.length === 0) return out;
-    // Sort by location; read dense runs with one iterator, the rest with getMany.
-    const order = refs.map((r, i) => ({ s: r.readBigUInt64BE(0), i }));
-    order.sort((a, b) => (a.s < b.s ? -1 : a.s > b.s ? 1 : 0));
-    const singles: { s: bigint; i: number }[] = [];
-    const runs: Promise<void>[] = [];
-    let start = 0;
-    while (start < order.length) {
-      let end = start + 1;
-      // A run tolerates small gaps (pages of other checkpoints in between).
-      while (end < order.length && order[end]!.s - order[end - 1]!.s <= 4n) end++;
-      if (end - start >= 16) {
-        const slice = order.slice(start, end);
-        runs.push(this.readRun(slice, out));
-      } else {
-        for (let k = start; k < end; k++) singles.push(order[k]!);
-      }
-      start = end;
-    }
-    if (singles.length > 0) {
-      runs.push(this.db.getMany(singles.map((x) => seqKey(x.s))).then((vals) => {
-        for (let k = 0; k < singles.length; k++) out[singles[k]!.i] = vals[k] ?? null;
-      }));
-    }
-    await Promise.all(runs);
-    return out;
-  }
-
-  private async readRun(slice: { s: bigint; i: number }[], out: (Buffer | null)[]): Promise<void> {
-    const first = slice[0]!.s, last = slice[slice.length - 1]!.s;
-    const it = this.db.iterator({ gte: seqKey(first), lte: seqKey(last) });
-    try {
-      let k = 0;
-      for (;;) {
-        const entries = await it.nextv(1024);
-        if (entries.length === 0) break;
-        for (const [key, value] of entries) {
-          const s = key.readBigUInt64BE(1);
-          while (k < slice.length && slice[k]!.s < s) k++;
-          // The same ref may be requested several times (a page repeated in an image).
-          while (k < slice.length && slice[k]!.s === s) { out[slice[k]!.i] = value; k++; }
-        }
-      }
-    } finally {
-      await it.close();
-    }
+    if (refs.length === 0) return [];
+    // Point reads in key order, split in two so two pool threads share the
+    // work. (Measured here: getMany of 4 KiB values reads 600-800 MiB/s, an
+    // iterator over the same keys 150-370 MiB/s.)
+    const keys = refs.map((r) => refKey(r));
+    const half = keys.length >= 256 ? keys.length >> 1 : keys.length;
+    const parts = await Promise.all([this.pagesDb.getMany(keys.slice(0, half)), half < keys.length ? this.pagesDb.getMany(keys.slice(half)) : Promise.resolve([])]);
+    return [...parts[0]!, ...parts[1]!].map((v) => v ?? null);
   }
 
   deletePages(pages: readonly StoredPage[]): Promise<number> {
     return this.writeLock.run(async () => {
       if (pages.length === 0) return 0;
       const current = await this.lookup(pages.map((p) => p.hash));
-      const ops: { type: 'del'; key: Buffer }[] = [];
+      const data: { type: 'del'; key: Buffer }[] = [];
+      const index: { type: 'del'; key: Buffer }[] = [];
       let removed = 0;
       for (let i = 0; i < pages.length; i++) {
         const p = pages[i]!;
-        ops.push({ type: 'del', key: refKey(p.ref) });
+        data.push({ type: 'del', key: refKey(p.ref) });
         const cur = current[i];
-        if (cur && cur.equals(p.ref)) { ops.push({ type: 'del', key: hashKeyOf(H, p.hash) }); removed++; }
+        if (cur && cur.equals(p.ref)) { index.push({ type: 'del', key: hashKeyOf(H, p.hash) }); removed++; }
       }
-      await this.db.batch(ops);
+      // Index first: a crash in between leaves unindexed bytes, which sweepOrphans removes.
+      await this.db.batch(index);
+      await this.pagesDb.batch(data);
       this.pages -= removed;
       return removed;
     });
@@ -262,6 +257,8 @@ export class LevelBackend implements Backend {
       }
       const num = Buffer.allocUnsafe(4);
       num.writeUInt32BE(header.checkpoint);
+      // Every page this manifest names must be on disk before the manifest.
+      await this.pagesDb.put(SYNC_KEY, Buffer.alloc(0), { sync: true });
       await this.db.batch([
         { type: 'put', key: ckptKey(P, header.job, header.checkpoint), value: Buffer.concat(maps) },
         { type: 'put', key: ckptKey(M, header.job, header.checkpoint), value: Buffer.from(JSON.stringify(header)) },
@@ -351,11 +348,36 @@ export class LevelBackend implements Backend {
   }
 
   async compactStorage(): Promise<void> {
-    await (this.db as unknown as { compactRange(a: Buffer, b: Buffer): Promise<void> }).compactRange(Buffer.from([0]), Buffer.from([0xff]));
+    for (const db of [this.db, this.pagesDb]) {
+      await (db as unknown as { compactRange(a: Buffer, b: Buffer): Promise<void> }).compactRange(Buffer.from([0]), Buffer.from([0xff]));
+    }
+  }
+
+  /**
+   * Remove page bytes that no index entry names (left by a crash between the
+   * two writes of putPages). Runs under the write lock, so no putPages is
+   * between its two writes. Returns the number of pages removed.
+   */
+  sweepOrphans(): Promise<number> {
+    return this.writeLock.run(async () => {
+      const indexed = new Set<bigint>();
+      for await (const v of this.db.values({ gte: Buffer.from([H]), lt: Buffer.from([H + 1]) })) indexed.add(v.readBigUInt64BE(0));
+      let removed = 0;
+      let ops: { type: 'del'; key: Buffer }[] = [];
+      for await (const k of this.pagesDb.keys({ gte: Buffer.from([D]), lt: Buffer.from([D + 1]) })) {
+        if (indexed.has(k.readBigUInt64BE(1))) continue;
+        ops.push({ type: 'del', key: k });
+        removed++;
+        if (ops.length >= 4096) { await this.pagesDb.batch(ops); ops = []; }
+      }
+      if (ops.length > 0) await this.pagesDb.batch(ops);
+      return removed;
+    });
   }
 
   async close(): Promise<void> {
     await this.db.close();
+    await this.pagesDb.close();
   }
 }
 

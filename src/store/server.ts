@@ -33,9 +33,13 @@ function throttled(send: (p: Progress) => void): (p: ProgressEvent) => void {
 /** The Store service implementation for one engine. */
 export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHandlers {
   return {
-    PutCheckpoint: bidiStream<PutRequest__Output, PutResponse>(auth, async (call, emit) => {
+    PutCheckpoint: bidiStream<PutRequest__Output, PutResponse>(auth, async (call, emit, fail) => {
       let session: PutSession | null = null;
       let committed = false;
+      // Page writes run beside the request loop (at most 2), so LevelDB writes
+      // batch i while this thread checks the hashes of batch i+1.
+      const writes: Promise<void>[] = [];
+      let writeError: unknown = null;
       // A cancelled call never finishes its iteration: abort the upload from the event.
       call.on('cancelled', () => session?.abort());
       try {
@@ -58,12 +62,17 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
             case 'data': {
               if (!session) throw new ExaError('INVALID_ARGUMENT', 'data before begin');
               const d = req.data!;
-              const n = await session.supplyData(d.batch, d.data);
-              await emit({ stored: { batch: d.batch, pages: n } });
+              if (writeError) throw writeError;
+              const s = session;
+              const w = s.supplyData(d.batch, d.data).then((n) => emit({ stored: { batch: d.batch, pages: n } }));
+              w.catch((e: unknown) => { writeError ??= e; s.abort(); fail(e); });
+              writes.push(w);
+              while (writes.length >= 2) await writes.shift();
               break;
             }
             case 'commit': {
               if (!session) throw new ExaError('INVALID_ARGUMENT', 'commit before begin');
+              await Promise.all(writes);
               const header = await session.commit();
               committed = true;
               await emit({ committed: headerToInfo(header) });

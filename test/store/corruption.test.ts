@@ -4,6 +4,7 @@
  * region and page; other checkpoints and ranges stay readable.
  */
 import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
 import { Level } from 'level';
 import { afterEach, describe, expect, it } from 'vitest';
 import { StoreClient } from '../../src/store/client.js';
@@ -27,7 +28,7 @@ describe('store corruption', () => {
 
     // Flip one byte of the stored copy of halo page 123, straight in LevelDB.
     const target = img.page(1, 123);
-    const db = new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    const db = new Level<Buffer, Buffer>(join(dir, 'pages'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
     await db.open();
     let flipped = false;
     for await (const [k, v] of db.iterator({ gte: Buffer.from('D'), lt: Buffer.from('E') })) {

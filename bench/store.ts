@@ -1,0 +1,286 @@
+/**
+ * Benchmark `store`: the checkpoint store over loopback gRPC into LevelDB
+ * (server = a separate `exastore serve` process), side by side with restic
+ * on the same data.
+ *
+ *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic]
+ *
+ * Figures:
+ *  - ingest_unique_mbps: a full checkpoint of never-seen pages. The producer
+ *    hands batches with their SHA-256 already computed, as the checkpointer
+ *    does (it hashes off the JS thread); the store still re-hashes every page
+ *    it receives. ingest_unique_client_hash_mbps: the same with the client
+ *    library hashing.
+ *  - ingest_dedup_mbps: the same image again under another job (every page
+ *    already present: only hashes travel).
+ *  - restore_mbps: GetImage of the full image, consumed by the client.
+ *  - restore_chain100_vs_chain1: restore time of checkpoint 100 of a chain of
+ *    1% increments over restore time of checkpoint 1 (median of 3 each).
+ *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
+ *    at random; exastore gets the dirty pages (what the checkpointer sends),
+ *    restic backs up the file. Ratios are exastore / restic.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createCipheriv, createHash, hash as oneShotHash } from 'node:crypto';
+import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readdirSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { StoreClient, type PageBatch } from '../src/store/client.js';
+
+const PAGE = 4096;
+const HERE = dirname(fileURLToPath(import.meta.url));
+const EXASTORE = join(HERE, '..', 'src', 'cli', 'exastore.js');
+
+function arg(args: string[], name: string, def: number): number {
+  const i = args.indexOf(name);
+  return i >= 0 && args[i + 1] ? Number(args[i + 1]) : def;
+}
+
+/** Deterministic pseudo-random bytes (AES-CTR keystream of a seed). */
+function genBytes(seed: string, n: number): Buffer {
+  const k = createHash('sha256').update(seed).digest();
+  return createCipheriv('aes-128-ctr', k.subarray(0, 16), k.subarray(16, 32)).update(Buffer.alloc(n));
+}
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Batches over the given page indexes of one region, hashes precomputed (as the checkpointer delivers them). */
+function makeBatches(img: Buffer, pages: number[], batchPages: number, withHashes: boolean): PageBatch[] {
+  const out: PageBatch[] = [];
+  for (let s = 0; s < pages.length; s += batchPages) {
+    const part = pages.slice(s, s + batchPages);
+    const contiguous = part.every((p, i) => p === part[0]! + i);
+    const data = contiguous ? img.subarray(part[0]! * PAGE, (part[part.length - 1]! + 1) * PAGE) : Buffer.concat(part.map((p) => img.subarray(p * PAGE, (p + 1) * PAGE)));
+    const b: PageBatch = { region: new Array<number>(part.length).fill(0), index: part, data };
+    if (withHashes) {
+      const hashes = Buffer.allocUnsafe(part.length * 32);
+      for (let i = 0; i < part.length; i++) (oneShotHash('sha256', data.subarray(i * PAGE, (i + 1) * PAGE), 'buffer') as unknown as Buffer).copy(hashes, i * 32);
+      b.hashes = hashes;
+    }
+    out.push(b);
+  }
+  return out;
+}
+
+async function startServer(dir: string, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
+  const proc = spawn(process.execPath, [EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  proc.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
+  const t0 = Date.now();
+  while (!/listening on (\S+)/.test(out)) {
+    if (proc.exitCode !== null || Date.now() - t0 > 20_000) throw new Error(`exastore did not start: ${out}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const address = /listening on (\S+)/.exec(out)![1]!;
+  log(`exastore serving ${dir} on ${address}`);
+  return { proc, address };
+}
+
+async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: string | null): Promise<number> {
+  const fd = file ? openSync(file, 'w') : -1;
+  let bytes = 0;
+  try {
+    for await (const item of c.getImage({ job, checkpoint })) {
+      if ('info' in item) continue;
+      if (fd >= 0) writeSync(fd, item.data, 0, item.data.length, item.firstPage * PAGE);
+      bytes += item.data.length;
+    }
+  } finally {
+    if (fd >= 0) closeSync(fd);
+  }
+  return bytes;
+}
+
+function timeIt<T>(fn: () => Promise<T>): Promise<{ s: number; v: T }> {
+  const t0 = process.hrtime.bigint();
+  return fn().then((v) => ({ s: Number(process.hrtime.bigint() - t0) / 1e9, v }));
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)]!;
+}
+
+function duBytes(dir: string): number {
+  let total = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    total += e.isDirectory() ? duBytes(p) : statSync(p).size;
+  }
+  return total;
+}
+
+function ensureRestic(log: (l: string) => void): string {
+  const which = spawnSync('sh', ['-c', 'command -v restic'], { encoding: 'utf8' });
+  if (which.status === 0) return which.stdout.trim();
+  log('restic missing: apt-get install -y restic');
+  let r = spawnSync('apt-get', ['install', '-y', 'restic'], { stdio: 'ignore' });
+  if (r.status !== 0) {
+    spawnSync('apt-get', ['update'], { stdio: 'ignore' });
+    r = spawnSync('apt-get', ['install', '-y', 'restic'], { stdio: 'ignore' });
+  }
+  const again = spawnSync('sh', ['-c', 'command -v restic'], { encoding: 'utf8' });
+  if (again.status !== 0) throw new Error('cannot install restic (apt-get install -y restic failed)');
+  return again.stdout.trim();
+}
+
+export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
+  const mib = arg(args, '--mib', 1024);
+  const chainMib = arg(args, '--chain-mib', 128);
+  const noRestic = args.includes('--no-restic');
+  const batchPages = arg(args, '--batch-pages', 2048);
+  const pages = (mib * 1024 * 1024) / PAGE;
+  const work = mkdtempSync(join(tmpdir(), 'exa-bench-store-'));
+  const figures: Record<string, unknown> = { image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };
+  let server: { proc: ChildProcess; address: string } | null = null;
+  try {
+    server = await startServer(join(work, 'data'), log);
+    const c = await StoreClient.connect(server.address);
+    const regions = [{ name: 'mem', pageCount: pages, address: '', flags: 0 }];
+    log(`generating a ${mib} MiB image`);
+    const img = genBytes('bench/store/base', pages * PAGE);
+    const all = [...Array(pages).keys()];
+
+    // ---- ingest, unique pages ----
+    let batches = makeBatches(img, all, batchPages, true);
+    const u = await timeIt(() => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
+    figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
+    log(`ingest unique: ${mib} MiB in ${u.s.toFixed(2)} s = ${(mib / u.s).toFixed(0)} MiB/s`);
+
+    // ---- ingest, everything already stored ----
+    const d = await timeIt(() => c.putCheckpoint({ job: 'bench-dedup', parent: 0, regions }, batches));
+    figures.ingest_dedup_mbps = +(mib / d.s).toFixed(1);
+    if (d.v.newPages !== 0) throw new Error(`dedup ingest stored ${d.v.newPages} pages`);
+    log(`ingest dedup: ${mib} MiB in ${d.s.toFixed(2)} s = ${(mib / d.s).toFixed(0)} MiB/s`);
+    batches = [];
+
+    // ---- ingest with the client library hashing ----
+    const img2 = genBytes('bench/store/base2', pages * PAGE);
+    const h = await timeIt(() => c.putCheckpoint({ job: 'bench-unique-2', parent: 0, regions }, makeBatches(img2, all, batchPages, false)));
+    figures.ingest_unique_client_hash_mbps = +(mib / h.s).toFixed(1);
+    log(`ingest unique, client hashing: ${(mib / h.s).toFixed(0)} MiB/s`);
+
+    // ---- restore ----
+    const rs: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await timeIt(() => restoreTo(c, 'bench-unique', 1, null));
+      if (r.v !== pages * PAGE) throw new Error(`restore returned ${r.v} bytes`);
+      rs.push(r.s);
+    }
+    figures.restore_mbps = +(mib / median(rs)).toFixed(1);
+    log(`restore: ${mib} MiB in ${median(rs).toFixed(2)} s (median of 3) = ${(mib / median(rs)).toFixed(0)} MiB/s`);
+
+    // ---- chain of 100 ----
+    const cpages = (chainMib * 1024 * 1024) / PAGE;
+    const cregions = [{ name: 'mem', pageCount: cpages, address: '', flags: 0 }];
+    const cimg = genBytes('bench/store/chain', cpages * PAGE);
+    const rand = rng(1);
+    let parent = (await c.putCheckpoint({ job: 'bench-chain', parent: 0, regions: cregions }, makeBatches(cimg, [...Array(cpages).keys()], batchPages, true))).checkpoint;
+    log(`chain: 99 increments of 1% over ${chainMib} MiB`);
+    for (let k = 2; k <= 100; k++) {
+      const dirty = new Set<number>();
+      while (dirty.size < cpages / 100) dirty.add(Math.floor(rand() * cpages));
+      const list = [...dirty].sort((a, b) => a - b);
+      for (const p of list) genBytes(`chain/${k}/${p}`, PAGE).copy(cimg, p * PAGE);
+      parent = (await c.putCheckpoint({ job: 'bench-chain', parent, regions: cregions }, makeBatches(cimg, list, batchPages, true))).checkpoint;
+    }
+    const t1: number[] = [], t100: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      t1.push((await timeIt(() => restoreTo(c, 'bench-chain', 1, null))).s);
+      t100.push((await timeIt(() => restoreTo(c, 'bench-chain', parent, null))).s);
+    }
+    figures.restore_chain1_s = +median(t1).toFixed(3);
+    figures.restore_chain100_s = +median(t100).toFixed(3);
+    figures.restore_chain100_vs_chain1 = +(median(t100) / median(t1)).toFixed(3);
+    log(`chain restore: #1 ${median(t1).toFixed(3)} s, #100 ${median(t100).toFixed(3)} s`);
+    c.close();
+
+    // ---- side by side with restic ----
+    if (!noRestic) {
+      const restic = ensureRestic(log);
+      figures.restic_version = execFileSync(restic, ['version'], { encoding: 'utf8' }).trim();
+      const file = join(work, 'image.bin');
+      const repo = join(work, 'restic-repo');
+      const env = { ...process.env, RESTIC_PASSWORD: 'bench', RESTIC_REPOSITORY: repo, RESTIC_CACHE_DIR: join(work, 'restic-cache') };
+      execFileSync(restic, ['init', '--quiet'], { env });
+      // A fresh store for exastore's side, so stored bytes count only this data.
+      const s2 = await startServer(join(work, 'data-vs-restic'), log);
+      const c2 = await StoreClient.connect(s2.address);
+      const rimg = genBytes('bench/store/restic', pages * PAGE);
+      writeFileSync(file, rimg);
+      let exaIngest = 0, resticIngest = 0;
+      const rr = rng(99);
+      let p2 = 0;
+      for (let k = 0; k <= 10; k++) {
+        let list: number[];
+        if (k === 0) list = all;
+        else {
+          const dirty = new Set<number>();
+          while (dirty.size < pages / 100) dirty.add(Math.floor(rr() * pages));
+          list = [...dirty].sort((a, b) => a - b);
+          const fd = openSync(file, 'r+');
+          for (const p of list) {
+            const page = genBytes(`restic/${k}/${p}`, PAGE);
+            page.copy(rimg, p * PAGE);
+            writeSync(fd, page, 0, PAGE, p * PAGE);
+          }
+          closeSync(fd);
+        }
+        // exastore: the dirty pages, hashed by the producer (the checkpointer) as in ingest_unique.
+        const b = makeBatches(rimg, list, batchPages, true);
+        const e = await timeIt(() => c2.putCheckpoint({ job: 'vs-restic', parent: p2, regions }, b));
+        p2 = e.v.checkpoint;
+        exaIngest += e.s;
+        const r = await timeIt(async () => { execFileSync(restic, ['backup', '--quiet', '--no-scan', file], { env, cwd: work }); });
+        resticIngest += r.s;
+        log(`increment ${k}: exastore ${e.s.toFixed(2)} s, restic ${r.s.toFixed(2)} s`);
+      }
+      const exaStored = (await c2.stat()).storedBytes + (await c2.stat()).metadataBytes;
+      c2.close();
+      s2.proc.kill('SIGTERM');
+      await new Promise((r) => s2.proc.once('exit', r));
+      const exaDisk = duBytes(join(work, 'data-vs-restic'));
+      const resticStored = duBytes(repo);
+      // Restore the latest checkpoint / snapshot to a file.
+      const s3 = await startServer(join(work, 'data-vs-restic'), log);
+      const c3 = await StoreClient.connect(s3.address);
+      const out1 = join(work, 'restore-exa.bin');
+      const er = await timeIt(() => restoreTo(c3, 'vs-restic', p2, out1));
+      c3.close();
+      s3.proc.kill('SIGTERM');
+      await new Promise((r) => s3.proc.once('exit', r));
+      const target = join(work, 'restore-restic');
+      const rres = await timeIt(async () => { execFileSync(restic, ['restore', 'latest', '--quiet', '--target', target], { env }); });
+      const restoredFile = join(target, file);
+      if (!existsSync(restoredFile)) throw new Error(`restic restore produced no ${restoredFile}`);
+      // Both restored images must equal the current file.
+      const check = (f: string): boolean => createHash('sha256').update(spawnSync('cat', [f], { maxBuffer: 2 * pages * PAGE }).stdout).digest().equals(createHash('sha256').update(rimg).digest());
+      if (!check(out1)) throw new Error('exastore restore differs from the image');
+      if (!check(restoredFile)) throw new Error('restic restore differs from the image');
+      figures.exastore_stored_bytes = exaStored;
+      figures.exastore_disk_bytes = exaDisk;
+      figures.restic_stored_bytes = resticStored;
+      figures.exastore_ingest_s = +exaIngest.toFixed(2);
+      figures.restic_ingest_s = +resticIngest.toFixed(2);
+      figures.exastore_restore_s = +er.s.toFixed(2);
+      figures.restic_restore_s = +rres.s.toFixed(2);
+      figures.stored_bytes_ratio_vs_restic = +(exaDisk / resticStored).toFixed(3);
+      figures.ingest_time_ratio_vs_restic = +(exaIngest / resticIngest).toFixed(3);
+      figures.restore_time_ratio_vs_restic = +(er.s / rres.s).toFixed(3);
+    }
+    return figures;
+  } finally {
+    if (server) { server.proc.kill('SIGTERM'); await new Promise((r) => server!.proc.once('exit', r)); }
+    rmSync(work, { recursive: true, force: true });
+  }
+}
