@@ -388,7 +388,12 @@ class Job {
       uint8_t s = d.first->state[d.second];
       if (s == PAGE_SAVED || s == PAGE_WRITTEN) {
         to_written(*d.first, d.second);
-        uffd_wp(uffd_sync, d.first->addr + d.second * kPage, kPage, false);
+        uint64_t a = d.first->addr + d.second * kPage;
+        if (uffd_wp(uffd_sync, a, kPage, false) != 0) {
+          /* the range is gone (region freed meanwhile): still wake the writer */
+          struct uffdio_range wr {a, kPage};
+          ioctl(uffd_sync, UFFDIO_WAKE, &wr);
+        }
       } else {
         deferred[k++] = d;
       }
@@ -1418,17 +1423,16 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
       memcpy(&m, pl, sizeof m);
       if (!valid_name(m.name, sizeof m.name)) return protocol_error(hdr.seq, "REGION_FREE: bad name");
       std::lock_guard<std::mutex> g(j.mu);
-      if (j.busy) {
-        send_reply(c.fd, hdr.seq, -EBUSY, "job " + j.id + ": region \"" + m.name + "\" cannot be freed while a checkpoint is running");
-        return;
-      }
       auto it = std::find_if(j.regions.begin(), j.regions.end(), [&](auto &r) { return r->name == m.name; });
       if (it == j.regions.end()) {
         send_reply(c.fd, hdr.seq, -ENOENT, "job " + j.id + ": no region \"" + m.name + "\"");
         return;
       }
       Region &r = **it;
-      uffd_unregister(r.reg == Region::REG_SYNC ? j.uffd_sync : j.uffd_async, r.addr, r.size);
+      /* During a save the running session keeps the region (its own mapping and memfd) and finishes
+       * it with the pause-time content; unregistering now would wake writers blocked on pages being
+       * saved, so the workload's munmap drops the registration instead. */
+      if (!j.busy) uffd_unregister(r.reg == Region::REG_SYNC ? j.uffd_sync : j.uffd_async, r.addr, r.size);
       j.regions.erase(it);
       send_reply(c.fd, hdr.seq, 0, "");
       return;

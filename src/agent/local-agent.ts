@@ -13,10 +13,10 @@
  * acknowledgement before pulling the next) and commits when `result` resolves.
  *
  * Events: 'attached' (JobInfo), 'detached' (job id), 'log' (line),
- * 'checkpoint-request' (job id): a workload called exa_checkpoint(); a listener
- * must call checkpoint(job) (the workload's call returns at the end of the
- * pause) or declineCheckpointRequest(job). With no listener the request is
- * declined at once, so the workload never hangs.
+ * 'checkpoint-request' (job id, informational). App-initiated checkpoints
+ * (exa_checkpoint() in the workload) are taken by the agent itself and handed
+ * to options.onAppCheckpoint; without that option, or if the checkpoint
+ * fails, the workload's call fails with the reason: it never hangs.
  */
 import { EventEmitter } from 'node:events';
 import { ExaError } from '../errors.js';
@@ -35,6 +35,15 @@ export interface LocalAgentOptions {
   shadowBudgetBytes?: number;
   /** chmod of the socket file (default 0o600). */
   socketMode?: number;
+  /**
+   * Consumer of app-initiated checkpoints (a workload called exa_checkpoint()).
+   * The agent waits until no checkpoint of that job runs, takes one (the
+   * workload's call returns at the end of its pause) and hands it here; the
+   * consumer must drain it. Without it such requests are declined at once.
+   */
+  onAppCheckpoint?: (ckpt: Checkpoint) => Promise<void> | void;
+  /** Options for app-initiated checkpoints. */
+  appCheckpointOptions?: NativeCkptOptions;
 }
 
 /** One page of a batch, decoded (see PageBatch for the packed form). */
@@ -122,8 +131,12 @@ export class Checkpoint implements AsyncIterable<PageBatch> {
 export class LocalAgent extends EventEmitter {
   private handle: AgentHandle | null;
   private readonly running = new Set<Checkpoint>();
+  /** Per job: settles when its running checkpoint (if any) has finished. */
+  private readonly idle = new Map<string, Promise<unknown>>();
+  /** Per job: app-initiated requests are served one after the other. */
+  private readonly appChain = new Map<string, Promise<void>>();
 
-  private constructor(readonly socketPath: string, opts: LocalAgentOptions) {
+  private constructor(readonly socketPath: string, private readonly opts: LocalAgentOptions) {
     super();
     this.handle = native.agentOpen(
       { socketPath: opts.socketPath, allowUids: opts.allowUids ?? [], shadowBudgetBytes: opts.shadowBudgetBytes ?? 256 * 2 ** 20, socketMode: opts.socketMode ?? 0o600 },
@@ -145,11 +158,8 @@ export class LocalAgent extends EventEmitter {
         this.emit('detached', ev.job);
         break;
       case 'checkpoint-request':
-        if (this.listenerCount('checkpoint-request') === 0) {
-          this.declineCheckpointRequest(ev.job, 'this agent takes no app-initiated checkpoints (no handler)');
-        } else {
-          this.emit('checkpoint-request', ev.job);
-        }
+        this.emit('checkpoint-request', ev.job);
+        this.serveAppRequest(ev.job);
         break;
       case 'log':
         if (this.listenerCount('log') > 0) this.emit('log', ev.text);
@@ -211,8 +221,39 @@ export class LocalAgent extends EventEmitter {
     }
     const c = new Checkpoint(job, session);
     this.running.add(c);
-    c.result.finally(() => this.running.delete(c)).catch(() => undefined);
+    this.idle.set(job, c.result);
+    c.result.finally(() => {
+      this.running.delete(c);
+      if (this.idle.get(job) === c.result) this.idle.delete(job);
+    }).catch(() => undefined);
     return c;
+  }
+
+  /** Settles when no checkpoint of `job` is running (never rejects). */
+  whenIdle(job: string): Promise<void> {
+    return (this.idle.get(job) ?? Promise.resolve()).then(() => undefined, () => undefined);
+  }
+
+  private serveAppRequest(job: string): void {
+    const consume = this.opts.onAppCheckpoint;
+    if (!consume) {
+      this.declineCheckpointRequest(job, 'this agent takes no app-initiated checkpoints (no consumer)');
+      return;
+    }
+    const prev = this.appChain.get(job) ?? Promise.resolve();
+    const next = prev.then(async () => {
+      try {
+        await this.whenIdle(job);
+        const c = await this.checkpoint(job, this.opts.appCheckpointOptions ?? {});
+        await consume(c);
+      } catch (e) {
+        // the workload must never stay blocked in exa_checkpoint(): answer with the reason
+        this.declineCheckpointRequest(job, `checkpoint of job ${job} failed: ${(e as Error).message}`);
+        if (this.listenerCount('log') > 0) this.emit('log', `agent: app-initiated checkpoint of job ${job} failed: ${(e as Error).message}`);
+      }
+    });
+    this.appChain.set(job, next);
+    void next.finally(() => { if (this.appChain.get(job) === next) this.appChain.delete(job); });
   }
 
   /** Answer a job's pending exa_checkpoint() calls with an error. */

@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { CheckpointOptions, CheckpointStats, LocalAgent } from '../../src/agent/local-agent.js';
-import { PAGE, WorkloadProc, apply, drain, firstDiff, killAll, removeTempDirs, startAgent, type ImagePage } from './helpers.js';
+import { PAGE, WorkloadProc, apply, drain, firstDiff, killAll, removeTempDirs, startAgent, until, type ImagePage } from './helpers.js';
 
 const PAGES = 1024;
 let agent: LocalAgent | null = null;
@@ -27,18 +27,19 @@ afterEach(async () => {
 
 describe('snapshot consistency under load', () => {
   it('every image equals the reference copy taken at the pause instant while 3 writer threads run', async () => {
-    const a = startAgent();
-    agent = a.agent;
     const job = 'load';
-    let nextOpts: CheckpointOptions = {};
+    const appOpts: CheckpointOptions = { batchBytes: 16 * PAGE, queueDepth: 1 };
     const results: Promise<{ pages: Map<string, ImagePage>; stats: CheckpointStats }>[] = [];
-    a.agent.on('checkpoint-request', (j: string) => {
-      results.push(
-        a.agent.checkpoint(j, { ...nextOpts, batchBytes: 16 * PAGE, queueDepth: 1 }).then(async (c) => ({
-          pages: await drain(c, 1), stats: await c.result,
-        })),
-      );
+    const a = startAgent({
+      appCheckpointOptions: appOpts,
+      // a slow consumer (small batches, 1 ms each) keeps the save window open while the writers run
+      onAppCheckpoint: (c) => {
+        const r = (async () => ({ pages: await drain(c, 1), stats: await c.result }))();
+        results.push(r);
+        return r.then(() => undefined);
+      },
     });
+    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, job);
     await w.ok('attach');
     await w.ok(`alloc r ${PAGES}`);
@@ -49,10 +50,11 @@ describe('snapshot consistency under load', () => {
     const modes: CheckpointOptions['mode'][] = ['sync', 'auto', 'sync', 'auto', 'sync'];
     let faults = 0;
     for (let k = 0; k < modes.length; k++) {
-      nextOpts = { mode: modes[k] };
+      appOpts.mode = modes[k];
       const ref = join(a.dir, `ref-${k}.bin`);
       await w.ok(`snap r ${ref}`);
-      const { pages, stats } = await results[results.length - 1]!;
+      await until(() => results.length === k + 1, 'the agent took the checkpoint');
+      const { pages, stats } = await results[k]!;
       faults += stats.faults.reduce((x, y) => x + y, 0);
       apply(image, pages, sizes);
       const d = firstDiff(image.get('r')!, readFileSync(ref));
