@@ -1,3 +1,4 @@
+// Types for the s3rver dev dependency (a real S3 server on loopback), used by bench/s3.ts and test/s3/.
 declare module 's3rver' {
   import type { Server } from 'node:http';
   interface S3rverOptions {

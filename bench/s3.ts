@@ -1,0 +1,160 @@
+/**
+ * Benchmark `s3`: the S3 pack-file backend against a real S3 server (s3rver,
+ * in a child process) on loopback, everything in one run so the ratios are
+ * side by side.
+ *
+ *   npm run bench -- s3 [--json] [--mib 512] [--pack-mib 32] [--concurrency 8] [--rounds 3]
+ *
+ * Figures:
+ *  - puts_per_gib: S3 write requests (PUT, multipart create/part/complete,
+ *    every retry included) per GiB of unique page data ingested as one
+ *    checkpoint (target <= 80);
+ *  - restore_mbps: the parallel out-of-order restore (storage/s3/restore.ts)
+ *    of that checkpoint by a fresh backend with an empty cache, every page
+ *    hash-checked (MB = 10^6 bytes);
+ *  - raw_get_mbps: plain parallel range GETs of the same bytes (every pack's
+ *    pages, in the restore's 8 MiB ranges, same parallelism) from the same
+ *    server with the same client settings, no hashing;
+ *  - restore_vs_raw = restore_mbps / raw_get_mbps (target >= 0.8);
+ *  - ingest_mbps and ordered_restore_mbps (the engine's in-order readImage,
+ *    what GetImage streams) for context.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { CheckpointStore } from '../storage/engine.js';
+import { HASH_BYTES, PAGE_SIZE, sha256 } from '../storage/pages.js';
+import { S3Backend } from '../storage/s3/backend.js';
+import { parsePackKey } from '../storage/s3/format.js';
+import { restoreCheckpoint } from '../storage/s3/restore.js';
+
+/**
+ * s3rver in its own process, as an S3 server is in real life: in this
+ * process it would share the event loop with the client being measured.
+ */
+async function startS3rverProcess(directory: string, bucket: string): Promise<{ child: ChildProcess; port: number }> {
+  const script = `const S3rver = require('s3rver');
+new S3rver({ address: '127.0.0.1', port: 0, silent: true, directory: ${JSON.stringify(directory)}, configureBuckets: [{ name: ${JSON.stringify(bucket)} }] })
+  .run().then((a) => console.log('PORT ' + a.port), (e) => { console.error(e); process.exit(1); });`;
+  const child = spawn(process.execPath, ['-e', script], { cwd: process.cwd(), stdio: ['ignore', 'pipe', 'inherit'] });
+  const port = await new Promise<number>((resolve, reject) => {
+    const rl = createInterface({ input: child.stdout! });
+    rl.on('line', (l) => { const m = /^PORT (\d+)$/.exec(l); if (m) resolve(Number(m[1])); });
+    child.once('exit', (code) => reject(new Error(`s3rver exited with code ${code}`)));
+  });
+  return { child, port };
+}
+
+function arg(args: string[], name: string, def: number): number {
+  const i = args.indexOf(name);
+  if (i < 0) return def;
+  const v = Number(args[i + 1]);
+  if (!Number.isFinite(v) || v <= 0) throw new Error(`${name} needs a positive number`);
+  return v;
+}
+
+export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
+  const mib = arg(args, '--mib', 512);
+  const packMiB = arg(args, '--pack-mib', 32);
+  const concurrency = arg(args, '--concurrency', 8);
+  const dir = mkdtempSync(join(tmpdir(), 'exa-bench-s3-'));
+  const { child: server, port } = await startS3rverProcess(join(dir, 's3'), 'bench');
+  const endpoint = `http://127.0.0.1:${port}`;
+  const base = { url: 's3://bench/exa', endpoint, accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER', packBytes: packMiB * 2 ** 20, readConcurrency: concurrency };
+  try {
+    const pages = Math.floor((mib * 2 ** 20) / PAGE_SIZE);
+    const regions = [{ name: 'mem', pageCount: pages, address: '', flags: 0 }];
+    log(`s3 bench: ${mib} MiB of unique pages, ${packMiB} MiB packs, s3rver at ${endpoint}`);
+
+    // Ingest one checkpoint of unique pages straight through the engine.
+    const store = new CheckpointStore(await S3Backend.open({ ...base, cacheDir: join(dir, 'cache1') }));
+    const w = store.backend as S3Backend;
+    const putsBefore = w.counters.put;
+    const t0 = performance.now();
+    const s = await store.beginPut({ job: 'bench', parent: 0, regions });
+    const batch = 1024;
+    for (let first = 0, b = 0; first < pages; first += batch, b++) {
+      const n = Math.min(batch, pages - first);
+      const data = randomBytes(n * PAGE_SIZE);
+      const hashes = Buffer.allocUnsafe(n * HASH_BYTES);
+      for (let i = 0; i < n; i++) sha256(data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE)).copy(hashes, i * HASH_BYTES);
+      const want = await s.offerHashes({ batch: b, region: new Array(n).fill(0), index: Array.from({ length: n }, (_, i) => first + i), hashes });
+      if (want.length !== n) throw new Error('unique pages were not all wanted');
+      await s.supplyData(b, data);
+    }
+    await s.commit();
+    const ingestS = (performance.now() - t0) / 1000;
+    const puts = w.counters.put - putsBefore;
+    const bytes = pages * PAGE_SIZE;
+    await store.close();
+    log(`ingest: ${puts} write requests, ${(bytes / 1e6 / ingestS).toFixed(0)} MB/s`);
+
+    // Parallel restore by a fresh backend with an empty cache, and plain parallel GETs of
+    // the same bytes (the page area of every pack, in the same 8 MiB ranges and with the
+    // same parallelism; no hashing, no bookkeeping), interleaved over `rounds` rounds so
+    // that neither side always runs first on this shared, noisy machine; medians reported.
+    const rounds = arg(args, '--rounds', 3);
+    const restoreRuns: number[] = [], rawRuns: number[] = [];
+    for (let round = 0; round < rounds; round++) {
+      const r = await S3Backend.open({ ...base, cacheDir: join(dir, `cache-r${round}`) });
+      try {
+        let check = 0;
+        const t1 = performance.now();
+        const res = await restoreCheckpoint(r, 'bench', 1, { write: (_r, _p, d) => { check ^= d[0]!; } }, { concurrency, chunkPages: 2048 });
+        const restoreS = (performance.now() - t1) / 1000;
+        if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
+        restoreRuns.push(bytes / 1e6 / restoreS);
+        const packs = (await r.io.list('packs/')).filter((o) => parsePackKey(o.key));
+        const ranges: { key: string; start: number; end: number }[] = [];
+        for (const o of packs) {
+          const pageBytes = Math.floor(o.size / (PAGE_SIZE + HASH_BYTES)) * PAGE_SIZE;
+          for (let off = 0; off < pageBytes; off += 2048 * PAGE_SIZE) ranges.push({ key: o.key, start: off, end: Math.min(pageBytes, off + 2048 * PAGE_SIZE) - 1 });
+        }
+        let next = 0, got = 0;
+        const t2 = performance.now();
+        await Promise.all(Array.from({ length: concurrency }, async () => {
+          while (next < ranges.length) {
+            const g = ranges[next++]!;
+            const buf = await r.io.get(g.key, { start: g.start, end: g.end });
+            got += buf!.length;
+          }
+        }));
+        const rawS = (performance.now() - t2) / 1000;
+        if (got !== bytes) throw new Error(`raw GETs read ${got} bytes, expected ${bytes}`);
+        rawRuns.push(got / 1e6 / rawS);
+        log(`round ${round + 1}: parallel restore ${restoreRuns[round]!.toFixed(0)} MB/s (check ${check}), raw GETs ${rawRuns[round]!.toFixed(0)} MB/s (${ranges.length} ranges of ${packs.length} packs)`);
+      } finally {
+        await r.close();
+      }
+    }
+    const median = (xs: number[]): number => { const v = [...xs].sort((x, y) => x - y); return v[Math.floor(v.length / 2)]!; };
+
+    // The ordered path GetImage uses (engine readImage), for context.
+    const o = new CheckpointStore(await S3Backend.open({ ...base, cacheDir: join(dir, 'cache3') }));
+    const t3 = performance.now();
+    let ordered = 0;
+    for await (const item of o.readImage('bench', 1)) if (!('checkpoint' in item)) ordered += item.data.length;
+    const orderedS = (performance.now() - t3) / 1000;
+    await o.close();
+    if (ordered !== bytes) throw new Error(`ordered restore read ${ordered} bytes`);
+
+    const restoreMbps = median(restoreRuns);
+    const rawMbps = median(rawRuns);
+    return {
+      data_mib: mib, pack_mib: packMiB, concurrency,
+      puts, puts_per_gib: Number((puts / (bytes / 2 ** 30)).toFixed(1)),
+      ingest_mbps: Number((bytes / 1e6 / ingestS).toFixed(1)),
+      restore_mbps: Number(restoreMbps.toFixed(1)),
+      raw_get_mbps: Number(rawMbps.toFixed(1)),
+      restore_vs_raw: Number((restoreMbps / rawMbps).toFixed(3)),
+      restore_mbps_rounds: restoreRuns.map((x) => Math.round(x)), raw_get_mbps_rounds: rawRuns.map((x) => Math.round(x)),
+      ordered_restore_mbps: Number((bytes / 1e6 / orderedS).toFixed(1)),
+    };
+  } finally {
+    server.kill('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
