@@ -337,7 +337,7 @@ int exa_region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags
   if (ctx->restore) {
     /* The staged region file becomes the backing: its contents are the checkpoint's. */
     r = exa_restore_take(ctx->restore, name, size, &mfd, &want_addr);
-    if (r < 0 && r != -ENOENT) goto out;
+    if (r < 0) goto out;
   }
   if (mfd < 0) {
     want_addr = 0;

@@ -88,9 +88,12 @@ int exa_restore_open(const char *dir, const char *job, struct exa_restore **out)
   fclose(f);
   if (rc == 0 && !have_job) rc = exa_fail(-EINVAL, "EXA_RESTORE: %s names no job", path);
   if (rc < 0) {
-    exa_restore_close(r);
+    free(r->regions);
+    free(r);
     return rc;
   }
+  /* Read once: from now on the directory only holds region files not yet taken. */
+  unlink(path);
   *out = r;
   return 0;
 }
@@ -106,7 +109,11 @@ int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *
     char path[4200];
     snprintf(path, sizeof path, "%s/%s.region", r->dir, name);
     int f = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-    if (f < 0) return exa_fail(-errno, "EXA_RESTORE: cannot open %s: %s", path, strerror(errno));
+    if (f < 0) {
+      int e = errno;
+      return exa_fail(e == ENOENT ? -EIO : -e, "EXA_RESTORE: region \"%s\" of checkpoint %" PRIu64 ": cannot open %s: %s", name,
+                      r->checkpoint, path, strerror(e));
+    }
     struct stat st;
     if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != g->size) {
       close(f);
@@ -117,15 +124,25 @@ int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *
     g->taken = 1;
     *fd = f;
     *addr = g->addr;
+    size_t left = 0;
+    for (size_t k = 0; k < r->n; k++) left += !r->regions[k].taken;
+    if (left == 0) rmdir(r->dir);
     return 0;
   }
-  return -ENOENT;
+  return 1;
 }
 
 uint64_t exa_restore_checkpoint(const struct exa_restore *r) { return r ? r->checkpoint : 0; }
 
 void exa_restore_close(struct exa_restore *r) {
   if (!r) return;
+  for (size_t i = 0; i < r->n; i++) {
+    if (r->regions[i].taken) continue;
+    char path[4200];
+    snprintf(path, sizeof path, "%s/%s.region", r->dir, r->regions[i].name);
+    unlink(path);
+  }
+  rmdir(r->dir);
   free(r->regions);
   free(r);
 }

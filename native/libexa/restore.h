@@ -21,15 +21,19 @@ int exa_restore_open(const char *dir, const char *job, struct exa_restore **out)
 
 /*
  * Take region `name` out of the image: 0 and an O_RDWR fd of its file (the
- * caller owns it) plus its recorded address, -ENOENT when the image has no
- * such region, -EINVAL when its size differs from `size`, another -errno on
- * failure. A region can be taken once.
+ * caller owns it) plus its recorded address; 1 when the image has no such
+ * region (the caller makes a fresh one); -EINVAL when its size differs from
+ * `size`; another -errno when the staged file cannot be had (never a fresh
+ * region in its place: that would resume the job on zeros). A region can be
+ * taken once; the staged file is unlinked when taken, and the staging
+ * directory removed once every region was taken.
  */
 int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *fd, uint64_t *addr);
 
 /* Checkpoint number of the image. */
 uint64_t exa_restore_checkpoint(const struct exa_restore *r);
 
+/* Unlink region files nobody took, remove the staging directory, free. */
 void exa_restore_close(struct exa_restore *r);
 
 /* Shared with exa.c: set exa_last_error() and return err. */

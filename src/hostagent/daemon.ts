@@ -436,13 +436,13 @@ export class HostAgent {
       this.staged.delete(job);
       const rec = await this.runJob(spec, { staged });
       rec.lastCommitted = staged.checkpoint;
-      // The job runs again once it attached with its restored regions; libexa
-      // adopted (and unlinked) the region files by then, so the directory goes.
-      try {
-        await this.waitAttached(rec, 30_000);
-      } finally {
-        discardStaged(staged);
-      }
+      // libexa takes (and unlinks) each staged file as the job allocates its
+      // regions and removes the directory when done; whatever the job never
+      // took is removed when it exits.
+      const proc = rec.proc;
+      void proc?.exited.then(() => discardStaged(staged));
+      // The job runs again once it attached with its restored image.
+      await this.waitAttached(rec, 30_000);
       return rec;
     } catch (e) {
       if (staged) { discardStaged(staged); this.staged.delete(job); }
