@@ -1,0 +1,173 @@
+/**
+ * The S3 parts of the exastore CLI, kept here so src/cli/exastore.ts only
+ * wires them in:
+ *
+ *   exastore serve --s3 s3://bucket/prefix [--s3-endpoint URL] [--s3-region R] [--s3-path-style] [--data DIR]
+ *   exastore archive JOB --to s3://bucket/prefix (--data DIR | --store ADDR) [--delete-local]
+ *   exastore import JOB --from s3://bucket/prefix --data DIR
+ *
+ * Credentials: the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+ * AWS_PROFILE, SSO, instance roles), or --s3-access-key/--s3-secret-key.
+ * Endpoint also from $EXA_S3_ENDPOINT or $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL.
+ */
+import { join } from 'node:path';
+import type { Command } from 'commander';
+import { ExaError } from '../errors.js';
+import { StoreClient } from '../store/client.js';
+import type { Backend, ManifestHeader, PageMaps, PageRef } from '../../storage/backend.js';
+import { LevelBackend } from '../../storage/leveldb.js';
+import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroPage, sha256 } from '../../storage/pages.js';
+import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
+import { archiveJob, importJob } from '../../storage/s3/archive.js';
+import { s3OptionsFrom } from '../../storage/s3/index.js';
+import { startS3StoreServer, type RunningS3StoreServer } from './server.js';
+
+export interface S3Flags {
+  s3Endpoint?: string;
+  s3Region?: string;
+  s3PathStyle?: boolean;
+  s3AccessKey?: string;
+  s3SecretKey?: string;
+  packMib?: number;
+}
+
+/** Add the --s3-* connection options to a command. */
+export function withS3Options(cmd: Command): Command {
+  return cmd
+    .option('--s3-endpoint <url>', 'S3 endpoint for MinIO, Ceph RGW... (default $EXA_S3_ENDPOINT, $AWS_ENDPOINT_URL_S3, else AWS)')
+    .option('--s3-region <region>', 'S3 region (default $AWS_REGION, else us-east-1)')
+    .option('--s3-path-style', 'path-style URLs (http://host/bucket/key); default on when an endpoint is given')
+    .option('--s3-access-key <id>', 'access key id (default: the AWS credential chain)')
+    .option('--s3-secret-key <secret>', 'secret access key (default: the AWS credential chain)')
+    .option('--pack-mib <n>', 'target pack size in MiB (16-64 suits S3)', (v) => {
+      const n = Number(v);
+      if (!Number.isFinite(n) || n <= 0 || n > 256) throw new ExaError('INVALID_ARGUMENT', '--pack-mib must be a number in (0, 256]');
+      return n;
+    });
+}
+
+/** Backend options from an s3:// URL and the flags. */
+export function s3Options(url: string, o: S3Flags, extra: Partial<S3BackendOptions> = {}): S3BackendOptions {
+  const env = process.env;
+  return {
+    ...s3OptionsFrom(url, { endpoint: o.s3Endpoint, region: o.s3Region, pathStyle: o.s3PathStyle, accessKey: o.s3AccessKey, secretKey: o.s3SecretKey }),
+    ...(o.packMib ? { packBytes: Math.round(o.packMib * 2 ** 20) } : {}),
+    // Operator knobs for tests and tuning; see storage/s3/backend.ts for the GC safety condition.
+    ...(env.EXA_S3_REFRESH_MS ? { refreshMs: Number(env.EXA_S3_REFRESH_MS), missRefreshMs: Math.min(1000, Number(env.EXA_S3_REFRESH_MS)) } : {}),
+    ...extra,
+  };
+}
+
+/** `exastore serve --s3`: the local data directory holds only the S3 cache (DIR/s3cache). */
+export async function serveS3(o: S3Flags & { s3: string; data?: string; host: string; port: number; gcGraceMs: number; token?: string }): Promise<RunningS3StoreServer> {
+  return startS3StoreServer({
+    s3: s3Options(o.s3, o, o.data ? { cacheDir: join(o.data, 's3cache') } : {}),
+    host: o.host, port: o.port, gcGraceMs: o.gcGraceMs, ...(o.token ? { token: o.token } : {}),
+  });
+}
+
+/**
+ * A copy source over a running store server: headers from ListCheckpoints,
+ * each checkpoint's image from GetImage (hashed here), deletes through
+ * DeleteCheckpoints. Holds one checkpoint image in memory at a time.
+ */
+class GrpcSource implements Pick<Backend, 'kind' | 'listHeaders' | 'getMaps' | 'readPages' | 'lookup' | 'deleteManifests'> {
+  readonly kind = 'gRPC';
+  private pages: Buffer[] = [];
+  private readonly byHash = new Map<string, number>();
+  constructor(private readonly c: StoreClient) {}
+
+  async listHeaders(job?: string): Promise<ManifestHeader[]> {
+    if (!job) throw new ExaError('INVALID_ARGUMENT', 'a job is required');
+    const cps = await this.c.listCheckpoints(job).catch((e: unknown) => {
+      if ((e as ExaError).code === 'NOT_FOUND') return [];
+      throw e;
+    });
+    return cps.map((k) => ({
+      job: k.job, checkpoint: k.checkpoint, parent: k.parent, createdAt: Date.parse(k.createdAt), regions: k.regions, labels: k.labels,
+      changedPages: k.changedPages, sentPages: k.changedPages, newPages: k.newPages, zeroPages: k.zeroPages,
+    }));
+  }
+
+  async getMaps(job: string, checkpoint: number): Promise<PageMaps | null> {
+    const img = await this.c.fetchImage({ job, checkpoint });
+    this.pages = [];
+    this.byHash.clear();
+    return img.info.regions.map((r) => {
+      const bytes = img.regions.get(r.name)!;
+      const map = Buffer.alloc(r.pageCount * ENTRY_BYTES);
+      for (let i = 0; i < r.pageCount; i++) {
+        const page = bytes.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
+        if (isZeroPage(page)) continue;
+        const h = sha256(page);
+        h.copy(map, i * ENTRY_BYTES);
+        const k = h.toString('latin1');
+        let slot = this.byHash.get(k);
+        if (slot === undefined) { slot = this.pages.length; this.pages.push(page); this.byHash.set(k, slot); }
+        map.writeBigUInt64BE(BigInt(slot), i * ENTRY_BYTES + HASH_BYTES);
+      }
+      return map;
+    });
+  }
+
+  async readPages(refs: readonly PageRef[]): Promise<(Buffer | null)[]> {
+    return refs.map((r) => (r.length === REF_BYTES ? this.pages[Number(r.readBigUInt64BE(0))] ?? null : null));
+  }
+
+  async lookup(hashes: readonly Buffer[]): Promise<(PageRef | null)[]> {
+    return hashes.map((h) => {
+      const slot = this.byHash.get(h.toString('latin1'));
+      if (slot === undefined) return null;
+      const r = Buffer.alloc(REF_BYTES);
+      r.writeBigUInt64BE(BigInt(slot));
+      return r;
+    });
+  }
+
+  async deleteManifests(job: string, checkpoints: readonly number[]): Promise<void> {
+    await this.c.deleteCheckpoints(job, { checkpoints: [...checkpoints] });
+  }
+}
+
+type ArchiveFlags = S3Flags & { to: string; data?: string; store?: string; deleteLocal?: boolean; token?: string; json?: boolean };
+
+/** `exastore archive` (returns the result for the caller to print). */
+export async function archiveCommand(job: string, o: ArchiveFlags, progress?: (p: { phase: string; done: number; total: number; unit: string }) => void): Promise<Awaited<ReturnType<typeof archiveJob>>> {
+  if ((o.data ? 1 : 0) + (o.store ? 1 : 0) !== 1) {
+    throw new ExaError('INVALID_ARGUMENT', 'give exactly one source: --data DIR (a stopped LevelDB store) or --store ADDR (a running store server)');
+  }
+  const dest = await S3Backend.open(s3Options(o.to, o));
+  try {
+    if (o.data) {
+      const source = await LevelBackend.open(o.data);
+      try {
+        return await archiveJob({ job, source, dest, deleteLocal: !!o.deleteLocal, ...(progress ? { progress } : {}) });
+      } finally {
+        await source.close();
+      }
+    }
+    const c = await StoreClient.connect(o.store!, { token: o.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+    try {
+      return await archiveJob({ job, source: new GrpcSource(c) as unknown as Backend, dest, deleteLocal: !!o.deleteLocal, ...(progress ? { progress } : {}) });
+    } finally {
+      c.close();
+    }
+  } finally {
+    await dest.close();
+  }
+}
+
+/** `exastore import`: an S3 archive's chain into a (stopped) LevelDB store directory, numbers kept. */
+export async function importCommand(job: string, o: S3Flags & { from: string; data: string }, progress?: (p: { phase: string; done: number; total: number; unit: string }) => void): Promise<Awaited<ReturnType<typeof importJob>>> {
+  const source = await S3Backend.open(s3Options(o.from, o));
+  try {
+    const dest = await LevelBackend.open(o.data);
+    try {
+      return await importJob({ job, source, dest, ...(progress ? { progress } : {}) });
+    } finally {
+      await dest.close();
+    }
+  } finally {
+    await source.close();
+  }
+}
