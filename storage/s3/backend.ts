@@ -163,6 +163,7 @@ export class S3Backend implements Backend {
   private lastRefresh = 0;
   private readonly headers = new Map<string, ManifestHeader>();
   private closed = false;
+  private gcInScan = false;
   /** Pack-level GC counters of this process (tests, stat). */
   readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0 };
 
@@ -608,6 +609,7 @@ export class S3Backend implements Backend {
   async *scanPages(batchSize: number): AsyncIterable<StoredPage[]> {
     this.checkOpen();
     await this.refresh(true);
+    this.gcInScan = false;
     let batch: StoredPage[] = [];
     for (const p of [...this.packsByBase.values()]) {
       if (p.tombAt !== null || p.gone) continue;
@@ -619,8 +621,9 @@ export class S3Backend implements Backend {
     }
     if (batch.length > 0) yield batch;
     // The engine's GC scans once per run and has applied its deletions by the time it asks
-    // past the last batch: the pack-level step runs here, once per GC run.
-    await this.sweep();
+    // past the last batch: the pack-level step runs here, once per GC run. Only for a GC
+    // that writes marks (not verify --all-pages, not a dry run).
+    if (this.gcInScan) await this.sweep();
   }
 
   pageStats(): { pages: number; bytes: number } {
@@ -748,6 +751,8 @@ export class S3Backend implements Backend {
   }
 
   async putMarks(marks: readonly { hash: Buffer; at: number }[]): Promise<void> {
+    // Only a real (not dry-run) GC writes marks, once per scanned batch (see scanPages).
+    this.gcInScan = true;
     if (marks.length === 0) return;
     await this.cache.batch(marks.map((m) => {
       const v = Buffer.allocUnsafe(8);
