@@ -42,8 +42,8 @@ export interface LocalAgentOptions {
    * consumer must drain it. Without it such requests are declined at once.
    */
   onAppCheckpoint?: (ckpt: Checkpoint) => Promise<void> | void;
-  /** Options for app-initiated checkpoints. */
-  appCheckpointOptions?: NativeCkptOptions;
+  /** Options for app-initiated checkpoints, fixed or chosen per job at each request. */
+  appCheckpointOptions?: NativeCkptOptions | ((job: string) => NativeCkptOptions);
 }
 
 /** One page of a batch, decoded (see PageBatch for the packed form). */
@@ -244,7 +244,8 @@ export class LocalAgent extends EventEmitter {
     const next = prev.then(async () => {
       try {
         await this.whenIdle(job);
-        const c = await this.checkpoint(job, this.opts.appCheckpointOptions ?? {});
+        const o = this.opts.appCheckpointOptions;
+        const c = await this.checkpoint(job, typeof o === 'function' ? o(job) : o ?? {});
         await consume(c);
       } catch (e) {
         // the workload must never stay blocked in exa_checkpoint(): answer with the reason

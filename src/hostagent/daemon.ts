@@ -23,7 +23,7 @@ import { specFromMsg, type JobSpecRecord } from '../coordinator/service.js';
 import { checkId } from '../coordinator/registry.js';
 import { checkCwd, checkSpec, launch, resolveCommand, tailLog, type RunningProcess } from './runner.js';
 import { advanceImage, discardStaged, stageImage, type StagedImage } from './staging.js';
-import type { CheckpointerPort, NativeCkptStats } from './port.js';
+import type { CheckpointerPort, CheckpointRun, NativeCkptStats } from './port.js';
 
 export type JobState = 'STARTING' | 'RUNNING' | 'STOPPED' | 'FINISHED' | 'FAILED';
 
@@ -37,7 +37,6 @@ interface JobRec {
   checkpoints: number;
   /** The next checkpoint must save every page (fresh attach, failed upload, changed regions). */
   needFull: boolean;
-  lastRegions: string;
   gap: string;
   gapSince: number;
   backoffMs: number;
@@ -90,7 +89,21 @@ export class HostAgent {
     mkdirSync(opts.stateDir, { recursive: true });
     ckpt.on('attach', (job) => this.onAttach(job));
     ckpt.on('detach', (job) => this.onDetach(job));
-    ckpt.on('request', (job) => this.onRequest(job));
+    // App-initiated checkpoints (exa_checkpoint()) are taken by the checkpointer
+    // at the job's safe point and uploaded here like any other.
+    ckpt.serveAppCheckpoints(
+      (job) => ({ full: this.jobs.get(job) ? this.needsFull(this.jobs.get(job)!) : true, leaveStopped: false }),
+      async (job, run) => {
+        const rec = this.jobs.get(job);
+        if (!rec) {
+          run.cancel();
+          throw new ExaError('NOT_FOUND', `job ${job} was not launched by this agent`);
+        }
+        const p = rec.chain.then(() => this.upload(rec, run, performance.now(), {}));
+        rec.chain = p.catch(() => undefined);
+        await p;
+      },
+    );
   }
 
   /** Bind the gRPC service, connect to store and coordinator (lazily: they may be down), start heartbeats. */
@@ -171,14 +184,6 @@ export class HostAgent {
     if (j) j.attached = false;
   }
 
-  private onRequest(job: string): void {
-    this.checkpoint(job, {}).catch((e: unknown) => {
-      const msg = toExaError(e).message;
-      this.ckpt.decline(job, msg);
-      this.log(`app-initiated checkpoint of ${job} failed: ${msg}`);
-    });
-  }
-
   // ---- jobs ----
 
   private rec(job: string): JobRec {
@@ -190,7 +195,7 @@ export class HostAgent {
 
   private newRec(spec: JobSpecRecord, lastCommitted: number): JobRec {
     return {
-      spec, proc: null, state: 'STARTING', exitCode: 0, lastCommitted, checkpoints: 0, needFull: true, lastRegions: '',
+      spec, proc: null, state: 'STARTING', exitCode: 0, lastCommitted, checkpoints: 0, needFull: true,
       gap: '', gapSince: 0, backoffMs: 1000, chain: Promise.resolve(), timer: null, leaving: false, attached: false, attachWaiters: [],
     };
   }
@@ -315,14 +320,32 @@ export class HostAgent {
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     const t0 = performance.now();
-    const full = o.full === true || rec.needFull || rec.lastCommitted === 0;
+    const full = o.full === true || this.needsFull(rec);
     const run = await this.ckpt.checkpoint(job, { full, leaveStopped: o.leaveStopped ?? false });
-    const regionKey = JSON.stringify(run.regions.map((r) => [r.name, r.pageCount]));
-    if (!full && regionKey !== rec.lastRegions) {
-      // The region table changed since the parent: the native side saved only
-      // dirty pages, which is still right per region by name, but a region
-      // that disappeared must not be inherited; the store keys maps by table.
-      // Handled by sending the new table; the store fills new regions with zeros.
+    return this.upload(rec, run, t0, o);
+  }
+
+  /** The next checkpoint must hold every page (nothing committed yet, or the last upload failed). */
+  private needsFull(rec: JobRec): boolean {
+    return rec.needFull || rec.lastCommitted === 0;
+  }
+
+  /** Stream a checkpoint run to the store; resolves once the store committed it. */
+  private async upload(rec: JobRec, run: CheckpointRun, t0: number, o: { onProgress?: (done: number) => void }): Promise<CheckpointResult> {
+    const job = rec.spec.job;
+    const full = run.full;
+    if (!full && this.needsFull(rec)) {
+      // A failed upload since this run's dirty set was chosen: the set is incomplete for the chain.
+      run.cancel();
+      throw new ExaError('FAILED_PRECONDITION', `checkpoint of job ${job}: the previous upload failed, so this incremental checkpoint cannot be committed; the next one will be full`);
+    }
+    let store: StoreClient;
+    try {
+      store = await this.storeClient();
+    } catch (e) {
+      run.cancel();
+      this.noteGap(rec, e);
+      throw toExaError(e, `checkpoint of job ${job}`);
     }
     let pages = 0;
     const counted = countPages(run.batches, (n) => { pages += n; o.onProgress?.(pages); });
@@ -341,7 +364,6 @@ export class HostAgent {
     }
     const stats = await run.done;
     rec.lastCommitted = summary.checkpoint;
-    rec.lastRegions = regionKey;
     rec.needFull = false;
     rec.checkpoints += 1;
     if (rec.gap) this.log(`store reachable again; job ${job} checkpointed after a gap of ${Math.round((Date.now() - rec.gapSince) / 1000)} s`);

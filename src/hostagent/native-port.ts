@@ -3,7 +3,7 @@
  * turns native checkpoints into the store client's batch format and native
  * events into the daemon's attach/detach/request events.
  */
-import { LocalAgent, type PageBatch as NativeBatch } from '../agent/local-agent.js';
+import { LocalAgent, type Checkpoint, type PageBatch as NativeBatch } from '../agent/local-agent.js';
 import type { PageBatch } from '../store/client.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, NativeCkptStats } from './port.js';
@@ -16,13 +16,38 @@ export interface NativePortOptions {
 
 export class NativeCheckpointer implements CheckpointerPort {
   private readonly agent: LocalAgent;
+  private appOptions: ((job: string) => CheckpointOptions) | null = null;
+  private appConsumer: ((job: string, run: CheckpointRun) => Promise<void>) | null = null;
+  /** `full` as decided for each job's pending app-initiated checkpoint. */
+  private readonly appFull = new Map<string, boolean>();
 
   constructor(opts: NativePortOptions) {
     this.agent = LocalAgent.listen({
       socketPath: opts.socketPath,
       ...(opts.allowUids ? { allowUids: opts.allowUids } : {}),
       ...(opts.shadowBudgetBytes ? { shadowBudgetBytes: opts.shadowBudgetBytes } : {}),
+      appCheckpointOptions: (job) => {
+        const full = this.appOptions?.(job).full ?? true;
+        this.appFull.set(job, full);
+        return { full };
+      },
+      onAppCheckpoint: async (c) => {
+        if (!this.appConsumer) {
+          c.cancel();
+          throw new Error('the agent is not ready for app-initiated checkpoints');
+        }
+        await this.appConsumer(c.job, this.toRun(c, this.addresses(c.job), this.appFull.get(c.job) ?? true));
+      },
     });
+  }
+
+  serveAppCheckpoints(options: (job: string) => CheckpointOptions, consume: (job: string, run: CheckpointRun) => Promise<void>): void {
+    this.appOptions = options;
+    this.appConsumer = consume;
+  }
+
+  private addresses(job: string): Map<string, string> {
+    return new Map((this.agent.job(job)?.regions ?? []).map((r) => [r.name, r.address]));
   }
 
   attached(): AttachedJob[] {
@@ -33,8 +58,13 @@ export class NativeCheckpointer implements CheckpointerPort {
   }
 
   async checkpoint(job: string, opts: CheckpointOptions): Promise<CheckpointRun> {
-    const addresses = new Map((this.agent.job(job)?.regions ?? []).map((r) => [r.name, r.address]));
+    const addresses = this.addresses(job);
     const c = await this.agent.checkpoint(job, { full: opts.full, ...(opts.leaveStopped ? { leaveStopped: true } : {}) } as Parameters<LocalAgent['checkpoint']>[1]);
+    return this.toRun(c, addresses, opts.full);
+  }
+
+  /** The port's view of a native checkpoint (batches in the store client's format). */
+  private toRun(c: Checkpoint, addresses: Map<string, string>, full: boolean): CheckpointRun {
     const regions = c.regions.map((r) => ({ name: r.name, pageCount: Math.ceil(r.size / PAGE_SIZE), address: addresses.get(r.name) ?? '', flags: 0 }));
     async function* batches(): AsyncGenerator<PageBatch> {
       for await (const b of c) yield toStoreBatch(b);
@@ -44,17 +74,12 @@ export class NativeCheckpointer implements CheckpointerPort {
       shadowCopies: s.shadowCopies, shadowPeakBytes: s.shadowPeakBytes, faults: [...s.faults],
     }));
     done.catch(() => undefined);
-    return { regions, batches: batches(), done, cancel: () => c.cancel() };
+    return { full, regions, batches: batches(), done, cancel: () => c.cancel() };
   }
 
-  decline(job: string, reason: string): void {
-    this.agent.declineCheckpointRequest(job, reason);
-  }
-
-  on(event: 'attach' | 'detach' | 'request', fn: (job: string, pid: number) => void): void {
+  on(event: 'attach' | 'detach', fn: (job: string, pid: number) => void): void {
     if (event === 'attach') this.agent.on('attached', (j: { id: string; pid: number }) => fn(j.id, j.pid));
-    else if (event === 'detach') this.agent.on('detached', (id: string) => fn(id, 0));
-    else this.agent.on('checkpoint-request', (id: string) => fn(id, 0));
+    else this.agent.on('detached', (id: string) => fn(id, 0));
   }
 
   close(): Promise<void> {

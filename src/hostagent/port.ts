@@ -16,6 +16,8 @@ export interface NativeCkptStats {
 
 /** One checkpoint in progress: its region table, its batches (pull = backpressure), its stats. */
 export interface CheckpointRun {
+  /** Holds every page (zero pages flagged), so it needs no parent. */
+  full: boolean;
   regions: RegionSpec[];
   batches: AsyncIterable<PageBatch>;
   /** Settles after the last batch was taken (or the run failed / was cancelled). */
@@ -42,9 +44,13 @@ export interface CheckpointerPort {
   attached(): AttachedJob[];
   /** Start a checkpoint; resolves once the pause is over (batches then stream). */
   checkpoint(job: string, opts: CheckpointOptions): Promise<CheckpointRun>;
-  /** Answer a job's pending exa_checkpoint() calls with an error. */
-  decline(job: string, reason: string): void;
-  /** Events: a workload attached / detached / asked for a checkpoint (exa_checkpoint). */
-  on(event: 'attach' | 'detach' | 'request', fn: (job: string, pid: number) => void): void;
+  /** Events: a workload attached / detached. */
+  on(event: 'attach' | 'detach', fn: (job: string, pid: number) => void): void;
+  /**
+   * Consumer of app-initiated checkpoints (exa_checkpoint() in the job): the
+   * checkpointer takes them itself, with the options `options(job)` gives, and
+   * hands each run here to be drained; a rejection fails the job's call.
+   */
+  serveAppCheckpoints(options: (job: string) => CheckpointOptions, consume: (job: string, run: CheckpointRun) => Promise<void>): void;
   close(): Promise<void>;
 }

@@ -94,9 +94,15 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       let tStop = 0;
       try {
         // Pre-copy: stage the newest committed image on the target while the job runs.
-        if (!o.at && !o.stopAndCopy && placement.last_checkpoint > 0) {
-          step(`pre-staging checkpoint ${placement.last_checkpoint} of ${o.job} on ${o.to} while it runs on ${placement.host_id}`);
-          await targetAgent.prestage(o.job, placement.last_checkpoint, o.onProgress);
+        if (!o.at && !o.stopAndCopy) {
+          // The store's newest committed checkpoint (the placement's number lags by a heartbeat).
+          try {
+            const staged = await targetAgent.prestage(o.job, 0, o.onProgress);
+            step(`pre-staged checkpoint ${staged} of ${o.job} on ${o.to} while it runs on ${placement.host_id}`);
+          } catch (e) {
+            if (toExaError(e).code !== 'NOT_FOUND') throw e;
+            step(`${o.job} has no committed checkpoint yet: nothing to pre-stage`);
+          }
         }
         step(`final checkpoint of ${o.job} on ${placement.host_id} (job stopped)`);
         tStop = performance.now();
