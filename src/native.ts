@@ -119,6 +119,13 @@ export interface CheckpointStats {
   resyncPauseUs: number;
   /** Resume .. last batch taken by JavaScript. */
   saveUs: number;
+  /** Where the pause went: stopping every thread, PAGEMAP_SCAN, write-protect (incl. uffd switches), copy to shadow. */
+  pauseStopUs: number;
+  pauseScanUs: number;
+  pauseProtectUs: number;
+  pauseCopyUs: number;
+  /** Write-protect done before the stop while the job ran (not pause). */
+  preprotectUs: number;
   dirtyPages: number;
   pagesSaved: number;
   zeroPages: number;

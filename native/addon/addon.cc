@@ -165,6 +165,11 @@ Napi::Object stats_to_js(Napi::Env env, const exa::CkptStats &s) {
   o.Set("pauseUs", (double)s.pause_us);
   o.Set("resyncPauseUs", (double)s.resync_pause_us);
   o.Set("saveUs", (double)s.save_us);
+  o.Set("pauseStopUs", (double)s.pause_stop_us);
+  o.Set("pauseScanUs", (double)s.pause_scan_us);
+  o.Set("pauseProtectUs", (double)s.pause_protect_us);
+  o.Set("pauseCopyUs", (double)s.pause_copy_us);
+  o.Set("preprotectUs", (double)s.preprotect_us);
   o.Set("dirtyPages", (double)s.dirty_pages);
   o.Set("pagesSaved", (double)s.pages_saved);
   o.Set("zeroPages", (double)s.zero_pages);

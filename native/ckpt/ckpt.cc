@@ -183,6 +183,7 @@ struct Region {
   const uint8_t *view = nullptr; /* agent's read-only MAP_SHARED mapping of the memfd */
   enum Reg { REG_SYNC, REG_ASYNC } reg = REG_SYNC;
   bool base_done = false; /* a completed checkpoint holds every page of it */
+  bool prewp = false;     /* write-protected ahead of the stop: faults are recorded in Job::rewp */
   bool sync_save = false; /* the running checkpoint saves it on the live sync path */
   bool in_session = false;
   std::vector<uint8_t> state;
@@ -215,6 +216,19 @@ struct Shadow {
     mem = nullptr;
     nslots = used = peak = 0;
     free_slots.clear();
+  }
+  /* Between checkpoints: keep the mapping (a fresh one costs a page fault per slot in the next
+   * pause) but let the kernel take the memory back under pressure (MADV_FREE). */
+  void reset(size_t bytes) {
+    if (mem && nslots == bytes / kPage) {
+      if (peak) madvise(mem, peak * kPage, MADV_FREE);
+      free_slots.clear();
+      for (size_t i = nslots; i > 0; i--) free_slots.push_back((uint32_t)(i - 1));
+      used = peak = 0;
+      return;
+    }
+    fini();
+    init(bytes);
   }
   long take() {
     if (free_slots.empty()) return -1;
@@ -251,6 +265,7 @@ class Job {
   std::vector<uint32_t> pending_requests; /* seq of exa_checkpoint() calls waiting for a pause */
   std::vector<std::pair<Region *, uint64_t>> urgent;   /* case-3 pages that found the shadow full */
   std::vector<std::pair<Region *, uint64_t>> deferred; /* faults (case 4, full-shadow case 3) resolved once saved */
+  std::vector<std::pair<Region *, uint64_t>> rewp;     /* pages unprotected between pre-protect and stop */
   Shadow shadow;
   uint64_t faults_outside = 0; /* sync faults between checkpoints (pure sync mode) */
 
@@ -364,6 +379,15 @@ class Job {
     }
     return true;
   }
+  /* pause, copy path: the page's pause-time bytes go to shadow (the caller copies them while the job is stopped) */
+  uint8_t *take_shadow_slot(Region &r, uint64_t p, CkptStats *st) {
+    long s = shadow.take(); /* the caller checked the dirty set fits */
+    r.slot[p] = (uint32_t)s;
+    r.state[p] = PAGE_SHADOWED;
+    st->shadow_copies++;
+    st->shadow_peak_bytes = std::max<uint64_t>(st->shadow_peak_bytes, shadow.peak * kPage);
+    return shadow.at((uint32_t)s);
+  }
   /* saver: starts copying a pending page */
   static void to_saving(Region &r, uint64_t p) { r.state[p] = PAGE_SAVING; }
   /* saver: done copying */
@@ -460,6 +484,7 @@ class Job {
       case PAGE_WRITTEN:
         break;
     }
+    if (r->prewp) rewp.emplace_back(r, p); /* written before the stop: must be protected again in the pause */
     uffd_wp(uffd_sync, addr, kPage, false); /* unprotect and wake the writer */
   }
 
@@ -554,6 +579,53 @@ class Job {
   }
 };
 
+/* A second hashing thread for the saver (SHA-256 is ~1.8 GB/s per core here): run() executes
+ * one half on the caller and the other here, and returns when both are done. */
+class HashHelper {
+ public:
+  HashHelper() : t_([this] { loop(); }) {}
+  ~HashHelper() {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    t_.join();
+  }
+  void run(const std::function<void()> &mine, const std::function<void()> &theirs) {
+    {
+      std::lock_guard<std::mutex> g(m_);
+      job_ = &theirs;
+      done_ = false;
+    }
+    cv_.notify_all();
+    mine();
+    std::unique_lock<std::mutex> lk(m_);
+    cv_.wait(lk, [&] { return done_; });
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      cv_.wait(lk, [&] { return quit_ || job_ != nullptr; });
+      if (quit_) return;
+      const std::function<void()> *j = job_;
+      lk.unlock();
+      (*j)();
+      lk.lock();
+      job_ = nullptr;
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  const std::function<void()> *job_ = nullptr;
+  bool done_ = true, quit_ = false;
+  std::thread t_;
+};
+
 /* ------------------------------------------------------------------ Session */
 
 Session::Session(std::shared_ptr<Job> job, CkptOptions opts) : job_(std::move(job)), opts_(std::move(opts)) {
@@ -630,11 +702,35 @@ void Session::run() {
   bool ok = true;
   bool any_sync = false;
 
+  /* Regions that will be saved on the live sync path and are already on the sync uffd are
+   * write-protected before the stop, while the job runs (15 ms/GiB that need not be pause):
+   * the fault thread keeps serving, records every page written in that window, and the pause
+   * protects just those again. The snapshot instant is still the stop. */
+  std::vector<std::shared_ptr<Region>> prewp;
+  {
+    std::lock_guard<std::mutex> g(j.mu);
+    size_t budget_pages = shadow_budget_ / kPage;
+    for (auto &r : j.regions) {
+      bool first = !r->base_done || opts_.full;
+      if (r->reg == Region::REG_SYNC &&
+          (!j.has_async || opts_.mode == CkptMode::SYNC || (first && r->npages > budget_pages))) {
+        r->prewp = true;
+        prewp.push_back(r);
+      }
+    }
+    j.rewp.clear();
+  }
+  uint64_t tp = now_us();
+  for (auto &r : prewp) uffd_wp(j.uffd_sync, r->addr, r->size, true);
+  stats_.preprotect_us = prewp.empty() ? 0 : now_us() - tp;
+
   /* ---- the pause: steps 1-4 of the seed ---- */
   uint64_t t0 = now_us();
   int e = j.stop(&err);
+  stats_.pause_stop_us = now_us() - t0;
   if (e != 0) {
     std::unique_lock<std::mutex> lk(j.mu);
+    for (auto &r : prewp) r->prewp = false; /* stays protected: faults resolve as case 1 */
     error_ = err;
     state_ = FAILED;
     for (uint32_t seq : j.pending_requests) j.reply(seq, e, err);
@@ -648,8 +744,7 @@ void Session::run() {
   {
     std::unique_lock<std::mutex> lk(j.mu);
     regs = j.regions;
-    j.shadow.fini();
-    j.shadow.init(shadow_budget_);
+    j.shadow.reset(shadow_budget_);
     table_.clear();
     for (auto &r : regs) table_.push_back({r->name, r->size, r->addr});
     if (opts_.test_reference)
@@ -657,9 +752,13 @@ void Session::run() {
     for (auto &rp : regs) {
       Region &r = *rp;
       bool first = !r.base_done || opts_.full;
+      bool can_copy = j.has_async && opts_.mode != CkptMode::SYNC;
       std::vector<uint64_t> dirty;
-      if (r.reg == Region::REG_ASYNC) {
+      /* the scan also re-protects what it reports; a first checkpoint on the sync path re-protects everything anyway */
+      if (r.reg == Region::REG_ASYNC && !(first && !(can_copy && r.npages <= j.shadow.free_count()))) {
+        uint64_t ts = now_us();
         e = j.scan_written_locked(r, dirty, &err);
+        stats_.pause_scan_us += now_us() - ts;
         if (e != 0) break;
       }
       uint64_t nd = 0;
@@ -671,24 +770,52 @@ void Session::run() {
         }
         for (uint64_t p = 0; p < r.npages; p++) nd += r.state[p] == PAGE_WRITTEN;
       }
-      bool copy = j.has_async && opts_.mode != CkptMode::SYNC && nd <= j.shadow.free_count();
+      bool copy = can_copy && nd <= j.shadow.free_count();
       r.in_session = true;
       r.sync_save = !copy;
       stats_.dirty_pages += nd;
       if (copy) {
         stats_.copy_regions++;
         if (r.reg == Region::REG_SYNC) {
+          uint64_t tw = now_us();
           e = j.to_async_locked(r, &err);
+          stats_.pause_protect_us += now_us() - tw;
           if (e != 0) break;
         }
+        uint64_t tc = now_us();
+        std::vector<std::pair<const uint8_t *, uint8_t *>> copies;
+        copies.reserve(nd);
         for (uint64_t p = 0; p < r.npages; p++) {
-          if (first || r.state[p] == PAGE_WRITTEN) j.to_shadowed(r, p, &stats_);
+          if (first || r.state[p] == PAGE_WRITTEN) copies.emplace_back(r.view + p * kPage, j.take_shadow_slot(r, p, &stats_));
           else Job::to_clean(r, p);
         }
+        /* the job is stopped: both cores are ours for the copy */
+        auto cp = [&copies](size_t a, size_t b) {
+          for (size_t i = a; i < b; i++) memcpy(copies[i].second, copies[i].first, kPage);
+        };
+        if (copies.size() >= 1024) {
+          std::thread other(cp, copies.size() / 2, copies.size());
+          cp(0, copies.size() / 2);
+          other.join();
+        } else {
+          cp(0, copies.size());
+        }
+        stats_.pause_copy_us += now_us() - tc;
       } else {
         stats_.sync_regions++;
         any_sync = true;
-        e = j.to_sync_locked(r, &err);
+        uint64_t tw = now_us();
+        if (r.prewp && r.reg == Region::REG_SYNC) {
+          /* protected before the stop: only the pages written since need it again */
+          for (auto &x : j.rewp)
+            if (x.first == &r && (e = uffd_wp(j.uffd_sync, r.addr + x.second * kPage, kPage, true)) != 0) {
+              err = "job " + j.id + ": region \"" + r.name + "\": write-protect failed: " + errstr(e);
+              break;
+            }
+        } else {
+          e = j.to_sync_locked(r, &err);
+        }
+        stats_.pause_protect_us += now_us() - tw;
         if (e != 0) break;
         for (uint64_t p = 0; p < r.npages; p++) {
           if (first || r.state[p] == PAGE_WRITTEN) Job::to_pending(r, p);
@@ -696,6 +823,8 @@ void Session::run() {
         }
       }
     }
+    for (auto &r : prewp) r->prewp = false;
+    j.rewp.clear();
     if (e != 0) {
       j.abandon_locked(regs);
       for (auto &r : regs) r->base_done = false;
@@ -733,7 +862,8 @@ void Session::run() {
   };
   const size_t per_batch = std::max<size_t>(1, opts_.batch_bytes / kPage);
   std::vector<Item> items;
-  std::vector<uint8_t> scratch(per_batch * kPage);
+  std::vector<uint8_t> zflags;
+  HashHelper hasher;
   auto cur = std::make_unique<Batch>();
   bool hold_done = opts_.hold_when == HoldWhen::NONE;
   bool cancelled = false;
@@ -774,7 +904,8 @@ void Session::run() {
           }
         }
         j.urgent.clear();
-        while (p < r.npages && items.size() < per_batch) {
+        const size_t room = per_batch - std::min(per_batch - 1, cur->data.size() / kPage);
+        while (p < r.npages && items.size() < room) {
           if (!hold_done && r.name == opts_.hold_region && p == opts_.hold_page) {
             if (!items.empty()) break; /* save what precedes the held page first */
             hold_done = true;
@@ -812,10 +943,15 @@ void Session::run() {
         if (p >= r.npages) break;
         continue;
       }
-      /* copy outside the lock: SAVING pages cannot change (writers wait, case 4); slots are ours */
-      for (size_t i = 0; i < items.size(); i++) {
+      /* copy straight into the batch, outside the lock: SAVING pages cannot change (their writers
+       * wait, case 4) and shadow slots are ours until shadow_saved() */
+      const size_t n = items.size();
+      const size_t base = cur->data.size();
+      if (cur->data.capacity() < base + n * kPage) cur->data.reserve(std::max(base + n * kPage, 2 * per_batch * kPage));
+      cur->data.resize(base + n * kPage);
+      for (size_t i = 0; i < n; i++) {
         const uint8_t *src = items[i].slot < 0 ? items[i].r->view + items[i].p * kPage : j.shadow.at((uint32_t)items[i].slot);
-        memcpy(scratch.data() + i * kPage, src, kPage);
+        memcpy(cur->data.data() + base + i * kPage, src, kPage);
       }
       {
         std::lock_guard<std::mutex> g(j.mu);
@@ -825,24 +961,37 @@ void Session::run() {
         }
         if (!j.deferred.empty()) j.resolve_deferred_locked();
       }
-      /* hash and flag zero pages outside the lock */
+      /* flag zero pages and hash the others outside the lock, on two threads when there is enough */
+      const size_t h0 = cur->hash.size();
+      cur->hash.resize(h0 + 32 * n);
+      zflags.assign(n, 0);
+      uint8_t *dbase = cur->data.data() + base;
+      uint8_t *hbase = cur->hash.data() + h0;
+      auto work = [&, dbase, hbase](size_t from, size_t to) {
+        for (size_t i = from; i < to; i++) {
+          const uint8_t *pg = dbase + i * kPage;
+          if (page_is_zero(pg)) zflags[i] = 1;
+          else SHA256(pg, kPage, hbase + 32 * i);
+        }
+      };
+      if (n >= 16) hasher.run([&] { work(0, n / 2); }, [&] { work(n / 2, n); });
+      else work(0, n);
+      /* zero pages carry no bytes: close the gaps */
       uint64_t zero = 0, saved = 0;
-      for (size_t i = 0; i < items.size(); i++) {
-        const uint8_t *pg = scratch.data() + i * kPage;
+      size_t wpos = base;
+      for (size_t i = 0; i < n; i++) {
         cur->region.push_back(items[i].ri);
         cur->page.push_back((uint32_t)items[i].p);
-        size_t h = cur->hash.size();
-        cur->hash.resize(h + 32);
-        if (page_is_zero(pg)) {
-          cur->zero.push_back(1);
+        cur->zero.push_back(zflags[i]);
+        if (zflags[i]) {
           zero++;
-        } else {
-          cur->zero.push_back(0);
-          SHA256(pg, kPage, cur->hash.data() + h);
-          cur->data.insert(cur->data.end(), pg, pg + kPage);
-          saved++;
+          continue;
         }
+        if (wpos != base + i * kPage) memmove(cur->data.data() + wpos, cur->data.data() + base + i * kPage, kPage);
+        wpos += kPage;
+        saved++;
       }
+      cur->data.resize(wpos);
       {
         std::lock_guard<std::mutex> g(j.mu);
         stats_.zero_pages += zero;
@@ -882,7 +1031,7 @@ void Session::run() {
     j.abandon_locked(regs);
     j.active = nullptr;
     ready_.clear();
-    j.shadow.fini();
+    j.shadow.reset(shadow_budget_);
     if (error_.empty()) {
       state_ = CANCELLED;
       error_ = "checkpoint of job " + j.id + " was cancelled";
@@ -904,7 +1053,7 @@ void Session::run() {
       r->base_done = true;
       r->in_session = false;
     }
-    j.shadow.fini();
+    j.shadow.reset(shadow_budget_);
     j.checkpoints++;
   }
   /* back to cheap async tracking for regions saved on the live sync path */

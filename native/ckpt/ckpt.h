@@ -89,6 +89,9 @@ struct CkptStats {
   uint64_t pause_us = 0;        /* stop .. resume of the checkpoint pause */
   uint64_t resync_pause_us = 0; /* second, short stop to go back to async tracking after a live-sync save */
   uint64_t save_us = 0;         /* resume .. last batch handed over */
+  /* where the pause went: stopping every thread, PAGEMAP_SCAN, write-protect (and uffd switches), copy-at-pause */
+  uint64_t pause_stop_us = 0, pause_scan_us = 0, pause_protect_us = 0, pause_copy_us = 0;
+  uint64_t preprotect_us = 0;   /* write-protect done before the stop (job running; faults in that window re-protected in the pause) */
   uint64_t dirty_pages = 0;     /* pages in this checkpoint's set */
   uint64_t pages_saved = 0;     /* non-zero pages handed over */
   uint64_t zero_pages = 0;      /* flagged, bytes not sent */
