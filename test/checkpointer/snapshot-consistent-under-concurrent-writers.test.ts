@@ -25,9 +25,12 @@ afterEach(async () => {
   removeTempDirs();
 });
 
-describe('snapshot consistency under load', () => {
+describe.each([
+  ['hybrid tracking (async between checkpoints)', false],
+  ['pure seed scheme (sync tracking only)', true],
+] as const)('snapshot consistency under load, %s', (_name, syncOnly) => {
   it('every image equals the reference copy taken at the pause instant while 3 writer threads run', async () => {
-    const job = 'load';
+    const job = syncOnly ? 'load-sync' : 'load';
     const appOpts: CheckpointOptions = { batchBytes: 16 * PAGE, queueDepth: 1 };
     const results: Promise<{ pages: Map<string, ImagePage>; stats: CheckpointStats }>[] = [];
     const a = startAgent({
@@ -41,7 +44,14 @@ describe('snapshot consistency under load', () => {
     });
     agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, job);
-    await w.ok('attach');
+    // read by the agent (this process) when the job attaches
+    if (syncOnly) process.env.EXA_CKPT_NO_ASYNC = '1';
+    try {
+      await w.ok('attach');
+    } finally {
+      delete process.env.EXA_CKPT_NO_ASYNC;
+    }
+    expect(a.agent.job(job)!.asyncTracking).toBe(!syncOnly);
     await w.ok(`alloc r ${PAGES}`);
     await w.ok('writers 3 r');
 
@@ -73,7 +83,6 @@ describe('snapshot consistency under load', () => {
         expect(firstDiff(image.get('r')!, refAtPause), 'agent-initiated: first differing page').toBe(-1);
       }
     }
-    console.log(`faults during saves: ${faults}`);
     // the writers really raced the saver on the sync path
     expect(faults).toBeGreaterThan(0);
     expect(await w.ok('stopwriters')).toMatch(/^ok \d+/);
