@@ -11,7 +11,8 @@
  *    checkpoint (target <= 80);
  *  - restore_mbps: the parallel out-of-order restore (storage/s3/restore.ts)
  *    of that checkpoint by a fresh backend with an empty cache, every page
- *    hash-checked (MB = 10^6 bytes);
+ *    hash-checked (MB = 10^6 bytes); at most `concurrency` range GETs in
+ *    flight (the backend's readConcurrency), 2x that many chunks in progress;
  *  - raw_get_mbps: plain parallel range GETs of the same bytes (every pack's
  *    pages, in the restore's 8 MiB ranges, same parallelism) from the same
  *    server with the same client settings, no hashing;
@@ -103,7 +104,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       try {
         let check = 0;
         const t1 = performance.now();
-        const res = await restoreCheckpoint(r, 'bench', 1, { write: (_r, _p, d) => { check ^= d[0]!; } }, { concurrency, chunkPages: 2048 });
+        const res = await restoreCheckpoint(r, 'bench', 1, { write: (_r, _p, d) => { check ^= d[0]!; } }, { concurrency: 2 * concurrency, chunkPages: 2048 });
         const restoreS = (performance.now() - t1) / 1000;
         if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
         restoreRuns.push(bytes / 1e6 / restoreS);

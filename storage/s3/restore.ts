@@ -7,7 +7,8 @@
  * order, form chunks; up to `concurrency` chunks are read at once (each
  * chunk becomes one or a few range GETs on S3) and every page is written to
  * the sink as soon as its chunk arrives, in whatever order chunks finish.
- * Every page is checked against its SHA-256; a page whose ref no longer
+ * Every page is checked against its SHA-256 (in worker threads, see
+ * ./hashpool.ts); a page whose ref no longer
  * resolves is looked up by hash; when no good copy exists the restore fails
  * with CORRUPT naming job, checkpoint, region and page. Zero pages are not
  * read or written: a sink starts zeroed.
@@ -15,6 +16,7 @@
 import { ExaError } from '../../src/errors.js';
 import type { Backend, ManifestHeader, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
+import { hashPool } from './hashpool.js';
 
 /** Where restored pages go. write() may be called in any order, concurrently with reads. */
 export interface PageSink {
@@ -22,7 +24,11 @@ export interface PageSink {
 }
 
 export interface RestoreOptions {
-  /** Chunks read at once (default 8). */
+  /**
+   * Chunks in progress at once (default 16): read, checked, written. The S3
+   * backend caps its own GETs in flight (readConcurrency), so extra chunks
+   * only keep a GET queued while others are being checked and written.
+   */
   concurrency?: number;
   /** Pages per chunk (default 2048 = 8 MiB). */
   chunkPages?: number;
@@ -79,13 +85,12 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
       const pages = await backend.readPages(chunk.map((e) => e.ref));
+      // Hash checks in worker threads, so reading goes on meanwhile.
+      const good = await hashPool().check(pages, chunk.map((e) => e.hash));
       for (let k = 0; k < chunk.length; k++) {
-        // Yield to the event loop now and then: hashing a whole chunk at once would leave
-        // the other chunks' responses unread and stall the server's sends.
-        if (k > 0 && k % 128 === 0) await new Promise<void>((r) => setImmediate(r));
         const e = chunk[k]!;
         let page = pages[k];
-        if (!page || page.length !== PAGE_SIZE || !sha256(page).equals(e.hash)) {
+        if (!good[k]) {
           const bad = page;
           // The ref is a hint: the page may live elsewhere now.
           const [ref] = await backend.lookup([e.hash]);
@@ -93,13 +98,13 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
           if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(e.hash)) throw fail(e, bad ? 'does not match its hash' : 'is missing from the store');
           page = again;
         }
-        await sink.write(e.r, e.i, page);
+        await sink.write(e.r, e.i, page!);
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: entries.length });
     }
   };
-  await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 8, chunks.length) }, worker));
+  await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 16, chunks.length) }, worker));
   return { header, pages: entries.length, zeroPages, bytes: entries.length * PAGE_SIZE };
 }
 
