@@ -698,7 +698,16 @@ export class S3Backend implements Backend {
       const c = parseCkptKey(o.key);
       if (!c || c.kind !== 'manifest' || (job !== undefined && c.job !== job)) return null;
       keys.add(o.key);
-      return this.headers.get(o.key) ?? (await this.loadManifest(c.job, c.checkpoint))?.header ?? null;
+      const hit = this.headers.get(o.key);
+      if (hit) return hit;
+      try {
+        return (await this.loadManifest(c.job, c.checkpoint))?.header ?? null;
+      } catch (e) {
+        // One damaged manifest must not make every listing fail; getHeader/getMaps on it report CORRUPT.
+        if ((e as ExaError).code !== 'CORRUPT') throw e;
+        process.emitWarning(`exa s3: ${(e as Error).message}; leaving it out of the listing`);
+        return null;
+      }
     })));
     for (const k of [...this.headers.keys()]) {
       const c = parseCkptKey(k);
