@@ -21,6 +21,7 @@ import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
 import { archiveJob, importJob } from '../../storage/s3/archive.js';
 import { s3OptionsFrom } from '../../storage/s3/index.js';
 import { startS3StoreServer, type RunningS3StoreServer } from './server.js';
+import { fmtBytes, out, progressBar } from '../cli/common.js';
 
 export interface S3Flags {
   s3Endpoint?: string;
@@ -170,4 +171,35 @@ export async function importCommand(job: string, o: S3Flags & { from: string; da
   } finally {
     await source.close();
   }
+}
+
+/**
+ * Register `archive` and `import` on the exastore program. Exit codes and
+ * error printing are the program's (src/errors.ts exitCodeFor).
+ */
+export function addS3Commands(program: Command): void {
+  withS3Options(program.command('archive <job>')
+    .description("move a job's chain to S3: copy pages and manifests (numbers kept), verify every page from the bucket, then optionally delete the job locally")
+    .requiredOption('--to <url>', 'destination s3://bucket/prefix (a store prefix: `exastore serve --s3` on it serves the job)')
+    .option('--data <dir>', 'source: the LevelDB data directory of a stopped store')
+    .option('--store <addr>', 'source: a running store server (host:port)')
+    .option('--token <token>', 'bearer token for --store (default $EXA_TOKEN)')
+    .option('--delete-local', 'after a verified copy, delete the archived checkpoints from the source (pages go at its next gc)')
+    .option('--json', 'print one JSON object'))
+    .action(async (job: string, o: ArchiveFlags) => {
+      const pb = progressBar(o.json);
+      const r = await archiveCommand(job, o, pb.onProgress).finally(pb.stop);
+      out(o.json, r, () => `archived job ${r.job} to ${o.to}: ${r.copied.length} checkpoints copied, ${r.skipped.length} already there, ${r.pagesUploaded} pages (${fmtBytes(r.bytesUploaded)}) uploaded, verified${r.deletedLocal.length ? `; deleted ${r.deletedLocal.length} checkpoints locally` : ''}`);
+    });
+
+  withS3Options(program.command('import <job>')
+    .description("copy a job's chain from an S3 archive into a LevelDB data directory (numbers kept), for a store that has never seen the job")
+    .requiredOption('--from <url>', 'source s3://bucket/prefix')
+    .requiredOption('--data <dir>', 'destination: the LevelDB data directory of a stopped store (created if missing)')
+    .option('--json', 'print one JSON object'))
+    .action(async (job: string, o: S3Flags & { from: string; data: string; json?: boolean }) => {
+      const pb = progressBar(o.json);
+      const r = await importCommand(job, o, pb.onProgress).finally(pb.stop);
+      out(o.json, r, () => `imported job ${r.job} from ${o.from}: ${r.copied.length} checkpoints copied, ${r.skipped.length} already there, ${r.pagesUploaded} pages written, verified`);
+    });
 }
