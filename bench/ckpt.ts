@@ -6,8 +6,13 @@
  *
  * Figures (side by side in one run, as ratios where it matters):
  *  - pause_ms_per_gib: pause of a live checkpoint (first of a chain, every page
- *    written before), per GiB; stopcopy_pause_ms_per_gib: the blocking
+ *    written before), per GiB, with the default write-protect ahead of the stop;
+ *    pause_wp_inside_pause_ms_per_gib: the same with every page write-protected
+ *    inside the pause (the seed's order); stopcopy_pause_ms_per_gib: the blocking
  *    baseline (job stopped while every page is copied and SHA-256 hashed).
+ *  - resync_pause_ms_per_gib: the second, short stop after a live-sync save that
+ *    moves the region back to async tracking; full_resave_pause_ms_per_gib: a
+ *    forced full checkpoint of a region already on async tracking.
  *  - save_gbps: rate at which that checkpoint's pages reach the JS consumer.
  *  - slowdown_pct: a workload writing random pages of the region at a fixed
  *    rate that dirties ~10% of its pages per second, with a checkpoint every
@@ -104,6 +109,17 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         `checkpoint() resolved after ${round(t1 - t0)} ms), resync ${round(stats.resyncPauseUs / 1000)} ms, ` +
         `saved ${round(bytes / 2 ** 30, 3)} GiB at ${round(save[i]!)} GB/s`);
     }
+    // the seed's order for comparison: write-protect inside the pause (fresh job, first checkpoint)
+    w!.proc.kill('SIGKILL');
+    w = await start('bench-wp');
+    await w.ok('fill r 1');
+    const cw = await agent.checkpoint('bench-wp', { preprotect: false });
+    const wpStats = (await consume(cw)).stats;
+    log(`write-protect inside the pause: pause ${round(wpStats.pauseUs / 1000)} ms (protect ${round(wpStats.pauseProtectUs / 1000)} ms)`);
+    w.proc.kill('SIGKILL');
+    w = await start('bench-2');
+    await w.ok('fill r 1');
+    await consume(await agent.checkpoint('bench-2'));
     const job = `bench-2`;
     // a forced full re-save of a region already on async tracking pays the uffd switch inside the pause
     const cf = await agent.checkpoint(job, { full: true });
@@ -198,6 +214,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       stopcopy_pause_ms_per_gib: round(stopMs),
       pause_vs_stopcopy_pct: round((pauseMs / stopMs) * 100),
       pause_breakdown_us: detail[1],
+      pause_wp_inside_pause_ms_per_gib: round(wpStats.pauseUs / 1000 / gib),
       full_resave_pause_ms_per_gib: round(fullStats.pauseUs / 1000 / gib),
       resync_pause_ms_per_gib: round(median(resync) / 1000 / gib),
       save_gbps: round(median(save)),

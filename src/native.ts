@@ -88,6 +88,12 @@ export interface NativeCkptOptions {
   mode?: 'auto' | 'sync' | 'copy';
   /** Save every page, not only those written since the previous checkpoint (a new chain). */
   full?: boolean;
+  /**
+   * Default true: a region saved on the live sync path that is already on the sync uffd is
+   * write-protected before the stop while the job runs; the pause re-protects only the pages
+   * written in that window. false: write-protect everything inside the pause (the seed's order).
+   */
+  preprotect?: boolean;
   /** Page bytes per batch (default 1 MiB). */
   batchBytes?: number;
   /** Batches ready before the saver waits for JavaScript (default 2). */

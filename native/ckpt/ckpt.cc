@@ -712,7 +712,7 @@ void Session::run() {
     size_t budget_pages = shadow_budget_ / kPage;
     for (auto &r : j.regions) {
       bool first = !r->base_done || opts_.full;
-      if (r->reg == Region::REG_SYNC &&
+      if (opts_.preprotect && r->reg == Region::REG_SYNC &&
           (!j.has_async || opts_.mode == CkptMode::SYNC || (first && r->npages > budget_pages))) {
         r->prewp = true;
         prewp.push_back(r);
