@@ -44,6 +44,9 @@
  *     in the bucket, listed afresh) finds none of its pages referenced
  *     without another live copy; otherwise its tombstones are removed and it
  *     is live again (revived). Any server may do step 2.
+ *  3. Repack (at the end of each GC run and on compact): packs at least
+ *     half dead have their live pages written into new packs, then are
+ *     condemned as in 1; reads through old refs follow the pages by hash.
  *  Safety condition: packGraceMs > refreshMs + the longest upload (an upload
  *  told "present" before a tombstone was visible must commit before the pack
  *  can go). Packs uploaded but never indexed (a writer crashed before
@@ -56,7 +59,7 @@ import { Level } from 'level';
 import { ExaError, toExaError } from '../../src/errors.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from '../backend.js';
 import { Mutex } from '../mutex.js';
-import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, hashKey, isZeroHash } from '../pages.js';
+import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, hashKey, isZeroHash, sha256 } from '../pages.js';
 import {
   MAX_PACK_PAGES, WRITER_RE, decodeIndex, decodeManifest, deletedKey, encodeIndex, encodeManifest, encodePack,
   indexKey, manifestKey, newPackId, packBase, packKey, parseCkptKey, parsePackKey, parseTombKey, randomHex, tombKey,
@@ -165,7 +168,7 @@ export class S3Backend implements Backend {
   private closed = false;
   private gcInScan = false;
   /** Pack-level GC counters of this process (tests, stat). */
-  readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0 };
+  readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0, repacked: 0 };
 
   private constructor(opts: S3BackendOptions, private readonly cache: Cache, private readonly tempCache: string | null) {
     this.io = new S3Io(opts);
@@ -271,6 +274,11 @@ export class S3Backend implements Backend {
     }
   }
 
+  /** Give every hash without an entry its copy in a live pack (after packs left the index). */
+  private reindexAll(): void {
+    for (const p of this.packsByBase.values()) if (p.tombAt === null && !p.gone) this.reindexPack(p);
+  }
+
   /**
    * Re-list index objects and tombstones; fetch index objects not seen yet
    * (from the local cache, else the bucket). With force = false, skipped
@@ -316,10 +324,11 @@ export class S3Backend implements Backend {
         e.keys.push(t.key);
         byBase.set(base, e);
       }
+      let left = false;
       for (const p of this.packsByBase.values()) {
         const t = byBase.get(p.base);
         if (t) {
-          if (p.tombAt === null) this.unindexPack(p);
+          if (p.tombAt === null) { this.unindexPack(p); left = true; }
           p.tombAt = t.at;
           p.tombKeys = t.keys;
         } else if (p.tombAt !== null && !p.gone) {
@@ -328,6 +337,8 @@ export class S3Backend implements Backend {
           this.reindexPack(p);
         }
       }
+      // Pages of condemned packs may have copies elsewhere (a repack): point at those.
+      if (left) this.reindexAll();
       this.lastRefresh = started;
     });
   }
@@ -481,15 +492,33 @@ export class S3Backend implements Backend {
     const jobs: Promise<void>[] = [];
     for (const [id, wants] of byPack) {
       const p = this.packsByRef.get(id);
-      if (!p || p.gone) continue;
-      jobs.push(this.readFromPack(p, wants, out));
+      if (!p) continue;
+      jobs.push(p.gone ? this.redirect(p, wants, out) : this.readFromPack(p, wants, out));
     }
     await Promise.all(jobs);
     return out;
   }
 
+  /**
+   * Refs into a pack that is gone (deleted after a repack or GC): the pack's
+   * index entry still says which hash each slot held, so read that hash
+   * where it lives now. This keeps old manifests' refs fast after a repack.
+   */
+  private async redirect(p: Pack, wants: { slot: number; i: number }[], out: (Buffer | null)[]): Promise<void> {
+    const byPack = new Map<Pack, { slot: number; i: number }[]>();
+    for (const w of wants) {
+      if (w.slot >= p.n) continue;
+      const loc = this.hashIndex.get(hashKey(p.hashes, w.slot * HASH_BYTES));
+      if (!loc || loc.p === p || loc.p.gone) continue;
+      const l = byPack.get(loc.p) ?? [];
+      l.push({ slot: loc.s, i: w.i });
+      byPack.set(loc.p, l);
+    }
+    await Promise.all([...byPack].map(([q, ws]) => this.readFromPack(q, ws, out, false)));
+  }
+
   /** Read slots of one pack: from memory while it is not uploaded, else by coalesced range GETs in parallel. */
-  private async readFromPack(p: Pack, wants: { slot: number; i: number }[], out: (Buffer | null)[]): Promise<void> {
+  private async readFromPack(p: Pack, wants: { slot: number; i: number }[], out: (Buffer | null)[], follow = true): Promise<void> {
     if (p.state === 'open' && p.pages) {
       for (const w of wants) if (w.slot < p.n) out[w.i] = p.pages[w.slot]!;
       return;
@@ -506,14 +535,22 @@ export class S3Backend implements Backend {
       if (r && w.slot - r.last <= 16 && w.slot - r.first < 2048) { r.last = w.slot; r.items.push(w); } else runs.push({ first: w.slot, last: w.slot, items: [w] });
     }
     const key = packKey(p.base);
+    const missing: { slot: number; i: number }[] = [];
     await Promise.all(runs.map((r) => this.reads.run(async () => {
       const buf = await this.io.get(key, { start: r.first * PAGE_SIZE, end: (r.last + 1) * PAGE_SIZE - 1 });
-      if (!buf) { p.gone = p.tombAt !== null || p.gone; return; }
+      if (!buf) {
+        // Deleted by a GC (here or on another server): follow its pages by hash.
+        p.gone = true;
+        this.unindexPack(p);
+        missing.push(...r.items);
+        return;
+      }
       for (const it of r.items) {
         const off = (it.slot - r.first) * PAGE_SIZE;
         if (off + PAGE_SIZE <= buf.length) out[it.i] = buf.subarray(off, off + PAGE_SIZE);
       }
     })));
+    if (missing.length > 0 && follow) await this.redirect(p, missing, out);
   }
 
   async deletePages(pages: readonly StoredPage[]): Promise<number> {
@@ -544,6 +581,7 @@ export class S3Backend implements Backend {
       p.tombKeys.push(key);
       this.gcCounters.condemned++;
     }
+    if (full.length > 0) this.reindexAll();
     return removed;
   }
 
@@ -606,6 +644,55 @@ export class S3Backend implements Backend {
     return { deleted, revived };
   }
 
+  /**
+   * Repack: the live pages of packs at least `minDead` dead (in this
+   * server's view) are written again into new packs (with their index
+   * object), then the old packs are condemned; the sweep of a later GC
+   * deletes them after the grace period and the re-check. Old refs keep
+   * working: reads of a gone pack follow its pages by hash (redirect()).
+   * A pack whose live pages do not match their hashes is left alone for
+   * verify to report.
+   */
+  async repack(minDead = 0.5): Promise<{ packs: number; pagesMoved: number }> {
+    this.checkOpen();
+    const cands = [...this.packsByBase.values()].filter((p) => p.state === 'uploaded' && p.indexed && p.tombAt === null && !p.gone
+      && p.deadCount > 0 && p.deadCount < p.n && p.deadCount / p.n >= minDead);
+    const done: Pack[] = [];
+    let moved = 0;
+    for (const p of cands) {
+      const wants: { slot: number; i: number }[] = [];
+      for (let slot = 0; slot < p.n; slot++) if (!p.dead?.[slot]) wants.push({ slot, i: wants.length });
+      const got: (Buffer | null)[] = new Array(wants.length).fill(null);
+      await this.readFromPack(p, wants, got, false);
+      const pages: NewPage[] = [];
+      let ok = true;
+      wants.forEach((w, k) => {
+        const h = p.hashes.subarray(w.slot * HASH_BYTES, (w.slot + 1) * HASH_BYTES);
+        const d = got[k];
+        if (!d || d.length !== PAGE_SIZE || !sha256(d).equals(h)) ok = false;
+        else pages.push({ hash: Buffer.from(h), data: d });
+      });
+      if (!ok || p.gone) continue;
+      // Pages with another live copy are not written again (putPages is idempotent per hash).
+      this.unindexPack(p);
+      const r = await this.putPages(pages);
+      moved += r.written;
+      done.push(p);
+    }
+    if (done.length === 0) return { packs: 0, pagesMoved: 0 };
+    // New packs and their index first; only then may the old ones be condemned.
+    await this.flush();
+    for (const p of done) {
+      const key = tombKey(p.base, this.writer);
+      await this.io.putNew(key, Buffer.alloc(0));
+      p.tombAt = Date.now();
+      p.tombKeys.push(key);
+      this.gcCounters.condemned++;
+    }
+    this.gcCounters.repacked += done.length;
+    return { packs: done.length, pagesMoved: moved };
+  }
+
   async *scanPages(batchSize: number): AsyncIterable<StoredPage[]> {
     this.checkOpen();
     await this.refresh(true);
@@ -623,7 +710,10 @@ export class S3Backend implements Backend {
     // The engine's GC scans once per run and has applied its deletions by the time it asks
     // past the last batch: the pack-level step runs here, once per GC run. Only for a GC
     // that writes marks (not verify --all-pages, not a dry run).
-    if (this.gcInScan) await this.sweep();
+    if (this.gcInScan) {
+      await this.sweep();
+      await this.repack();
+    }
   }
 
   pageStats(): { pages: number; bytes: number } {
@@ -781,10 +871,11 @@ export class S3Backend implements Backend {
     return n;
   }
 
-  /** Runs the pack-level sweep (see the top of this file). */
+  /** Runs the pack-level sweep and a repack (see the top of this file and repack()). */
   async compactStorage(): Promise<void> {
     this.checkOpen();
     await this.sweep();
+    await this.repack();
   }
 
   /** Uncommitted pages are dropped (nothing refers to them); in-flight uploads are awaited. */

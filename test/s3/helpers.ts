@@ -10,6 +10,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import S3rver from 's3rver';
 import { PAGE_SIZE } from '../../storage/pages.js';
+import type { CheckpointStore } from '../../storage/engine.js';
+import type { ManifestHeader, RegionSpec } from '../../storage/backend.js';
+import { sha256 } from '../../storage/pages.js';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
 
 export const S3RVER_KEYS = { accessKeyId: 'S3RVER', secretAccessKey: 'S3RVER' };
 
@@ -138,10 +143,6 @@ export function makeChain(seed: number, regions: { name: string; pages: number }
   return { changes, images };
 }
 
-import type { CheckpointStore } from '../../storage/engine.js';
-import type { ManifestHeader, RegionSpec } from '../../storage/backend.js';
-import { sha256 } from '../../storage/pages.js';
-
 export type PageChange = { region: number; index: number; bytes: Buffer | null };
 
 /** Upload one checkpoint straight through an engine (no gRPC), in batches of 1024 pages. */
@@ -183,4 +184,50 @@ export async function readDirect(store: CheckpointStore, job: string, n: number)
   }
   if (!header) throw new Error('no header');
   return out;
+}
+
+const EXASTORE = join(import.meta.dirname, '..', '..', 'dist', 'src', 'cli', 'exastore.js');
+
+export interface ExastoreProcess {
+  proc: ChildProcess;
+  address: string;
+  /** SIGTERM, then SIGKILL after 5 s; resolves when the process is gone. */
+  stop(): Promise<void>;
+  stderr(): string;
+}
+
+/** Run `exastore ARGS` (a real process from dist/) and wait for its ready line. */
+export async function spawnExastore(args: string[], env: Record<string, string> = {}): Promise<ExastoreProcess> {
+  const proc = spawn(process.execPath, [EXASTORE, ...args], { env: { ...process.env, NODE_NO_WARNINGS: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  proc.stderr!.on('data', (d: Buffer) => { err += d.toString(); });
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  const address = await new Promise<string>((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error(`exastore ${args.join(' ')} not ready after 30 s: ${err}`)), 30_000);
+    createInterface({ input: proc.stdout! }).on('line', (l) => {
+      const m = /listening on (\S+)/.exec(l);
+      if (m) { clearTimeout(t); resolve(m[1]!); }
+    });
+    proc.once('exit', (code) => { clearTimeout(t); reject(new Error(`exastore ${args.join(' ')} exited with ${code}: ${err}`)); });
+  });
+  return {
+    proc, address, stderr: () => err,
+    async stop() {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      proc.kill('SIGTERM');
+      const t = setTimeout(() => proc.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(t);
+    },
+  };
+}
+
+/** Run `exastore ARGS` to completion: exit code, stdout, stderr. */
+export async function runExastore(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  const proc = spawn(process.execPath, [EXASTORE, ...args], { env: { ...process.env, NODE_NO_WARNINGS: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '', stderr = '';
+  proc.stdout!.on('data', (d: Buffer) => { stdout += d.toString(); });
+  proc.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
+  const code = await new Promise<number>((r) => proc.once('exit', (c) => r(c ?? 1)));
+  return { code, stdout, stderr };
 }
