@@ -1440,7 +1440,8 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
       }
       c.job = j;
       c.phase = Conn::UFFDS;
-      int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+      /* EXA_AGENT_NO_DEVUFFD: behave like an agent that cannot open /dev/userfaultfd (tests the fallback) */
+      int dev = getenv("EXA_AGENT_NO_DEVUFFD") ? (errno = EACCES, -1) : open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
       if (dev < 0) {
         log("agent: cannot open /dev/userfaultfd (" + errstr(errno) + "); job " + j->id +
             " falls back to a user-mode-only userfaultfd");
