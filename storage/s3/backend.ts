@@ -609,7 +609,9 @@ export class S3Backend implements Backend {
           const k = hashKey(p.hashes, s * HASH_BYTES);
           if (!referenced.has(k)) continue;
           const other = this.hashIndex.get(k);
-          if (!other || other.p === p || other.p.tombAt !== null || other.p.gone || other.p.state !== 'uploaded') needed = true;
+          // Another copy counts only when it is in the bucket AND named by an index object:
+          // a copy in a pack whose commit has not happened yet could vanish with its writer.
+          if (!other || other.p === p || other.p.tombAt !== null || other.p.gone || other.p.state !== 'uploaded' || !other.p.indexed) needed = true;
         }
         if (needed) {
           for (const t of p.tombKeys) await this.io.del(t);
