@@ -61,7 +61,7 @@ describe('corruption inside a pack', () => {
     // Flip one byte in that page inside the pack object (s3rver lets us overwrite it).
     const key = packKey(where!.base);
     const body = (await io.get(key))!;
-    body[where!.slot * 4096 + 1234] ^= 0x40;
+    body[where!.slot * 4096 + 1234]! ^= 0x40;
     await io.client.send(new (await import('@aws-sdk/client-s3')).PutObjectCommand({ Bucket: io.bucket, Key: io.key(key), Body: body }));
 
     // A fresh server (fresh cache) on the bucket.
