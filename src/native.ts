@@ -163,6 +163,7 @@ interface NativeAddon {
   checkpointTestReference(s: CheckpointSessionHandle): Buffer[];
   declineCheckpointRequests(h: AgentHandle, job: string, text: string): void;
   stopAndCopy(h: AgentHandle, job: string): { pauseUs: number; bytes: number };
+  remoteWrite(h: AgentHandle, job: string, region: string, offset: number, bytes: Uint8Array): Promise<void>;
   workloadAttach(socketPath: string | null, jobId: string | null): WorkloadHandle;
   workloadAlloc(h: WorkloadHandle, name: string, size: number): ArrayBuffer;
   workloadFree(h: WorkloadHandle, name: string): void;
@@ -220,6 +221,7 @@ export const checkpointReleaseHold = wrap(addon.checkpointReleaseHold);
 export const checkpointTestReference = wrap(addon.checkpointTestReference);
 export const declineCheckpointRequests = wrap(addon.declineCheckpointRequests);
 export const stopAndCopy = wrap(addon.stopAndCopy);
+export const remoteWrite = wrap(addon.remoteWrite);
 export const workloadAttach = wrap(addon.workloadAttach);
 export const workloadAlloc = wrap(addon.workloadAlloc);
 export const workloadFree = wrap(addon.workloadFree);

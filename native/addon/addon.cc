@@ -425,6 +425,55 @@ Napi::Value StopAndCopy(const Napi::CallbackInfo &info) {
   return o;
 }
 
+class RemoteWriteWorker : public Napi::AsyncWorker {
+ public:
+  RemoteWriteWorker(Napi::Env env, Napi::External<AgentWrap> h, std::string job, std::string region, uint64_t off,
+                    std::vector<uint8_t> data)
+      : Napi::AsyncWorker(env), ref_(Napi::Persistent(h)), agent_(h.Data()), job_(std::move(job)), region_(std::move(region)),
+        off_(off), data_(std::move(data)), d_(Napi::Promise::Deferred::New(env)) {}
+  void Execute() override {
+    try {
+      agent_->agent->remote_write(job_, region_, off_, data_.data(), data_.size());
+    } catch (const exa::Error &e) {
+      err_ = e.err;
+      msg_ = e.what();
+    }
+  }
+  void OnOK() override {
+    if (err_) d_.Reject(make_error(Env(), err_, msg_).Value());
+    else d_.Resolve(Env().Undefined());
+  }
+  Napi::Promise Promise() { return d_.Promise(); }
+
+ private:
+  Napi::Reference<Napi::External<AgentWrap>> ref_; /* keeps the agent handle alive while we run */
+  AgentWrap *agent_;
+  std::string job_, region_;
+  uint64_t off_;
+  std::vector<uint8_t> data_;
+  Napi::Promise::Deferred d_;
+  int err_ = 0;
+  std::string msg_;
+};
+
+/* remoteWrite(agent, job, region, offset, bytes) -> Promise<void> (runs on a worker thread: it may wait for the saver) */
+Napi::Value RemoteWrite(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  unwrap_agent(info);
+  std::string job = arg_string(info, 1, "job");
+  std::string region = arg_string(info, 2, "region");
+  if (info.Length() < 5 || !info[3].IsNumber() || !info[4].IsTypedArray())
+    throw Napi::TypeError::New(env, "remoteWrite(agent, job, region, offset, Uint8Array)");
+  double off = info[3].As<Napi::Number>().DoubleValue();
+  if (!(off >= 0)) throw_errno(env, -EINVAL, "offset must be a non-negative integer");
+  Napi::Uint8Array u8 = info[4].As<Napi::Uint8Array>();
+  std::vector<uint8_t> data(u8.Data(), u8.Data() + u8.ByteLength());
+  auto *wk = new RemoteWriteWorker(env, info[0].As<Napi::External<AgentWrap>>(), job, region, (uint64_t)off, std::move(data));
+  auto p = wk->Promise();
+  wk->Queue();
+  return p;
+}
+
 /* ------------------------------------------------------------ workload side */
 
 struct WorkloadWrap {
@@ -560,6 +609,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("checkpointTestReference", Napi::Function::New(env, CheckpointTestReference));
   exports.Set("declineCheckpointRequests", Napi::Function::New(env, DeclineRequests));
   exports.Set("stopAndCopy", Napi::Function::New(env, StopAndCopy));
+  exports.Set("remoteWrite", Napi::Function::New(env, RemoteWrite));
   exports.Set("workloadAttach", Napi::Function::New(env, WorkloadAttach));
   exports.Set("workloadAlloc", Napi::Function::New(env, WorkloadAlloc));
   exports.Set("workloadFree", Napi::Function::New(env, WorkloadFree));

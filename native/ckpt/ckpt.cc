@@ -188,7 +188,11 @@ struct Region {
   bool in_session = false;
   std::vector<uint8_t> state;
   std::vector<uint32_t> slot; /* shadow slot of a SHADOWED page */
+  std::vector<uint8_t> remote_dirty; /* written through remote_write() since the last pause */
+  uint64_t remote_dirty_count = 0;
+  uint8_t *wview = nullptr; /* writable mapping for remote_write(), made on first use */
   ~Region() {
+    if (wview) munmap(wview, size);
     if (view) munmap((void *)view, size);
     if (memfd >= 0) close(memfd);
   }
@@ -423,6 +427,36 @@ class Job {
       }
     }
     deferred.resize(k);
+  }
+
+  /* remote_write(): make page p safe to overwrite from the agent's side (mu held via lk) */
+  void before_remote_write_locked(std::unique_lock<std::mutex> &lk, Region &r, uint64_t p) {
+    for (;;) {
+      uint8_t s = r.state[p];
+      if (s == PAGE_PENDING) {
+        if (to_shadowed(r, p, active ? &active->stats_ : nullptr)) return; /* like case 3 */
+        urgent.emplace_back(&r, p); /* shadow full: the saver takes it next */
+        cv.notify_all();
+        cv.wait(lk, [&] { return r.state[p] != PAGE_PENDING && r.state[p] != PAGE_SAVING; });
+        continue;
+      }
+      if (s == PAGE_SAVING) { /* like case 4 */
+        cv.wait(lk, [&] { return r.state[p] != PAGE_SAVING; });
+        continue;
+      }
+      return; /* CLEAN, SAVED, SHADOWED, WRITTEN: the running checkpoint does not need these bytes */
+    }
+  }
+
+  /* pause: pages written through remote_write() join the set like pages the job wrote */
+  static void fold_remote_dirty(Region &r) {
+    if (!r.remote_dirty_count) return;
+    for (uint64_t p = 0; p < r.npages; p++)
+      if (r.remote_dirty[p]) {
+        r.state[p] = PAGE_WRITTEN;
+        r.remote_dirty[p] = 0;
+      }
+    r.remote_dirty_count = 0;
   }
 
   /* cancel/failure: whatever was in the set goes to the next checkpoint's set */
@@ -761,6 +795,7 @@ void Session::run() {
         stats_.pause_scan_us += now_us() - ts;
         if (e != 0) break;
       }
+      Job::fold_remote_dirty(r);
       uint64_t nd = 0;
       if (first) {
         nd = r.npages;
@@ -1230,6 +1265,38 @@ void Agent::decline_requests(const std::string &job, int status, const std::stri
   j->pending_requests.clear();
 }
 
+void Agent::remote_write(const std::string &job, const std::string &region, uint64_t offset, const uint8_t *data, size_t len) {
+  auto j = find(job);
+  if (!j) throw Error(-ENOENT, "no job \"" + job + "\" is attached to this agent");
+  std::unique_lock<std::mutex> lk(j->mu);
+  std::shared_ptr<Region> r;
+  for (auto &x : j->regions)
+    if (x->name == region) r = x;
+  if (!r) throw Error(-ENOENT, "job " + job + ": no region \"" + region + "\"");
+  if (offset > r->size || len > r->size - offset)
+    throw Error(-EINVAL, "job " + job + ": write of " + std::to_string(len) + " bytes at offset " + std::to_string(offset) +
+                             " is outside region \"" + region + "\" (" + std::to_string(r->size) + " bytes)");
+  if (!r->wview) {
+    void *m = mmap(nullptr, r->size, PROT_READ | PROT_WRITE, MAP_SHARED, r->memfd, 0);
+    if (m == MAP_FAILED) throw Error(-errno, "job " + job + ": region \"" + region + "\": cannot map it writable: " + errstr(errno));
+    r->wview = (uint8_t *)m;
+  }
+  size_t done = 0;
+  while (done < len) {
+    uint64_t a = offset + done;
+    uint64_t p = a / kPage;
+    size_t n = std::min<size_t>(len - done, kPage - a % kPage);
+    j->before_remote_write_locked(lk, *r, p);
+    /* still under the lock: no pause can slip between the state check and the write */
+    memcpy(r->wview + a, data + done, n);
+    if (!r->remote_dirty[p]) {
+      r->remote_dirty[p] = 1;
+      r->remote_dirty_count++;
+    }
+    done += n;
+  }
+}
+
 uint64_t Agent::stop_and_copy(const std::string &job, uint64_t *bytes) {
   auto j = find(job);
   if (!j) throw Error(-ENOENT, "no job \"" + job + "\" is attached to this agent");
@@ -1555,6 +1622,7 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
       r->view = (const uint8_t *)v;
       r->state.assign(r->npages, PAGE_CLEAN);
       r->slot.assign(r->npages, 0);
+      r->remote_dirty.assign(r->npages, 0);
       if (int e = uffd_register(j.uffd_sync, m.addr, m.size)) {
         send_reply(c.fd, hdr.seq, e, "job " + j.id + ": region \"" + name + "\": userfaultfd write-protect registration failed: " + errstr(e));
         return;

@@ -184,6 +184,15 @@ class Agent {
                                       std::function<void()> notify, std::function<void()> on_exit);
   /* Answer pending exa_checkpoint() requests of a job with an error (the agent declined). */
   void decline_requests(const std::string &job, int status, const std::string &text);
+  /*
+   * Write bytes into a job's region through the checkpointer (for RDMA remoting: the agent's
+   * own mapping is invisible to the job's write-protection). Pages touched join the next
+   * checkpoint's set; during a save, a page not yet saved is copied to shadow first (waiting for
+   * the saver when the shadow is full) and a page being saved is waited for, so the running
+   * checkpoint keeps its pause-time image. May block: never call it on a thread the saver's
+   * consumer needs (the addon runs it on a worker thread). Throws Error (ENOENT, EINVAL).
+   */
+  void remote_write(const std::string &job, const std::string &region, uint64_t offset, const uint8_t *data, size_t len);
   /* Baseline for benchmarks: stop the job, copy and hash every page, resume. Returns pause in us. */
   uint64_t stop_and_copy(const std::string &job, uint64_t *bytes);
 

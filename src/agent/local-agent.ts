@@ -262,6 +262,16 @@ export class LocalAgent extends EventEmitter {
     if (this.handle) native.declineCheckpointRequests(this.handle, job, reason);
   }
 
+  /**
+   * Write bytes into a job's region through the checkpointer (the entry point RDMA remoting
+   * uses for remote writes): the pages join the next checkpoint; a checkpoint being saved keeps
+   * its pause-time image (pages not yet saved are copied to shadow first). Resolves once written;
+   * it may wait for the saver, which may wait for this checkpoint's consumer.
+   */
+  remoteWrite(job: string, region: string, offset: number, bytes: Uint8Array): Promise<void> {
+    return native.remoteWrite(this.h, job, region, offset, bytes);
+  }
+
   /** Benchmark baseline: stop the job, copy and hash every page, resume. */
   stopAndCopy(job: string): { pauseUs: number; bytes: number } {
     return native.stopAndCopy(this.h, job);
