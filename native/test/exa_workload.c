@@ -14,6 +14,7 @@
  *   fill NAME SEED                every page p := pattern(SEED, p)
  *   write NAME PAGE SEED          page := pattern(SEED, PAGE)
  *   zero NAME PAGE                page := zeros
+ *   dontneed NAME PAGE            madvise(MADV_DONTNEED) the page (drops the PTE, like reclaim)
  *   bgwrite NAME PAGE SEED        write from a new thread; "bgdone PAGE ok" when it returned
  *   pipe NAME PAGE SEED           read() 4096 bytes of pattern(SEED, PAGE) from a pipe into the page
  *   dump NAME PATH                region bytes -> file
@@ -33,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -280,6 +282,13 @@ int main(int argc, char **argv) {
         memcpy(dst, buf, PG);
       }
       say("ok");
+    } else if (!strcmp(cmd, "dontneed")) {
+      /* drop this process's page-table entry for the page (contents stay in the memfd): like reclaim */
+      exa_region *g = region_or_fail(a);
+      if (!g) continue;
+      uint64_t p = strtoull(b, NULL, 0);
+      if (madvise((uint8_t *)exa_region_addr(g) + p * PG, PG, MADV_DONTNEED) != 0) say("err EIO madvise: %s", strerror(errno));
+      else say("ok");
     } else if (!strcmp(cmd, "bgwrite")) {
       exa_region *g = region_or_fail(a);
       if (!g) continue;

@@ -66,3 +66,26 @@ describe.each(['auto', 'sync'] as const)('incremental checkpoints (%s mode)', (m
     expect(a.agent.job(job)!.checkpoints).toBe(3);
   });
 });
+
+describe('async tracking edge', () => {
+  it('a written page whose page-table entry is dropped (MADV_DONTNEED, as reclaim does) is still in the next checkpoint', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const w = WorkloadProc.start(a.socketPath, 'zap');
+    await w.ok('attach');
+    await w.ok('alloc r 16');
+    await w.ok('fill r 1');
+    await drain(await a.agent.checkpoint('zap'));
+    expect(a.agent.job('zap')!.asyncTracking).toBe(true);
+    await w.ok('write r 5 2');
+    await w.ok('dontneed r 5');
+    const img = await drain(await a.agent.checkpoint('zap'));
+    expect([...img.keys()]).toEqual(['r:5']);
+    expect(img.get('r:5')!.bytes!.equals(pattern(2, 5))).toBe(true);
+    await w.ok('dontneed r 6'); // dropped without a write: the next write must still be seen
+    await w.ok('write r 6 3');
+    const img2 = await drain(await a.agent.checkpoint('zap'));
+    expect([...img2.keys()]).toEqual(['r:6']);
+    expect(img2.get('r:6')!.bytes!.equals(pattern(3, 6))).toBe(true);
+  });
+});
