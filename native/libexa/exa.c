@@ -375,6 +375,10 @@ int exa_region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags
     close(mfd);
     goto out;
   }
+  /* A forked child would inherit the shared mapping without the uffd registration (no
+   * UFFD_FEATURE_EVENT_FORK): its writes would silently escape checkpoints. Not inheriting the
+   * region at all turns that into a clean fault in the child. */
+  madvise(addr, size, MADV_DONTFORK);
   struct exa_msg_region_add m = {0};
   snprintf(m.name, sizeof m.name, "%s", name);
   m.size = size;
