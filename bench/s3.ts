@@ -17,8 +17,10 @@
  *    pages, in the restore's 8 MiB ranges, same parallelism) from the same
  *    server with the same client settings, no hashing;
  *  - restore_vs_raw = restore_mbps / raw_get_mbps (target >= 0.8);
- *  - ingest_mbps and ordered_restore_mbps (the engine's in-order readImage,
- *    what GetImage streams) for context.
+ *  - ingest_mbps, ordered_restore_mbps (the engine's in-order readImage,
+ *    what GetImage streams) and page_hash_mbps_one_thread (SHA-256 of 4 KiB
+ *    pages on one thread: the CPU cost the restore pays and raw GETs do not)
+ *    for context.
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -131,6 +133,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         await r.close();
       }
     }
+    // For context: how fast this machine checks pages (SHA-256 of each 4 KiB page, one thread).
+    // The restore must do this for every page; the raw GETs do not.
+    const sample = randomBytes(64 * 2 ** 20);
+    const th = performance.now();
+    for (let off = 0; off < sample.length; off += PAGE_SIZE) sha256(sample.subarray(off, off + PAGE_SIZE));
+    const hashMbps = sample.length / 1e6 / ((performance.now() - th) / 1000);
     const median = (xs: number[]): number => { const v = [...xs].sort((x, y) => x - y); return v[Math.floor(v.length / 2)]!; };
 
     // The ordered path GetImage uses (engine readImage), for context.
@@ -153,6 +161,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       restore_vs_raw: Number((restoreMbps / rawMbps).toFixed(3)),
       restore_mbps_rounds: restoreRuns.map((x) => Math.round(x)), raw_get_mbps_rounds: rawRuns.map((x) => Math.round(x)),
       ordered_restore_mbps: Number((bytes / 1e6 / orderedS).toFixed(1)),
+      page_hash_mbps_one_thread: Number(hashMbps.toFixed(0)),
     };
   } finally {
     server.kill('SIGTERM');

@@ -98,7 +98,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
           if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(e.hash)) throw fail(e, bad ? 'does not match its hash' : 'is missing from the store');
           page = again;
         }
-        await sink.write(e.r, e.i, page!);
+        const w = sink.write(e.r, e.i, page!);
+        if (w) await w;
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: entries.length });
