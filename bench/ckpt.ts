@@ -10,8 +10,9 @@
  *    pause_wp_inside_pause_ms_per_gib: the same with every page write-protected
  *    inside the pause (the seed's order); stopcopy_pause_ms_per_gib: the blocking
  *    baseline (job stopped while every page is copied and SHA-256 hashed).
- *  - resync_pause_ms_per_gib: the second, short stop after a live-sync save that
- *    moves the region back to async tracking; full_resave_pause_ms_per_gib: a
+ *  - resync_longest_stop_ms / resync_total_ms_per_gib: after a live-sync save the
+ *    region goes back to async tracking in 64 MiB steps, one short stop each
+ *    (longest one, and their sum); full_resave_pause_ms_per_gib: a
  *    forced full checkpoint of a region already on async tracking.
  *  - save_gbps: rate at which that checkpoint's pages reach the JS consumer.
  *  - slowdown_pct: a workload writing random pages of the region at a fixed
@@ -86,6 +87,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const stopcopy: number[] = [];
     const live: number[] = [];
     const resync: number[] = [];
+    const resyncTotal: number[] = [];
     const save: number[] = [];
     const detail: Record<string, number>[] = [];
     let w: Driver | null = null;
@@ -102,11 +104,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       const t2 = performance.now();
       live.push(stats.pauseUs);
       resync.push(stats.resyncPauseUs);
+      resyncTotal.push(stats.resyncTotalUs);
       save.push(bytes / ((t2 - t1) / 1000) / 1e9);
       detail.push({ stop_us: stats.pauseStopUs, protect_us: stats.pauseProtectUs, preprotect_us: stats.preprotectUs });
       log(`round ${i}: stop-and-copy ${round(stopcopy[i]! / 1000)} ms, live pause ${round(stats.pauseUs / 1000)} ms ` +
         `(stop ${round(stats.pauseStopUs / 1000)}, protect ${round(stats.pauseProtectUs / 1000)}, write-protect ahead of the stop ${round(stats.preprotectUs / 1000)} ms; ` +
-        `checkpoint() resolved after ${round(t1 - t0)} ms), resync ${round(stats.resyncPauseUs / 1000)} ms, ` +
+        `checkpoint() resolved after ${round(t1 - t0)} ms), back to async tracking in ${stats.resyncStops} stops (longest ${round(stats.resyncPauseUs / 1000)} ms, total ${round(stats.resyncTotalUs / 1000)} ms), ` +
         `saved ${round(bytes / 2 ** 30, 3)} GiB at ${round(save[i]!)} GB/s`);
     }
     // the seed's order for comparison: write-protect inside the pause (fresh job, first checkpoint)
@@ -216,7 +219,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       pause_breakdown_us: detail[1],
       pause_wp_inside_pause_ms_per_gib: round(wpStats.pauseUs / 1000 / gib),
       full_resave_pause_ms_per_gib: round(fullStats.pauseUs / 1000 / gib),
-      resync_pause_ms_per_gib: round(median(resync) / 1000 / gib),
+      resync_longest_stop_ms: round(median(resync) / 1000),
+      resync_total_ms_per_gib: round(median(resyncTotal) / 1000 / gib),
       save_gbps: round(median(save)),
       slowdown_pct: round(slowdown),
       slowdown_pct_per_round: perRound,

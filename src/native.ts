@@ -121,8 +121,11 @@ export interface PageBatch {
 export interface CheckpointStats {
   /** Stop .. resume of the checkpoint's pause. */
   pauseUs: number;
-  /** The second short stop after a live-sync save that returns regions to async tracking. */
+  /** After a live-sync save, regions go back to async tracking in 64 MiB steps, one short stop each: the longest one. */
   resyncPauseUs: number;
+  /** Sum and number of those stops. */
+  resyncTotalUs: number;
+  resyncStops: number;
   /** Resume .. last batch taken by JavaScript. */
   saveUs: number;
   /** Where the pause went: stopping every thread, PAGEMAP_SCAN, write-protect (incl. uffd switches), copy to shadow. */

@@ -164,6 +164,8 @@ Napi::Object stats_to_js(Napi::Env env, const exa::CkptStats &s) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("pauseUs", (double)s.pause_us);
   o.Set("resyncPauseUs", (double)s.resync_pause_us);
+  o.Set("resyncTotalUs", (double)s.resync_total_us);
+  o.Set("resyncStops", (double)s.resync_stops);
   o.Set("saveUs", (double)s.save_us);
   o.Set("pauseStopUs", (double)s.pause_stop_us);
   o.Set("pauseScanUs", (double)s.pause_scan_us);

@@ -174,6 +174,9 @@ bool page_is_zero(const uint8_t *p) {
  *   SHADOWED in the set; its pause-time bytes are in a shadow slot; unprotected
  *   WRITTEN  written since the pause (or carried over): in the next checkpoint's set
  */
+/* Size of one step when switching a region back to async tracking (one short stop per step). */
+constexpr uint64_t kResyncChunk = 64ull << 20;
+
 enum PageState : uint8_t { PAGE_CLEAN, PAGE_PENDING, PAGE_SAVING, PAGE_SAVED, PAGE_SHADOWED, PAGE_WRITTEN };
 
 struct Region {
@@ -735,6 +738,7 @@ void Session::run() {
   std::vector<std::shared_ptr<Region>> regs;
   bool ok = true;
   bool any_sync = false;
+  std::string resync_error; /* logged by the caller through the session's error text; the image is complete anyway */
 
   /* Regions that will be saved on the live sync path and are already on the sync uffd are
    * write-protected before the stop, while the job runs (15 ms/GiB that need not be pause):
@@ -1088,30 +1092,62 @@ void Session::run() {
     j.shadow.reset(shadow_budget_);
     j.checkpoints++;
   }
-  /* back to cheap async tracking for regions saved on the live sync path */
+  /* Back to cheap async tracking for regions saved on the live sync path. Each switch needs the
+   * job stopped (a write between unregistering the sync uffd and write-protecting on the async
+   * one would be missed), so it goes in chunks of kResyncChunk, one short stop each, instead of
+   * one long stop for the whole region. Pages written meanwhile (WRITTEN) stay in the next set. */
   if (any_sync && j.has_async && !j.gone) {
-    uint64_t s0 = now_us();
-    std::string e2;
-    if (j.stop(&e2) == 0) {
+    for (auto &rp : regs) {
+      Region &r = *rp;
       {
         std::lock_guard<std::mutex> g(j.mu);
-        for (auto &r : regs) {
-          if (!r->sync_save) continue;
-          /* WRITTEN pages stay in the next set; SAVED/CLEAN ones become async-tracked */
-          for (uint64_t p = 0; p < r->npages; p++)
-            if (r->state[p] != PAGE_WRITTEN) Job::to_clean(*r, p);
-          r->sync_save = false;
-          if (j.to_async_locked(*r, &e2) != 0 && !error_.empty()) error_ = e2;
-        }
+        bool still = std::find(j.regions.begin(), j.regions.end(), rp) != j.regions.end();
+        if (!r.sync_save || r.reg != Region::REG_SYNC || !still) continue;
       }
-      j.resume();
+      bool failed = false;
+      uint64_t chunk = kResyncChunk;
+      if (const char *ev = getenv("EXA_CKPT_RESYNC_CHUNK")) /* tests: many steps on a small region */
+        chunk = std::max<uint64_t>(kPage, strtoull(ev, nullptr, 0) / kPage * kPage);
+      for (uint64_t off = 0; off < r.size && !failed; off += chunk) {
+        uint64_t len = std::min<uint64_t>(chunk, r.size - off);
+        uint64_t s0 = now_us();
+        std::string e2;
+        if (j.stop(&e2) != 0) {
+          failed = true; /* the job is gone: nothing to track any more */
+          break;
+        }
+        {
+          std::lock_guard<std::mutex> g(j.mu);
+          for (uint64_t p = off / kPage; p < (off + len) / kPage; p++)
+            if (r.state[p] != PAGE_WRITTEN) Job::to_clean(r, p);
+          int e = uffd_unregister(j.uffd_sync, r.addr + off, len);
+          if (e == 0) e = uffd_register(j.uffd_async, r.addr + off, len);
+          if (e == 0) e = uffd_wp(j.uffd_async, r.addr + off, len, true);
+          if (e != 0) {
+            /* put the whole region back on the sync uffd, unprotected; its next checkpoint saves it whole */
+            uffd_unregister(j.uffd_async, r.addr, off + len);
+            uffd_unregister(j.uffd_sync, r.addr, r.size);
+            uffd_register(j.uffd_sync, r.addr, r.size);
+            r.base_done = false;
+            failed = true;
+            resync_error = "job " + j.id + ": region \"" + r.name + "\": cannot switch back to async tracking: " + errstr(e);
+          }
+        }
+        j.resume();
+        uint64_t d = now_us() - s0;
+        std::lock_guard<std::mutex> g(j.mu);
+        stats_.resync_pause_us = std::max(stats_.resync_pause_us, d);
+        stats_.resync_total_us += d;
+        stats_.resync_stops++;
+      }
+      std::lock_guard<std::mutex> g(j.mu);
+      if (!failed) r.reg = Region::REG_ASYNC;
     }
-    std::lock_guard<std::mutex> g(j.mu);
-    stats_.resync_pause_us = now_us() - s0;
   }
   {
     std::lock_guard<std::mutex> g(j.mu);
     for (auto &r : regs) r->sync_save = false;
+    if (!resync_error.empty()) error_ = resync_error; /* informational: state is DONE */
     state_ = DONE;
     j.busy = false;
   }

@@ -88,7 +88,9 @@ struct CkptOptions {
 
 struct CkptStats {
   uint64_t pause_us = 0;        /* stop .. resume of the checkpoint pause */
-  uint64_t resync_pause_us = 0; /* second, short stop to go back to async tracking after a live-sync save */
+  uint64_t resync_pause_us = 0; /* longest of the short stops that move a live-sync region back to async tracking */
+  uint64_t resync_total_us = 0; /* all of them */
+  uint64_t resync_stops = 0;
   uint64_t save_us = 0;         /* resume .. last batch handed over */
   /* where the pause went: stopping every thread, PAGEMAP_SCAN, write-protect (and uffd switches), copy-at-pause */
   uint64_t pause_stop_us = 0, pause_scan_us = 0, pause_protect_us = 0, pause_copy_us = 0;

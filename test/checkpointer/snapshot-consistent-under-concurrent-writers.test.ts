@@ -55,10 +55,14 @@ describe.each([
     await w.ok(`alloc r ${PAGES}`);
     await w.ok('writers 3 r');
 
+    // switch back to async tracking after each sync save in 64 KiB steps (64 short stops) while
+    // the writers run, so the chunked switch is proven not to lose a write either
+    process.env.EXA_CKPT_RESYNC_CHUNK = String(16 * PAGE);
     const image = new Map<string, Buffer>();
     const sizes = { r: PAGES * PAGE };
     const modes: CheckpointOptions['mode'][] = ['sync', 'auto', 'sync', 'auto', 'sync'];
     let faults = 0;
+    let resyncStops = 0;
     for (let k = 0; k < modes.length; k++) {
       appOpts.mode = modes[k];
       const ref = join(a.dir, `ref-${k}.bin`);
@@ -66,6 +70,7 @@ describe.each([
       await until(() => results.length === k + 1, 'the agent took the checkpoint');
       const { pages, stats } = await results[k]!;
       faults += stats.faults.reduce((x, y) => x + y, 0);
+      resyncStops += stats.resyncStops;
       apply(image, pages, sizes);
       const d = firstDiff(image.get('r')!, readFileSync(ref));
       expect(d, `checkpoint ${k} (${modes[k]}): first differing page`).toBe(-1);
@@ -83,8 +88,10 @@ describe.each([
         expect(firstDiff(image.get('r')!, refAtPause), 'agent-initiated: first differing page').toBe(-1);
       }
     }
+    delete process.env.EXA_CKPT_RESYNC_CHUNK;
     // the writers really raced the saver on the sync path
     expect(faults).toBeGreaterThan(0);
+    if (!syncOnly) expect(resyncStops).toBeGreaterThanOrEqual(64);
     expect(await w.ok('stopwriters')).toMatch(/^ok \d+/);
   });
 });
