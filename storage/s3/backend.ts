@@ -285,7 +285,10 @@ export class S3Backend implements Backend {
    * when the last refresh is younger than missRefreshMs.
    */
   async refresh(force = false): Promise<void> {
+    const asked = Date.now();
     await this.refreshLock.run(async () => {
+      // A refresh that started after this call was made serves it too.
+      if (this.lastRefresh >= asked) return;
       if (!force && Date.now() - this.lastRefresh < this.missRefreshMs) return;
       const started = Date.now();
       const [idx, tombs] = await Promise.all([this.io.list('index/'), this.io.list('tombs/')]);
