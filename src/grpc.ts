@@ -222,6 +222,31 @@ export function bidiStream<Req, Res>(
   };
 }
 
+/**
+ * Pull messages from a server call's request stream one at a time (null at
+ * its end, or when the client cancels). Unlike `for await`, leaving early
+ * does not destroy the stream, so the handler can still send its status;
+ * not reading leaves messages unread, which slows the sender through HTTP/2
+ * flow control.
+ */
+export function messageReader<T>(call: NodeJS.ReadableStream & { on(ev: 'cancelled', fn: () => void): unknown }): () => Promise<T | null> {
+  let ended = false;
+  let wake: (() => void) | null = null;
+  const poke = (): void => { const w = wake; wake = null; w?.(); };
+  call.on('readable', poke);
+  call.on('end', () => { ended = true; poke(); });
+  call.on('close', () => { ended = true; poke(); });
+  call.on('cancelled', () => { ended = true; poke(); });
+  return async () => {
+    for (;;) {
+      const v = call.read() as T | null;
+      if (v !== null) return v;
+      if (ended) return null;
+      await new Promise<void>((r) => { wake = r; });
+    }
+  };
+}
+
 export interface ClientOptions {
   /** Bearer token sent with every call. */
   token?: string | undefined;

@@ -166,8 +166,12 @@ export class StoreClient {
     // One ordered writer: data goes out as soon as the store asks for it,
     // whatever the source is doing; each write waits for the transport.
     let chain: Promise<void> = Promise.resolve();
+    // A write's callback may never come once the call has failed: stop waiting then.
+    let closed!: () => void;
+    const whenClosed = new Promise<void>((r) => { closed = r; });
+    call.on('status', () => closed());
     const send = (m: PutRequest): Promise<void> => {
-      const p = chain.then(() => (failure ? undefined : writeMessage(call, m))).catch((e: unknown) => {
+      const p = chain.then(() => (failure ? undefined : Promise.race([writeMessage(call, m), whenClosed]))).catch((e: unknown) => {
         failure ??= fromGrpcError(e, what);
         notify();
       });
@@ -204,7 +208,7 @@ export class StoreClient {
       }
       notify();
     });
-    call.on('error', (e) => { failure ??= fromGrpcError(e, what); notify(); });
+    call.on('error', (e) => { failure ??= fromGrpcError(e, what); closed(); notify(); });
     call.on('end', () => { if (!committed) failure ??= new ExaError('UNAVAILABLE', `${what}: the store ended the stream without committing`); notify(); });
     const check = (): void => { if (failure) throw failure; };
 

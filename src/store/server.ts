@@ -5,7 +5,7 @@
  */
 import type * as grpcTypes from '@grpc/grpc-js';
 import { ExaError } from '../errors.js';
-import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, serverStream, unary, type ServerAuth } from '../grpc.js';
+import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, messageReader, serverStream, unary, type ServerAuth } from '../grpc.js';
 import { grpc } from '../grpc.js';
 import { storeProto } from './proto.js';
 import type { StoreHandlers } from '../gen/exa/v1/Store.js';
@@ -42,8 +42,9 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
       let writeError: unknown = null;
       // A cancelled call never finishes its iteration: abort the upload from the event.
       call.on('cancelled', () => session?.abort());
+      const next = messageReader<PutRequest__Output>(call);
       try {
-        for await (const req of call as AsyncIterable<PutRequest__Output>) {
+        for (let req = await next(); req !== null; req = await next()) {
           switch (req.msg) {
             case 'begin': {
               if (session) throw new ExaError('INVALID_ARGUMENT', 'begin sent twice on one stream');
