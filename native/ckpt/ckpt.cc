@@ -986,7 +986,8 @@ void Session::run() {
        * wait, case 4) and shadow slots are ours until shadow_saved() */
       const size_t n = items.size();
       const size_t base = cur->data.size();
-      if (cur->data.capacity() < base + n * kPage) cur->data.reserve(std::max(base + n * kPage, 2 * per_batch * kPage));
+      /* collection stops at `room`, so a batch never holds more than per_batch pages of bytes */
+      if (cur->data.capacity() < base + n * kPage) cur->data.reserve(std::max(base + n * kPage, per_batch * kPage));
       cur->data.resize(base + n * kPage);
       for (size_t i = 0; i < n; i++) {
         const uint8_t *src = items[i].slot < 0 ? items[i].r->view + items[i].p * kPage : j.shadow.at((uint32_t)items[i].slot);

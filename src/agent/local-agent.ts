@@ -5,8 +5,10 @@
  * keeps track of attached jobs, and takes live incremental checkpoints of
  * them. A checkpoint streams batches of (region, page, SHA-256, bytes) through
  * an async iterator with real backpressure: the native saver waits while the
- * consumer has not taken the previous batch, so memory in flight is bounded by
- * (queueDepth + 1) batches plus the shadow budget, whatever the consumer does.
+ * consumer has not taken the previous batch, so native memory in flight is
+ * bounded by (queueDepth + 1) x batchBytes (3 MiB with the defaults) plus the
+ * shadow budget (256 MiB by default, reserved lazily), whatever the consumer
+ * does. Batches already handed to JavaScript are the consumer's.
  *
  * The gRPC agent service (a later issue) wraps this class: it calls
  * checkpoint(job), forwards every batch to the store (awaiting the store's
