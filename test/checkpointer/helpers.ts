@@ -6,7 +6,7 @@
  */
 import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync, chmodSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -75,8 +75,8 @@ export class WorkloadProc {
   private eventWaiters: { prefix: string; resolve: (l: string) => void }[] = [];
   stderr = '';
 
-  constructor(args: string[], opts: SpawnOptions = {}) {
-    this.proc = track(spawn(WORKLOAD_BIN, args, { ...opts, stdio: ['pipe', 'pipe', 'pipe'] }));
+  constructor(args: string[], opts: SpawnOptions = {}, bin = WORKLOAD_BIN) {
+    this.proc = track(spawn(bin, args, { ...opts, stdio: ['pipe', 'pipe', 'pipe'] }));
     this.proc.stderr!.on('data', (d: Buffer) => { this.stderr += d.toString(); });
     createInterface({ input: this.proc.stdout! }).on('line', (l) => {
       if (l.startsWith('bgdone')) {
@@ -92,7 +92,9 @@ export class WorkloadProc {
   }
 
   static start(socketPath: string, job: string, opts: SpawnOptions = {}): WorkloadProc {
-    return new WorkloadProc(['--socket', socketPath, '--job', job], opts);
+    // another uid may not be able to reach the build tree (e.g. a clone under /root): run a copy
+    const bin = opts.uid !== undefined && opts.uid !== process.getuid?.() ? workloadCopyForOtherUsers() : WORKLOAD_BIN;
+    return new WorkloadProc(['--socket', socketPath, '--job', job], opts, bin);
   }
 
   /** Send a command; resolves with its answer line. */
@@ -190,4 +192,14 @@ export function openDir(): string {
   const d = tempDir('exa-open-');
   chmodSync(d, 0o777);
   return d;
+}
+
+/** exa_workload copied into a fresh directory every user can reach (removed after the test). */
+export function workloadCopyForOtherUsers(): string {
+  const dir = tempDir('exa-bin-');
+  chmodSync(dir, 0o755);
+  const bin = join(dir, 'exa_workload');
+  copyFileSync(WORKLOAD_BIN, bin);
+  chmodSync(bin, 0o755);
+  return bin;
 }
