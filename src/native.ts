@@ -32,7 +32,8 @@ export const repoRoot: string = (() => {
 })();
 
 /** Directory of the native build (the addon and the helper executables such as exa_workload). */
-export const nativeBuildDir: string = join(repoRoot, 'build', 'Release');
+/** Where the addon and the native executables are: $EXA_NATIVE_DIR, else build/Release of this checkout. */
+export const nativeBuildDir: string = process.env.EXA_NATIVE_DIR || join(repoRoot, 'build', 'Release');
 
 // ---- opaque handles -------------------------------------------------------
 

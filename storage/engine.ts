@@ -62,6 +62,8 @@ export interface ImageRange {
   region?: string;        // undefined or '' = all regions
   firstPage?: number;
   pageCount?: number;     // 0/undefined = to the end of the region
+  /** Delta read: only pages whose hash differs from this checkpoint's (0/undefined = all). */
+  since?: number;
 }
 
 export interface ImagePiece {
@@ -72,6 +74,8 @@ export interface ImagePiece {
   zero: Buffer;
   /** The non-zero pages, 4096 bytes each, in order. */
   data: Buffer;
+  /** Sparse piece (delta reads): the page indexes held, ascending; zero/data follow this list. */
+  pages?: number[];
 }
 
 export interface JobSummaryInfo { job: string; checkpoints: number; latest: number; latestAt: number; logicalBytes: number }
@@ -220,12 +224,35 @@ export class CheckpointStore {
       if (range.firstPage || range.pageCount) throw new ExaError('INVALID_ARGUMENT', 'a page range needs a region');
       header.regions.forEach((x, r) => plan.push({ r, first: 0, count: x.pageCount }));
     }
+    // A delta against checkpoint `since`: compare the materialized maps hash by hash.
+    let base: { header: ManifestHeader; maps: PageMaps } | null = null;
+    if (range.since) {
+      if (!Number.isInteger(range.since) || range.since < 0) throw new ExaError('INVALID_ARGUMENT', `since ${range.since} is not a checkpoint number`);
+      const bh = await this.resolve(job, range.since);
+      base = { header: bh, maps: await this.getMaps(job, bh.checkpoint) };
+    }
     yield header;
     this.readers.add(maps);
+    if (base) this.readers.add(base.maps);
     try {
-      const pieces: { r: number; first: number; count: number }[] = [];
+      const pieces: { r: number; first: number; count: number; pages?: number[] }[] = [];
       for (const p of plan) {
-        for (let f = p.first; f < p.first + p.count; f += chunkPages) pieces.push({ r: p.r, first: f, count: Math.min(chunkPages, p.first + p.count - f) });
+        if (!base) {
+          for (let f = p.first; f < p.first + p.count; f += chunkPages) pieces.push({ r: p.r, first: f, count: Math.min(chunkPages, p.first + p.count - f) });
+          continue;
+        }
+        const spec = header.regions[p.r]!;
+        const br = base.header.regions.findIndex((x) => x.name === spec.name && x.pageCount === spec.pageCount);
+        const cur = maps[p.r]!;
+        const old = br >= 0 ? base.maps[br]! : null;
+        let sparse: number[] = [];
+        for (let i = p.first; i < p.first + p.count; i++) {
+          const off = i * ENTRY_BYTES;
+          if (old && cur.compare(old, off, off + HASH_BYTES, off, off + HASH_BYTES) === 0) continue;
+          sparse.push(i);
+          if (sparse.length === chunkPages) { pieces.push({ r: p.r, first: sparse[0]!, count: 0, pages: sparse }); sparse = []; }
+        }
+        if (sparse.length) pieces.push({ r: p.r, first: sparse[0]!, count: 0, pages: sparse });
       }
       // Read two pieces ahead so the backend works while the consumer sends
       // (memory: three pieces, 6 MiB at the default size).
@@ -247,23 +274,26 @@ export class CheckpointStore {
       }
     } finally {
       this.readers.delete(maps);
+      if (base) this.readers.delete(base.maps);
     }
   }
 
-  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number }): Promise<ImagePiece> {
+  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number; pages?: number[] }): Promise<ImagePiece> {
     const map = maps[p.r]!;
     const region = header.regions[p.r]!.name;
+    const n = p.pages ? p.pages.length : p.count;
     let zero: Buffer | null = null;
     const refs: PageRef[] = [];
     const pos: number[] = [];
-    for (let i = 0; i < p.count; i++) {
-      const off = (p.first + i) * ENTRY_BYTES;
+    for (let i = 0; i < n; i++) {
+      const page = p.pages ? p.pages[i]! : p.first + i;
+      const off = page * ENTRY_BYTES;
       if (isZeroHash(map, off)) {
-        if (!zero) zero = Buffer.alloc(p.count);
+        if (!zero) zero = Buffer.alloc(n);
         zero[i] = 1;
       } else {
         refs.push(map.subarray(off + HASH_BYTES, off + ENTRY_BYTES));
-        pos.push(p.first + i);
+        pos.push(page);
       }
     }
     const pages = await this.backend.readPages(refs);
@@ -277,7 +307,7 @@ export class CheckpointStore {
       }
       page.copy(data, k * PAGE_SIZE);
     }
-    return { region, firstPage: p.first, pageCount: p.count, zero: zero ?? Buffer.alloc(0), data };
+    return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
   }
 
   /** A page whose ref failed: ask the backend where the hash lives now; CORRUPT when nowhere good. */

@@ -14,7 +14,7 @@
  * runs on its source; the final restore then writes only the pages that
  * differ between X and the final checkpoint.
  */
-import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync, writeSync, chownSync, existsSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync, openSync, closeSync, ftruncateSync, writeSync, chownSync, existsSync, constants } from 'node:fs';
 import { join } from 'node:path';
 import { ExaError } from '../errors.js';
 import type { StoreClient, CheckpointSummary } from '../store/client.js';
@@ -51,8 +51,7 @@ export async function stageImage(store: StoreClient, job: string, checkpoint: nu
 
 /**
  * Bring a staged image up to checkpoint `to` by writing only the pages that
- * changed since the staged one (falls back to rewriting every page when the
- * store cannot give a delta).
+ * differ between the staged checkpoint and `to` (a delta read from the store).
  */
 export async function advanceImage(store: StoreClient, staged: StagedImage, to: number, opts: StageOptions): Promise<StagedImage> {
   if (to === staged.checkpoint) return staged;
@@ -71,14 +70,14 @@ async function writeImage(
   let info: CheckpointSummary | null = null;
   let done = 0;
   try {
-    const imageReq = { job: req.job, checkpoint: req.checkpoint, ...(req.since ? { since: req.since } : {}) };
-    for await (const item of store.getImage(imageReq)) {
+    for await (const item of store.getImage({ job: req.job, checkpoint: req.checkpoint, ...(req.since ? { since: req.since } : {}) })) {
       if ('info' in item) {
         info = item.info;
         for (const r of info.regions) {
           checkRegionName(r.name);
           const path = join(dir, `${r.name}.region`);
-          const fd = openSync(path, fresh ? 'w' : 'r+', 0o600);
+          // Advancing: a region the staged image lacked is created here.
+          const fd = openSync(path, fresh ? 'w' : constants.O_RDWR | constants.O_CREAT, 0o600);
           // A region that grew or shrank between staged and final images gets its final size here.
           ftruncateSync(fd, r.pageCount * PAGE_SIZE);
           fds.set(r.name, fd);
@@ -88,7 +87,12 @@ async function writeImage(
       }
       const fd = fds.get(item.region);
       if (fd === undefined) throw new ExaError('CORRUPT', `image of job ${req.job}: the store sent pages of region "${item.region}" that is not in its table`);
-      writeSync(fd, item.data, 0, item.data.length, item.firstPage * PAGE_SIZE);
+      if (item.pages) {
+        // A delta: scattered pages, each written where it belongs.
+        item.pages.forEach((page, i) => { writeSync(fd, item.data, i * PAGE_SIZE, PAGE_SIZE, page * PAGE_SIZE); });
+      } else {
+        writeSync(fd, item.data, 0, item.data.length, item.firstPage * PAGE_SIZE);
+      }
       done += item.pageCount;
       opts.onProgress?.(done, info ? info.regions.reduce((a, r) => a + r.pageCount, 0) : 0);
     }

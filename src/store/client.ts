@@ -85,14 +85,21 @@ export interface ImageRequest {
   region?: string;
   firstPage?: number;
   pageCount?: number;
+  /** Delta read: only pages that differ from this checkpoint of the job (sparse pieces). */
+  since?: number;
 }
 
-/** A run of pages of one region, zero pages expanded: data is pageCount x 4096 bytes. */
+/**
+ * A run of pages of one region, zero pages expanded: data is pageCount x 4096
+ * bytes. A delta read (since) gives sparse pieces: `pages` lists the page
+ * indexes held, in data order.
+ */
 export interface ImagePiece {
   region: string;
   firstPage: number;
   pageCount: number;
   data: Buffer;
+  pages?: number[];
 }
 
 export interface JobSummary { job: string; checkpoints: number; latest: number; latestAt: string; logicalBytes: number }
@@ -253,6 +260,7 @@ export class StoreClient {
     const what = `image of checkpoint ${req.checkpoint || 'latest'} of job ${req.job} from ${this.address}`;
     const call = this.client.GetImage({
       job: req.job, checkpoint: req.checkpoint ?? 0, region: req.region ?? '', first_page: req.firstPage ?? 0, page_count: req.pageCount ?? 0,
+      since: req.since ?? 0,
     }, this.md());
     let done = false;
     try {
@@ -269,7 +277,7 @@ export class StoreClient {
             k++;
           }
         }
-        yield { region: p.region, firstPage: p.first_page, pageCount: p.page_count, data };
+        yield { region: p.region, firstPage: p.first_page, pageCount: p.page_count, data, ...(p.pages.length ? { pages: p.pages } : {}) };
       }
       done = true;
     } catch (e) {

@@ -92,10 +92,10 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
     }),
 
     GetImage: serverStream(auth, async (req, emit) => {
-      const range = { region: req.region, firstPage: req.first_page, pageCount: req.page_count };
+      const range = { region: req.region, firstPage: req.first_page, pageCount: req.page_count, since: req.since };
       for await (const item of store.readImage(req.job, req.checkpoint, range)) {
         if ('checkpoint' in item) await emit({ info: headerToInfo(item) });
-        else await emit({ pages: { region: item.region, first_page: item.firstPage, page_count: item.pageCount, zero: item.zero, data: item.data } });
+        else await emit({ pages: { region: item.region, first_page: item.firstPage, page_count: item.pageCount, zero: item.zero, data: item.data, pages: item.pages ?? [] } });
       }
     }),
 
