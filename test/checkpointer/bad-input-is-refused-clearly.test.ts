@@ -54,6 +54,13 @@ describe('bad input', () => {
     const w2 = WorkloadProc.start(a.socketPath, 'twin');
     expect(await w2.cmd('attach')).toMatch(/^err EEXIST .*job "twin" is already attached/);
 
+    // socket and job id from the environment (EXA_AGENT_SOCKET, EXA_JOB_ID) when no arguments are given
+    const envJob = new WorkloadProc([], { env: { ...process.env, EXA_AGENT_SOCKET: a.socketPath, EXA_JOB_ID: 'from-env' } });
+    await envJob.ok('attach');
+    expect(a.agent.job('from-env')).not.toBeNull();
+    const noEnv = new WorkloadProc([], { env: { PATH: process.env.PATH ?? '' } });
+    expect(await noEnv.cmd('attach')).toMatch(/^err EINVAL .*no agent socket/);
+
     const none = join(tempDir(), 'nobody-listens.sock');
     const w3 = WorkloadProc.start(none, 'lonely');
     expect(await w3.cmd('attach')).toMatch(/^err ENOENT .*no agent listening on/);
