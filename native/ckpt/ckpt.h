@@ -108,7 +108,11 @@ struct CkptStats {
   uint32_t copy_regions = 0;    /* regions whose dirty pages were copied to shadow during the pause */
 };
 
-/* One batch: entries (region index in the session's table, page index, flags, hash); bytes of non-zero pages in order. */
+/* One batch: entries (region index in the session's table, page index, flags, hash); bytes of
+ * non-zero pages in order. Hash: SHA-256 of the 4096 bytes (OpenSSL, the copy inside Node's
+ * binary), the same content address storage/pages.ts uses; computed on the saver thread and one
+ * helper thread, never on the JS thread. Zero pages are flagged (zero = 1), carry no bytes and an
+ * all-zero hash field. A batch holds at most batch_bytes of page bytes (1 MiB by default). */
 struct Batch {
   std::vector<uint32_t> region;
   std::vector<uint32_t> page;
