@@ -241,7 +241,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         const e = await timeIt(() => c2.putCheckpoint({ job: 'vs-restic', parent: p2, regions }, b));
         p2 = e.v.checkpoint;
         exaIngest += e.s;
-        const r = await timeIt(async () => { execFileSync(restic, ['backup', '--quiet', '--no-scan', file], { env, cwd: work }); });
+        const r = await timeIt(async () => { execFileSync(restic, ['backup', '--quiet', file], { env, cwd: work }); });
         resticIngest += r.s;
         log(`increment ${k}: exastore ${e.s.toFixed(2)} s, restic ${r.s.toFixed(2)} s`);
       }

@@ -121,7 +121,11 @@ export class LevelBackend implements Backend {
         cacheSize: 8 * 1024 * 1024,
         writeBufferSize: opts.writeBufferSize ?? 64 * 1024 * 1024,
         maxFileSize: 64 * 1024 * 1024,
-        blockSize: 64 * 1024,
+        // One page a block: a point read of a page scattered by increments reads
+        // 4 KiB, not a 64 KiB block of unrelated pages (measured: the restore of
+        // checkpoint 100 of a 1%-increment chain took 1.75x that of checkpoint 1
+        // with 64 KiB blocks).
+        blockSize: 4096,
         // Page bytes are mostly incompressible once zero pages are dropped;
         // Snappy's attempt on every block halved ingest throughput when measured.
         compression: false,

@@ -82,6 +82,9 @@ export function buildProgram(): Command {
   const program = new Command('exastore')
     .description('exackpt deduplicating checkpoint store: server and maintenance')
     .showHelpAfterError()
+    // Before the subcommands are added, so they inherit it: usage errors then
+    // reach main() and exit 2, as exitCodeFor() maps INVALID_ARGUMENT.
+    .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
   program.command('serve')
@@ -178,7 +181,6 @@ export function buildProgram(): Command {
 
 async function main(): Promise<void> {
   const program = buildProgram();
-  program.exitOverride();
   try {
     await program.parseAsync(process.argv);
   } catch (e) {
