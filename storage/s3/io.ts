@@ -141,6 +141,8 @@ export class S3Io {
       responseChecksumValidation: 'WHEN_REQUIRED',
       requestHandler: {
         requestTimeout: config.requestTimeoutMs ?? 120_000,
+        // Without this the SDK only logs a warning when a request stalls, and waits forever.
+        throwOnRequestTimeout: true,
         connectionTimeout: config.connectTimeoutMs ?? 5_000,
         httpAgent: new HttpAgent(agentOpts),
         httpsAgent: new HttpsAgent(agentOpts),
