@@ -166,7 +166,6 @@ export class S3Backend implements Backend {
   private lastRefresh = 0;
   private readonly headers = new Map<string, ManifestHeader>();
   private closed = false;
-  private gcInScan = false;
   /** Pack-level GC counters of this process (tests, stat). */
   readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0, repacked: 0 };
 
@@ -595,10 +594,10 @@ export class S3Backend implements Backend {
    * object names and that are older than packGraceMs (a writer died before
    * its commit). Returns the number of packs deleted.
    */
-  async sweep(): Promise<{ deleted: number; revived: number }> {
+  async sweep(): Promise<{ deleted: number; revived: number; orphanPages: number }> {
     const now = Date.now();
     const due = [...this.packsByBase.values()].filter((p) => p.tombAt !== null && !p.gone && now - p.tombAt >= this.packGraceMs);
-    let deleted = 0, revived = 0;
+    let deleted = 0, revived = 0, orphanPages = 0;
     if (due.length > 0) {
       // The re-check: every manifest in the bucket, listed now.
       const referenced = new Set<string>();
@@ -643,10 +642,11 @@ export class S3Backend implements Backend {
         if (this.packsByBase.has(pk.base)) continue;
         await this.io.del(o.key);
         deleted++;
+        orphanPages += Math.max(0, Math.floor((o.size - 12) / (PAGE_SIZE + HASH_BYTES)));
         this.gcCounters.orphansDeleted++;
       }
     }
-    return { deleted, revived };
+    return { deleted, revived, orphanPages };
   }
 
   /**
@@ -701,7 +701,6 @@ export class S3Backend implements Backend {
   async *scanPages(batchSize: number): AsyncIterable<StoredPage[]> {
     this.checkOpen();
     await this.refresh(true);
-    this.gcInScan = false;
     let batch: StoredPage[] = [];
     for (const p of [...this.packsByBase.values()]) {
       if (p.tombAt !== null || p.gone) continue;
@@ -712,13 +711,20 @@ export class S3Backend implements Backend {
       }
     }
     if (batch.length > 0) yield batch;
-    // The engine's GC scans once per run and has applied its deletions by the time it asks
-    // past the last batch: the pack-level step runs here, once per GC run. Only for a GC
-    // that writes marks (not verify --all-pages, not a dry run).
-    if (this.gcInScan) {
-      await this.sweep();
-      await this.repack();
-    }
+  }
+
+  /**
+   * Called by the engine at the end of each (not dry-run) GC, after its
+   * page deletions: the pack-level step (sweep: delete condemned packs past
+   * the grace period, revive needed ones, delete old unindexed packs) and a
+   * repack. Returns the pages of unindexed packs deleted (the others were
+   * counted when deletePages() took them).
+   */
+  async sweepOrphans(): Promise<number> {
+    this.checkOpen();
+    const r = await this.sweep();
+    await this.repack();
+    return r.orphanPages;
   }
 
   pageStats(): { pages: number; bytes: number } {
@@ -855,8 +861,6 @@ export class S3Backend implements Backend {
   }
 
   async putMarks(marks: readonly { hash: Buffer; at: number }[]): Promise<void> {
-    // Only a real (not dry-run) GC writes marks, once per scanned batch (see scanPages).
-    this.gcInScan = true;
     if (marks.length === 0) return;
     await this.cache.batch(marks.map((m) => {
       const v = Buffer.allocUnsafe(8);
