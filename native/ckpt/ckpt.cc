@@ -732,14 +732,13 @@ void Session::poke() {
   if (notify) notify();
 }
 
-void Session::run() {
+/* Steps 1-4 of the seed: stop the job, collect each region's set (scan), write-protect or copy
+ * to shadow, resume. Fills regs (the region table of this checkpoint). False: the checkpoint
+ * failed (state FAILED, waiting exa_checkpoint() calls answered). */
+bool Session::pause_phase(std::vector<std::shared_ptr<Region>> &regs, bool &any_sync) {
   Job &j = *job_;
   std::string err;
-  std::vector<std::shared_ptr<Region>> regs;
   bool ok = true;
-  bool any_sync = false;
-  std::string resync_error; /* logged by the caller through the session's error text; the image is complete anyway */
-
   /* Regions that will be saved on the live sync path and are already on the sync uffd are
    * write-protected before the stop, while the job runs (15 ms/GiB that need not be pause):
    * the fault thread keeps serving, records every page written in that window, and the pause
@@ -776,8 +775,7 @@ void Session::run() {
     j.busy = false;
     lk.unlock();
     poke();
-    if (on_exit) on_exit();
-    return;
+    return false;
   }
   {
     std::unique_lock<std::mutex> lk(j.mu);
@@ -875,6 +873,7 @@ void Session::run() {
   }
   j.resume();
   uint64_t t1 = now_us();
+  resumed_us_ = t1;
   {
     std::unique_lock<std::mutex> lk(j.mu);
     stats_.pause_us = t1 - t0;
@@ -887,11 +886,13 @@ void Session::run() {
     }
   }
   poke();
-  if (!ok) {
-    if (on_exit) on_exit();
-    return;
-  }
+  return ok;
+}
 
+/* The save: pages in order (case-3 pages waiting for shadow first), copied, zero-flagged and
+ * hashed into batches handed over through the bounded queue. False: cancelled or failed. */
+bool Session::save_phase(const std::vector<std::shared_ptr<Region>> &regs) {
+  Job &j = *job_;
   /* ---- the save: sequential, hashing, zero pages flagged, bounded queue ---- */
   struct Item {
     uint32_t ri;
@@ -1063,41 +1064,16 @@ void Session::run() {
     if (cancel_) cancelled = true;
   }
 
-  if (cancelled) {
-    std::unique_lock<std::mutex> lk(j.mu);
-    j.abandon_locked(regs);
-    j.active = nullptr;
-    ready_.clear();
-    j.shadow.reset(shadow_budget_);
-    if (error_.empty()) {
-      state_ = CANCELLED;
-      error_ = "checkpoint of job " + j.id + " was cancelled";
-    } else {
-      state_ = FAILED;
-    }
-    j.busy = false;
-    lk.unlock();
-    poke();
-    if (on_exit) on_exit();
-    return;
-  }
+  return !cancelled;
+}
 
-  {
-    std::unique_lock<std::mutex> lk(j.mu);
-    stats_.save_us = now_us() - t1;
-    j.active = nullptr;
-    for (auto &r : regs) {
-      r->base_done = true;
-      r->in_session = false;
-    }
-    j.shadow.reset(shadow_budget_);
-    j.checkpoints++;
-  }
+void Session::back_to_async(const std::vector<std::shared_ptr<Region>> &regs, std::string &resync_error) {
+  Job &j = *job_;
   /* Back to cheap async tracking for regions saved on the live sync path. Each switch needs the
    * job stopped (a write between unregistering the sync uffd and write-protecting on the async
    * one would be missed), so it goes in chunks of kResyncChunk, one short stop each, instead of
    * one long stop for the whole region. Pages written meanwhile (WRITTEN) stay in the next set. */
-  if (any_sync && j.has_async && !j.gone) {
+  if (j.has_async && !j.gone) {
     for (auto &rp : regs) {
       Region &r = *rp;
       {
@@ -1145,6 +1121,50 @@ void Session::run() {
       if (!failed) r.reg = Region::REG_ASYNC;
     }
   }
+}
+
+/* Saver thread body: pause, save, then (after a live-sync save) back to async tracking. */
+void Session::run() {
+  Job &j = *job_;
+  std::vector<std::shared_ptr<Region>> regs;
+  bool any_sync = false;
+  std::string resync_error; /* reported through error() of a DONE session: the image is complete anyway */
+  if (!pause_phase(regs, any_sync)) {
+    if (on_exit) on_exit();
+    return;
+  }
+  bool cancelled = !save_phase(regs);
+  if (cancelled) {
+    std::unique_lock<std::mutex> lk(j.mu);
+    j.abandon_locked(regs);
+    j.active = nullptr;
+    ready_.clear();
+    j.shadow.reset(shadow_budget_);
+    if (error_.empty()) {
+      state_ = CANCELLED;
+      error_ = "checkpoint of job " + j.id + " was cancelled";
+    } else {
+      state_ = FAILED;
+    }
+    j.busy = false;
+    lk.unlock();
+    poke();
+    if (on_exit) on_exit();
+    return;
+  }
+
+  {
+    std::unique_lock<std::mutex> lk(j.mu);
+    stats_.save_us = now_us() - resumed_us_;
+    j.active = nullptr;
+    for (auto &r : regs) {
+      r->base_done = true;
+      r->in_session = false;
+    }
+    j.shadow.reset(shadow_budget_);
+    j.checkpoints++;
+  }
+  if (any_sync) back_to_async(regs, resync_error);
   {
     std::lock_guard<std::mutex> g(j.mu);
     for (auto &r : regs) r->sync_save = false;

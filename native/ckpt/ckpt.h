@@ -124,6 +124,7 @@ struct Batch {
 
 class Job;
 class Agent;
+struct Region;
 
 class Session {
  public:
@@ -157,6 +158,9 @@ class Session {
   friend class Agent;
   Session(std::shared_ptr<Job> job, CkptOptions opts);
   void run(); /* saver thread body */
+  bool pause_phase(std::vector<std::shared_ptr<struct Region>> &regs, bool &any_sync);
+  bool save_phase(const std::vector<std::shared_ptr<struct Region>> &regs);
+  void back_to_async(const std::vector<std::shared_ptr<struct Region>> &regs, std::string &resync_error);
   void poke();
 
   std::shared_ptr<Job> job_;
@@ -173,6 +177,7 @@ class Session {
   bool hold_released_ = false;
   std::vector<RegionInfo> table_;
   size_t shadow_budget_ = 0;
+  uint64_t resumed_us_ = 0; /* end of the pause */
   std::vector<std::vector<uint8_t>> reference_;
 };
 
