@@ -12,7 +12,7 @@
  * Options: --mib N (default 1024), --dirty-pct P (default 1), --rounds R (default 2).
  */
 import { join } from 'node:path';
-import { repoRoot } from '../src/native.js';
+import { nativeBuildDir, repoRoot } from '../src/native.js';
 import { startLocalCluster } from '../src/ops/local-cluster.js';
 import { CoordinatorClient } from '../src/coordinator/client.js';
 import { AgentClient } from '../src/hostagent/client.js';
@@ -47,7 +47,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const client = async (h: string) => AgentClient.connect(agents.get(h)!);
     const job = 'memjob-bench';
     const a = await client('host-a');
-    await a.run({ job, argv: [join(repoRoot, 'build', 'Release', 'exa_memjob'), '--mib', String(mib), '--pages-per-sec', String(rate)], cwd: repoRoot, env: {}, everyMs: 0, keep: 0 });
+    await a.run({ job, argv: [join(nativeBuildDir, 'exa_memjob'), '--mib', String(mib), '--pages-per-sec', String(rate)], cwd: repoRoot, env: {}, everyMs: 0, keep: 0 });
     await waitState(a, job, /memjob: filled/);
     log(`memjob: ${mib} MiB region filled; rewriting ${rate} random pages/s (~${dirtyPct}% per second)`);
     a.close();

@@ -7,7 +7,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { repoRoot } from './native.js';
+import { nativeBuildDir, repoRoot } from './native.js';
 import { CoordinatorClient } from './coordinator/client.js';
 import { AgentClient } from './hostagent/client.js';
 import { migrate, agentFor } from './ops/migrate.js';
@@ -15,7 +15,7 @@ import { StoreClient } from './store/client.js';
 import { fmtBytes } from './cli/common.js';
 import { startLocalCluster, type LocalCluster } from './ops/local-cluster.js';
 
-const HEAT = join(repoRoot, 'build', 'Release', 'exa_heat');
+const HEAT = join(nativeBuildDir, 'exa_heat');
 const ARGS = ['--n', '512', '--steps', '600', '--step-delay-us', '5000'];
 
 let cluster: LocalCluster | null = null;

@@ -419,12 +419,30 @@ export class HostAgent {
     }
   }
 
-  /** Pre-stage checkpoint N (0 = latest) of a job into tmpfs ahead of a restore. */
+  /**
+   * Pre-stage checkpoint N (0 = latest) of a job into tmpfs ahead of a
+   * restore. An image staged before is brought forward with a delta read
+   * (only the pages that changed), which is what makes iterative pre-copy cheap.
+   */
   async prestage(job: string, checkpoint: number, onProgress?: (d: number, t: number) => void): Promise<StagedImage> {
     checkId('job', job);
+    const store = await this.storeClient();
+    const opts = { root: this.opts.stagingRoot, ...(onProgress ? { onProgress } : {}) };
+    const target = checkpoint || ((await store.listCheckpoints(job)).at(-1)?.checkpoint ?? 0);
+    if (!target) throw new ExaError('NOT_FOUND', `job ${job} has no committed checkpoint in the store`);
     const old = this.staged.get(job);
-    if (old && (checkpoint === 0 ? false : old.checkpoint === checkpoint)) return old;
-    const staged = await stageImage(await this.storeClient(), job, checkpoint, { root: this.opts.stagingRoot, ...(onProgress ? { onProgress } : {}) });
+    if (old && old.checkpoint === target) return old;
+    if (old && old.checkpoint < target) {
+      try {
+        const advanced = await advanceImage(store, old, target, opts);
+        this.staged.set(job, advanced);
+        return advanced;
+      } catch (e) {
+        // The staged base may have been deleted by retention meanwhile: stage afresh.
+        if (toExaError(e).code !== 'NOT_FOUND') throw e;
+      }
+    }
+    const staged = await stageImage(store, job, target, opts);
     discardStaged(old);
     this.staged.set(job, staged);
     return staged;
@@ -441,20 +459,10 @@ export class HostAgent {
     checkSpec(spec);
     checkCwd(spec);
     resolveCommand(spec);
-    const progress = onProgress ? { onProgress } : {};
-    let staged = this.staged.get(job);
+    let staged: StagedImage | undefined;
     try {
-      if (staged && checkpoint !== 0 && staged.checkpoint <= checkpoint) {
-        staged = await advanceImage(await this.storeClient(), staged, checkpoint, { root: this.opts.stagingRoot, ...progress });
-      } else if (staged && checkpoint === 0) {
-        const latest = (await (await this.storeClient()).listCheckpoints(job)).at(-1);
-        if (!latest) throw new ExaError('NOT_FOUND', `job ${job} has no checkpoint in the store`);
-        staged = latest.checkpoint >= staged.checkpoint
-          ? await advanceImage(await this.storeClient(), staged, latest.checkpoint, { root: this.opts.stagingRoot, ...progress })
-          : await this.prestage(job, latest.checkpoint, onProgress);
-      } else {
-        staged = await this.prestage(job, checkpoint, onProgress);
-      }
+      // Brings a pre-staged image forward by the final increment, or stages it whole.
+      staged = await this.prestage(job, checkpoint, onProgress);
       this.staged.delete(job);
       const rec = await this.runJob(spec, { staged });
       rec.lastCommitted = staged.checkpoint;

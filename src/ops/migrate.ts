@@ -30,6 +30,10 @@ export interface MigrateOptions extends ClientOptions {
    * every page, so the whole image crosses while the job is stopped.
    */
   stopAndCopy?: boolean;
+  /** Pre-copy catch-up rounds before the job is stopped (default 4). */
+  precopyRounds?: number;
+  /** Stop iterating once a catch-up round moved at most this many pages (default 4096 = 16 MiB). */
+  precopyTargetPages?: number;
   onStep?: (line: string) => void;
   onProgress?: (p: ProgressEvent) => void;
 }
@@ -94,16 +98,7 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       let tStop = 0;
       try {
         // Pre-copy: stage the newest committed image on the target while the job runs.
-        if (!o.at && !o.stopAndCopy) {
-          // The store's newest committed checkpoint (the placement's number lags by a heartbeat).
-          try {
-            const staged = await targetAgent.prestage(o.job, 0, o.onProgress);
-            step(`pre-staged checkpoint ${staged} of ${o.job} on ${o.to} while it runs on ${placement.host_id}`);
-          } catch (e) {
-            if (toExaError(e).code !== 'NOT_FOUND') throw e;
-            step(`${o.job} has no committed checkpoint yet: nothing to pre-stage`);
-          }
-        }
+        if (!o.at && !o.stopAndCopy) await precopy(sourceAgent, targetAgent, o, placement.host_id, step);
         step(`final checkpoint of ${o.job} on ${placement.host_id} (job stopped)`);
         tStop = performance.now();
         const fin = await sourceAgent.checkpoint(o.job, true, o.onProgress, o.stopAndCopy ?? false);
@@ -132,6 +127,31 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
     }
   } finally {
     targetAgent.close();
+  }
+}
+
+/**
+ * Iterative pre-copy: stage the store's newest checkpoint on the target while
+ * the job runs, then catch up with live incremental checkpoints and delta
+ * reads until a round moves few pages (the job keeps writing meanwhile, so
+ * one big copy leaves a big final increment). Only then is the job stopped.
+ */
+async function precopy(source: AgentClient, target: AgentClient, o: MigrateOptions, from: string, step: (l: string) => void): Promise<void> {
+  try {
+    const staged = await target.prestage(o.job, 0, o.onProgress);
+    step(`pre-staged checkpoint ${staged} of ${o.job} on ${o.to} while it runs on ${from}`);
+  } catch (e) {
+    if (toExaError(e).code !== 'NOT_FOUND') throw e;
+    step(`${o.job} has no committed checkpoint yet: pre-copy starts from a first one`);
+  }
+  const rounds = o.precopyRounds ?? 4;
+  const enough = o.precopyTargetPages ?? 4096;
+  for (let r = 1; r <= rounds; r++) {
+    const ck = await source.checkpoint(o.job, false);
+    await target.prestage(o.job, ck.checkpoint);
+    const moved = Number(ck.pages_saved) + Number(ck.zero_pages);
+    step(`pre-copy round ${r}: checkpoint ${ck.checkpoint} (${moved} changed pages) staged on ${o.to}`);
+    if (moved <= enough) break;
   }
 }
 
