@@ -4,7 +4,7 @@
  *
  *   exastore serve --s3 s3://bucket/prefix [--s3-endpoint URL] [--s3-region R] [--s3-path-style] [--data DIR]
  *   exastore archive JOB --to s3://bucket/prefix (--data DIR | --store ADDR) [--delete-local]
- *   exastore import JOB --from s3://bucket/prefix --data DIR
+ *   exastore import JOB --from s3://bucket/prefix (--data DIR | --store ADDR)
  *
  * Credentials: the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
  * AWS_PROFILE, SSO, instance roles), or --s3-access-key/--s3-secret-key.
@@ -21,6 +21,7 @@ import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
 import { archiveJob, importJob } from '../../storage/s3/archive.js';
 import { s3OptionsFrom } from '../../storage/s3/index.js';
 import { startS3StoreServer, type RunningS3StoreServer } from './server.js';
+import { importJobToStore, type ImportToStoreResult } from './import.js';
 import { fmtBytes, out, progressBar } from '../cli/common.js';
 
 export interface S3Flags {
@@ -158,11 +159,29 @@ export async function archiveCommand(job: string, o: ArchiveFlags, progress?: (p
   }
 }
 
-/** `exastore import`: an S3 archive's chain into a (stopped) LevelDB store directory, numbers kept. */
-export async function importCommand(job: string, o: S3Flags & { from: string; data: string }, progress?: (p: { phase: string; done: number; total: number; unit: string }) => void): Promise<Awaited<ReturnType<typeof importJob>>> {
+type ImportFlags = S3Flags & { from: string; data?: string; store?: string; token?: string };
+export type ImportCommandResult = Awaited<ReturnType<typeof importJob>> | (ImportToStoreResult & { viaStore: true });
+
+/**
+ * `exastore import`: an S3 archive's chain into a stopped LevelDB store
+ * directory (--data, numbers and headers kept exactly) or into a running
+ * store server (--store, over PutCheckpoint; see src/s3/import.ts).
+ */
+export async function importCommand(job: string, o: ImportFlags, progress?: (p: { phase: string; done: number; total: number; unit: string }) => void): Promise<ImportCommandResult> {
+  if ((o.data ? 1 : 0) + (o.store ? 1 : 0) !== 1) {
+    throw new ExaError('INVALID_ARGUMENT', 'give exactly one destination: --data DIR (a stopped LevelDB store) or --store ADDR (a running store server)');
+  }
   const source = await S3Backend.open(s3Options(o.from, o));
   try {
-    const dest = await LevelBackend.open(o.data);
+    if (o.store) {
+      const c = await StoreClient.connect(o.store, { token: o.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+      try {
+        return { ...(await importJobToStore({ job, source, store: c, ...(progress ? { onProgress: progress } : {}) })), viaStore: true };
+      } finally {
+        c.close();
+      }
+    }
+    const dest = await LevelBackend.open(o.data!);
     try {
       return await importJob({ job, source, dest, ...(progress ? { progress } : {}) });
     } finally {
@@ -193,13 +212,17 @@ export function addS3Commands(program: Command): void {
     });
 
   withS3Options(program.command('import <job>')
-    .description("copy a job's chain from an S3 archive into a LevelDB data directory (numbers kept), for a store that has never seen the job")
+    .description("copy a job's chain from an S3 archive into a store that has never seen the job")
     .requiredOption('--from <url>', 'source s3://bucket/prefix')
-    .requiredOption('--data <dir>', 'destination: the LevelDB data directory of a stopped store (created if missing)')
+    .option('--data <dir>', 'destination: the LevelDB data directory of a stopped store (created if missing); numbers kept')
+    .option('--store <addr>', 'destination: a running store server (host:port); it numbers the checkpoints (labels keep the archive numbers)')
+    .option('--token <token>', 'bearer token for --store (default $EXA_TOKEN)')
     .option('--json', 'print one JSON object'))
-    .action(async (job: string, o: S3Flags & { from: string; data: string; json?: boolean }) => {
+    .action(async (job: string, o: ImportFlags & { json?: boolean }) => {
       const pb = progressBar(o.json);
       const r = await importCommand(job, o, pb.onProgress).finally(pb.stop);
-      out(o.json, r, () => `imported job ${r.job} from ${o.from}: ${r.copied.length} checkpoints copied, ${r.skipped.length} already there, ${r.pagesUploaded} pages written, verified`);
+      out(o.json, r, () => ('viaStore' in r
+        ? `imported job ${r.job} from ${o.from} into ${o.store}: checkpoints ${r.mapping.map(([a, b]) => (a === b ? `${a}` : `${a}->${b}`)).join(', ')}, ${r.pagesSent} pages sent`
+        : `imported job ${r.job} from ${o.from}: ${r.copied.length} checkpoints copied, ${r.skipped.length} already there, ${r.pagesUploaded} pages written, verified`));
     });
 }
