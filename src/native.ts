@@ -89,6 +89,8 @@ export interface NativeCkptOptions {
   mode?: 'auto' | 'sync' | 'copy';
   /** Save every page, not only those written since the previous checkpoint (a new chain). */
   full?: boolean;
+  /** Final checkpoint of a migration: leave the job stopped after the pause (the caller ends it or sends SIGCONT). */
+  leaveStopped?: boolean;
   /**
    * Default true: a region saved on the live sync path that is already on the sync uffd is
    * write-protected before the stop while the job runs; the pause re-protects only the pages

@@ -298,6 +298,7 @@ exa::CkptOptions parse_ckpt_options(Napi::Env env, Napi::Value v) {
     else throw_errno(env, -EINVAL, "checkpoint mode must be auto, sync or copy, not \"" + m + "\"");
   }
   if (x.Get("full").IsBoolean()) o.full = x.Get("full").As<Napi::Boolean>().Value();
+  if (x.Get("leaveStopped").IsBoolean()) o.leave_stopped = x.Get("leaveStopped").As<Napi::Boolean>().Value();
   if (x.Get("preprotect").IsBoolean()) o.preprotect = x.Get("preprotect").As<Napi::Boolean>().Value();
   if (x.Get("batchBytes").IsNumber()) o.batch_bytes = (size_t)x.Get("batchBytes").As<Napi::Number>().DoubleValue();
   if (x.Get("queueDepth").IsNumber()) o.queue_depth = x.Get("queueDepth").As<Napi::Number>().Uint32Value();

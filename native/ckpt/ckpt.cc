@@ -871,7 +871,7 @@ bool Session::pause_phase(std::vector<std::shared_ptr<Region>> &regs, bool &any_
       state_ = SAVING;
     }
   }
-  j.resume();
+  if (!opts_.leave_stopped) j.resume();
   uint64_t t1 = now_us();
   resumed_us_ = t1;
   {
@@ -1110,7 +1110,7 @@ void Session::back_to_async(const std::vector<std::shared_ptr<Region>> &regs, st
             resync_error = "job " + j.id + ": region \"" + r.name + "\": cannot switch back to async tracking: " + errstr(e);
           }
         }
-        j.resume();
+        if (!opts_.leave_stopped) j.resume();
         uint64_t d = now_us() - s0;
         std::lock_guard<std::mutex> g(j.mu);
         stats_.resync_pause_us = std::max(stats_.resync_pause_us, d);

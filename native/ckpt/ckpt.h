@@ -75,6 +75,7 @@ enum class HoldWhen { NONE, BEFORE, DURING };
 struct CkptOptions {
   CkptMode mode = CkptMode::AUTO; /* AUTO: per region, copy-at-pause when the dirty set fits the shadow budget, else live sync */
   bool full = false;              /* save every page (start a new chain) */
+  bool leave_stopped = false;     /* final checkpoint of a migration: the job stays stopped after the pause; the agent ends it (or SIGCONTs it if the move fails) */
   bool preprotect = true;         /* write-protect sync-path regions before the stop (only re-protect pages written meanwhile in the pause) */
   size_t batch_bytes = 1u << 20;  /* page bytes per batch */
   unsigned queue_depth = 2;       /* ready batches before the saver waits */

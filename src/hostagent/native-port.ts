@@ -59,7 +59,7 @@ export class NativeCheckpointer implements CheckpointerPort {
 
   async checkpoint(job: string, opts: CheckpointOptions): Promise<CheckpointRun> {
     const addresses = this.addresses(job);
-    const c = await this.agent.checkpoint(job, { full: opts.full, ...(opts.leaveStopped ? { leaveStopped: true } : {}) } as Parameters<LocalAgent['checkpoint']>[1]);
+    const c = await this.agent.checkpoint(job, { full: opts.full, leaveStopped: opts.leaveStopped });
     return this.toRun(c, addresses, opts.full);
   }
 
