@@ -303,9 +303,10 @@ export class S3Backend implements Backend {
           return { key: o.key, packs: decodeIndex(body, o.key) };
         } catch (e) {
           // A damaged index object hides its packs from dedup; verify reports pages that become unreadable.
+          // Warned once per process: it is remembered as known (with no packs).
           process.emitWarning(`exa s3: ${(e as Error).message}; ignoring it`);
           await this.cache.del(`I${o.key}`);
-          return null;
+          return { key: o.key, packs: [] };
         }
       })));
       for (const l of loaded) {
