@@ -11,7 +11,9 @@
  * other buffer is recomputed after restore. The final checksum is therefore
  * identical for uninterrupted, checkpointed and migrated runs.
  *
- * usage: heat [--n N] [--steps S] [--step-delay-us U] [--ckpt-every K] [--no-agent]
+ * usage: heat [--n N] [--steps S] [--step-delay-us U] [--ckpt-every K] [--fixed] [--no-agent]
+ * --fixed: regions are restored at their original addresses (EXA_REGION_FIXED);
+ *          prints "heat: regions at <state> <grid>".
  * prints: "heat: restored at step S" when resumed, and at the end
  *         "checksum=<16 hex> steps=<S> n=<N>"
  */
@@ -35,7 +37,7 @@ struct heat_state {
 };
 
 static void usage(void) {
-  fprintf(stderr, "usage: heat [--n N] [--steps S] [--step-delay-us U] [--ckpt-every K] [--no-agent]\n");
+  fprintf(stderr, "usage: heat [--n N] [--steps S] [--step-delay-us U] [--ckpt-every K] [--fixed] [--no-agent]\n");
 }
 
 static int parse_u64(const char *flag, const char *s, uint64_t min, uint64_t max, uint64_t *out) {
@@ -89,6 +91,7 @@ static void step_grid(const double *src, double *dst, uint64_t n) {
 int main(int argc, char **argv) {
   uint64_t n = 256, steps = 200, delay_us = 0, ckpt_every = 0;
   int use_agent = 1;
+  unsigned rflags = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -97,6 +100,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--step-delay-us")) { if (parse_u64(a, v, 0, 10000000, &delay_us)) return 2; i++; }
     else if (!strcmp(a, "--ckpt-every")) { if (parse_u64(a, v, 0, UINT32_MAX, &ckpt_every)) return 2; i++; }
     else if (!strcmp(a, "--no-agent")) use_agent = 0;
+    else if (!strcmp(a, "--fixed")) rflags |= EXA_REGION_FIXED;
     else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(); return 0; }
     else { fprintf(stderr, "heat: unknown argument \"%s\"\n", a); usage(); return 2; }
   }
@@ -110,8 +114,8 @@ int main(int argc, char **argv) {
     int rc = exa_attach(NULL, NULL, &ctx);
     if (rc < 0) { fprintf(stderr, "heat: attach failed: %s\n", exa_last_error()); return 1; }
     exa_region *rs, *rg;
-    if ((rc = exa_region_alloc(ctx, "state", sizeof(struct heat_state), 0, &rs)) < 0 ||
-        (rc = exa_region_alloc(ctx, "grid", 2 * grid_bytes, 0, &rg)) < 0) {
+    if ((rc = exa_region_alloc(ctx, "state", sizeof(struct heat_state), rflags, &rs)) < 0 ||
+        (rc = exa_region_alloc(ctx, "grid", 2 * grid_bytes, rflags, &rg)) < 0) {
       fprintf(stderr, "heat: region allocation failed: %s\n", exa_last_error());
       exa_detach(ctx);
       return 1;
@@ -120,6 +124,10 @@ int main(int argc, char **argv) {
     grid[0] = exa_region_addr(rg);
     grid[1] = (double *)((char *)grid[0] + grid_bytes);
     restored = exa_restored(ctx);
+    if (rflags & EXA_REGION_FIXED) {
+      printf("heat: regions at %p %p\n", (void *)st, (void *)grid[0]);
+      fflush(stdout);
+    }
   } else {
     st = calloc(1, sizeof *st);
     grid[0] = calloc(2, grid_bytes);

@@ -30,6 +30,22 @@ async function runningSince(agent: string, job: string): Promise<void> {
   await until(`${job} running on ${agent}`, async () => ((await jobOn(agent, job))?.state === 'RUNNING' ? true : undefined));
 }
 
+it('restores regions allocated with EXA_REGION_FIXED at their original addresses', async () => {
+  const argv = [HEAT, ...heatArgs, '--fixed'];
+  const expected = referenceChecksum(argv);
+  const { store, a, b } = await cluster();
+  const run = await cli('exackpt', ['run', '--store', store.address, '--agent', 'host-a', '--job', 'heat-fixed', '--', ...argv]);
+  expect(run.code, run.stderr).toBe(0);
+  await runningSince(a.address, 'heat-fixed');
+  const mig = await cli('exarestore', ['heat-fixed', '--to', 'host-b', '--store', store.address]);
+  expect(mig.code, mig.stderr).toBe(0);
+  expect(await finalChecksum(b.address, 'heat-fixed')).toBe(expected);
+  const before = /heat: regions at (\S+ \S+)/.exec((await jobOn(a.address, 'heat-fixed'))!.output_tail)?.[1];
+  const after = /heat: regions at (\S+ \S+)/.exec((await jobOn(b.address, 'heat-fixed'))!.output_tail)?.[1];
+  expect(before).toMatch(/^0x[0-9a-f]+ 0x[0-9a-f]+$/);
+  expect(after).toBe(before);
+});
+
 describe.each(demos)('$name', ({ argv, job }) => {
   it('finishes with the uninterrupted checksum after one live migration', async () => {
     const expected = referenceChecksum(argv);
