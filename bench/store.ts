@@ -72,8 +72,22 @@ function makeBatches(img: Buffer, pages: number[], batchPages: number, withHashe
   return out;
 }
 
+/** Every server this run started, killed at the end whatever happens. */
+const started = new Set<ChildProcess>();
+
+async function stopServer(proc: ChildProcess): Promise<void> {
+  started.delete(proc);
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  const gone = new Promise((r) => proc.once('exit', r));
+  proc.kill('SIGTERM');
+  const t = setTimeout(() => proc.kill('SIGKILL'), 5000);
+  await gone;
+  clearTimeout(t);
+}
+
 async function startServer(dir: string, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
   const proc = spawn(process.execPath, [EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  started.add(proc);
   let out = '';
   proc.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
   const t0 = Date.now();
@@ -142,9 +156,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
   const pages = (mib * 1024 * 1024) / PAGE;
   const work = mkdtempSync(join(tmpdir(), 'exa-bench-store-'));
   const figures: Record<string, unknown> = { image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };
-  let server: { proc: ChildProcess; address: string } | null = null;
   try {
-    server = await startServer(join(work, 'data'), log);
+    const server = await startServer(join(work, 'data'), log);
     const c = await StoreClient.connect(server.address);
     const regions = [{ name: 'mem', pageCount: pages, address: '', flags: 0 }];
     log(`generating a ${mib} MiB image`);
@@ -247,8 +260,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       }
       const exaStored = (await c2.stat()).storedBytes + (await c2.stat()).metadataBytes;
       c2.close();
-      s2.proc.kill('SIGTERM');
-      await new Promise((r) => s2.proc.once('exit', r));
+      await stopServer(s2.proc);
       const exaDisk = duBytes(join(work, 'data-vs-restic'));
       const resticStored = duBytes(repo);
       // Restore the latest checkpoint / snapshot to a file.
@@ -257,8 +269,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       const out1 = join(work, 'restore-exa.bin');
       const er = await timeIt(() => restoreTo(c3, 'vs-restic', p2, out1));
       c3.close();
-      s3.proc.kill('SIGTERM');
-      await new Promise((r) => s3.proc.once('exit', r));
+      await stopServer(s3.proc);
       const target = join(work, 'restore-restic');
       const rres = await timeIt(async () => { execFileSync(restic, ['restore', 'latest', '--quiet', '--target', target], { env }); });
       const restoredFile = join(target, file);
@@ -280,7 +291,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     }
     return figures;
   } finally {
-    if (server) { server.proc.kill('SIGTERM'); await new Promise((r) => server!.proc.once('exit', r)); }
+    for (const p of [...started]) await stopServer(p);
     rmSync(work, { recursive: true, force: true });
   }
 }

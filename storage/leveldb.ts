@@ -43,8 +43,6 @@ import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE } from './pages.js';
 type DB = Level<Buffer, Buffer>;
 
 const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, J = 0x4a, G = 0x47;
-/** A key outside the page range of the pages database, written with sync to flush its log. */
-const SYNC_KEY = Buffer.from('Zsync');
 const PUT_CHUNK = 256;
 
 function refKey(ref: PageRef): Buffer {
@@ -261,8 +259,15 @@ export class LevelBackend implements Backend {
       }
       const num = Buffer.allocUnsafe(4);
       num.writeUInt32BE(header.checkpoint);
-      // Every page this manifest names must be on disk before the manifest.
-      await this.pagesDb.put(SYNC_KEY, Buffer.alloc(0), { sync: true });
+      // Every page this manifest names must be on disk before the manifest: a
+      // synced write to the pages database flushes its log. The marker takes
+      // the next sequence number (an empty value no index entry names, removed
+      // by sweepOrphans): a fixed key outside the page range would make every
+      // later level-0 file overlap the one holding it, and LevelDB would then
+      // rewrite page bytes in compactions instead of moving files down.
+      const marker = Buffer.allocUnsafe(8);
+      marker.writeBigUInt64BE(this.nextSeq++);
+      await this.pagesDb.put(refKey(marker), Buffer.alloc(0), { sync: true });
       await this.db.batch([
         { type: 'put', key: ckptKey(P, header.job, header.checkpoint), value: Buffer.concat(maps) },
         { type: 'put', key: ckptKey(M, header.job, header.checkpoint), value: Buffer.from(JSON.stringify(header)) },
@@ -367,14 +372,20 @@ export class LevelBackend implements Backend {
       const indexed = new Set<bigint>();
       for await (const v of this.db.values({ gte: Buffer.from([H]), lt: Buffer.from([H + 1]) })) indexed.add(v.readBigUInt64BE(0));
       let removed = 0;
-      let ops: { type: 'del'; key: Buffer }[] = [];
+      let keys: Buffer[] = [];
+      const flush = async (): Promise<void> => {
+        // Commit markers are empty values: removed, but they were never pages.
+        const vals = await this.pagesDb.getMany(keys);
+        removed += vals.filter((v) => v && v.length > 0).length;
+        await this.pagesDb.batch(keys.map((key) => ({ type: 'del' as const, key })));
+        keys = [];
+      };
       for await (const k of this.pagesDb.keys({ gte: Buffer.from([D]), lt: Buffer.from([D + 1]) })) {
         if (indexed.has(k.readBigUInt64BE(1))) continue;
-        ops.push({ type: 'del', key: k });
-        removed++;
-        if (ops.length >= 4096) { await this.pagesDb.batch(ops); ops = []; }
+        keys.push(k);
+        if (keys.length >= 4096) await flush();
       }
-      if (ops.length > 0) await this.pagesDb.batch(ops);
+      if (keys.length > 0) await flush();
       return removed;
     });
   }
