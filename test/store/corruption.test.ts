@@ -34,7 +34,7 @@ describe('store corruption', () => {
     for await (const [k, v] of db.iterator({ gte: Buffer.from('D'), lt: Buffer.from('E') })) {
       if (v.equals(target)) {
         const bad = Buffer.from(v);
-        bad[1000] ^= 0x01;
+        bad[1000] = bad[1000]! ^ 0x01;
         await db.put(k, bad);
         flipped = true;
         break;
