@@ -10,27 +10,11 @@
  * progress bar on a TTY. Exit codes come from src/errors.ts exitCodeFor().
  */
 import { Command, InvalidArgumentError } from 'commander';
-import cliProgress from 'cli-progress';
 import { ExaError, exitCodeFor, toExaError } from '../errors.js';
-import { StoreClient, type ProgressInfo } from '../store/client.js';
+import { StoreClient } from '../store/client.js';
+import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
-
-const DEFAULT_STORE = process.env.EXA_STORE || '127.0.0.1:7700';
-
-function intArg(name: string, min = 0): (v: string) => number {
-  return (v) => {
-    if (!/^-?\d+$/.test(v) || Number(v) < min || !Number.isSafeInteger(Number(v))) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
-    return Number(v);
-  };
-}
-
-function fmtBytes(n: number): string {
-  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
-  return `${n.toFixed(i === 0 ? 0 : 1)} ${u[i]}`;
-}
 
 interface ClientFlags { store: string; json?: boolean; token?: string }
 
@@ -41,34 +25,6 @@ async function withClient<T>(flags: ClientFlags, fn: (c: StoreClient) => Promise
   } finally {
     c.close();
   }
-}
-
-/** A progress bar on a TTY (never with --json); returns the callback and a stop function. */
-function progressBar(json: boolean | undefined): { onProgress: (p: ProgressInfo) => void; stop: () => void } {
-  if (json || !process.stderr.isTTY) return { onProgress: () => undefined, stop: () => undefined };
-  const bar = new cliProgress.SingleBar({
-    stream: process.stderr, format: '{phase} [{bar}] {percentage}% {value}/{total} {unit}', hideCursor: true,
-  }, cliProgress.Presets.shades_classic);
-  let started = false;
-  let phase = '';
-  return {
-    onProgress: (p) => {
-      if (!started || p.phase !== phase) {
-        if (started) bar.stop();
-        bar.start(p.total || 1, p.done, { phase: p.phase, unit: p.unit });
-        started = true;
-        phase = p.phase;
-      } else {
-        bar.setTotal(p.total || 1);
-        bar.update(p.done, { phase: p.phase, unit: p.unit });
-      }
-    },
-    stop: () => { if (started) bar.stop(); },
-  };
-}
-
-function out(json: boolean | undefined, value: unknown, human: () => string): void {
-  process.stdout.write(json ? `${JSON.stringify(value)}\n` : `${human()}\n`);
 }
 
 function clientCommand(program: Command, name: string, description: string): Command {
