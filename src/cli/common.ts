@@ -75,6 +75,12 @@ export async function runCli(name: string, main: () => Promise<void>): Promise<v
   try {
     await main();
   } catch (e) {
+    // commander (with exitOverride) already printed usage problems and help.
+    const ce = e as { code?: unknown; exitCode?: number };
+    if (typeof ce.code === 'string' && ce.code.startsWith('commander.')) {
+      process.exitCode = ce.exitCode === 0 ? 0 : 2;
+      return;
+    }
     const x = toExaError(e);
     const json = process.argv.includes('--json');
     if (json) process.stdout.write(`${JSON.stringify({ error: { code: x.code, message: x.message } })}\n`);

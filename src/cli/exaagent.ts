@@ -16,6 +16,7 @@ import { DEFAULT_STORE, intArg, runCli } from './common.js';
 
 export function buildProgram(): Command {
   return new Command('exaagent')
+    .exitOverride()
     .description('per-host agent: runs jobs under the live checkpointer, streams checkpoints to the store, restores jobs')
     .requiredOption('--host <id>', 'this host\'s id, as the coordinator shows it')
     .option('--store <addr>', 'store/coordinator address (host:port)', DEFAULT_STORE)

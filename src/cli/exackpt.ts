@@ -34,7 +34,8 @@ function common(cmd: Command): Command {
 }
 
 export function buildProgram(): Command {
-  const program = new Command('exackpt').description('run jobs under exa agents and manage their live checkpoints');
+  // exitOverride before the subcommands are added, so they inherit it (usage errors exit 2).
+  const program = new Command('exackpt').exitOverride().description('run jobs under exa agents and manage their live checkpoints');
 
   common(program.command('run'))
     .description('launch CMD ARGS as a job on a host\'s agent, with live checkpoints')

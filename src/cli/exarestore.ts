@@ -12,6 +12,7 @@ import { DEFAULT_STORE, intArg, out, progressBar, runCli, say } from './common.j
 
 export function buildProgram(): Command {
   return new Command('exarestore')
+    .exitOverride()
     .description('restore JOB on HOST: a live migration when it runs elsewhere, else from its last committed checkpoint')
     .argument('<job>')
     .requiredOption('--to <host>', 'target host id')
