@@ -96,18 +96,36 @@ function onServerSession(session: Http2Session): void {
   }
 }
 
+/** Largest HTTP/2 DATA frame we accept: 1 MiB rather than 16 KiB cuts per-frame work 64-fold for page data. */
+export const MAX_FRAME_BYTES = 1024 * 1024;
+
 let hooked = false;
-/** Raise the connection window of every HTTP/2 server session created in this process. */
+/**
+ * Raise the connection window of every HTTP/2 server session created in this
+ * process, and the frame size both ends accept (grpc-js has no option for
+ * either; it creates its sessions through http2.createServer/http2.connect,
+ * whose options are extended here).
+ */
 function installSessionHook(): void {
-  if (hooked) return;
+  if (hooked || process.env.EXA_GRPC_NO_TUNING) return;
   hooked = true;
   const req = createRequire(import.meta.url);
-  const http2 = req('node:http2') as { createServer: (...a: unknown[]) => { on(ev: string, fn: (s: Http2Session) => void): unknown } };
-  const orig = http2.createServer;
+  const http2 = req('node:http2') as {
+    createServer: (...a: unknown[]) => { on(ev: string, fn: (s: Http2Session) => void): unknown };
+    connect: (authority: unknown, options?: { settings?: Record<string, unknown> }, ...rest: unknown[]) => unknown;
+  };
+  const origServer = http2.createServer;
   http2.createServer = (...a: unknown[]) => {
-    const srv = orig(...a);
+    const o = a[0] as { settings?: Record<string, unknown> } | undefined;
+    if (o && typeof o === 'object') o.settings = { ...(o.settings ?? {}), maxFrameSize: MAX_FRAME_BYTES };
+    const srv = origServer(...a);
     srv.on('session', onServerSession);
     return srv;
+  };
+  const origConnect = http2.connect;
+  http2.connect = (authority, options, ...rest) => {
+    const o = options && typeof options === 'object' ? { ...options, settings: { ...(options.settings ?? {}), maxFrameSize: MAX_FRAME_BYTES } } : options;
+    return origConnect(authority, o, ...rest);
   };
 }
 
@@ -254,6 +272,7 @@ export interface ClientOptions {
 
 /** Create a client of a generated service constructor with the project's channel options. */
 export function createClient<C extends grpc.Client>(Ctor: new (address: string, creds: grpc.ChannelCredentials, options?: grpc.ClientOptions) => C, address: string): C {
+  installSessionHook();
   return new Ctor(address, grpc.credentials.createInsecure(), { ...CHANNEL_OPTIONS });
 }
 
