@@ -11,7 +11,7 @@
  * Endpoint also from $EXA_S3_ENDPOINT or $AWS_ENDPOINT_URL_S3/$AWS_ENDPOINT_URL.
  */
 import { join } from 'node:path';
-import type { Command } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
 import { ExaError } from '../errors.js';
 import { StoreClient } from '../store/client.js';
 import type { Backend, ManifestHeader, PageMaps, PageRef } from '../../storage/backend.js';
@@ -43,7 +43,7 @@ export function withS3Options(cmd: Command): Command {
     .option('--s3-secret-key <secret>', 'secret access key (default: the AWS credential chain)')
     .option('--pack-mib <n>', 'target pack size in MiB (16-64 suits S3)', (v) => {
       const n = Number(v);
-      if (!Number.isFinite(n) || n <= 0 || n > 256) throw new ExaError('INVALID_ARGUMENT', '--pack-mib must be a number in (0, 256]');
+      if (!Number.isFinite(n) || n <= 0 || n > 256) throw new InvalidArgumentError('--pack-mib must be a number in (0, 256]');
       return n;
     });
 }
