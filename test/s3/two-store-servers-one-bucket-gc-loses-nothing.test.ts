@@ -27,7 +27,7 @@ afterEach(async () => {
 const REGIONS = [{ name: 'grid', pages: 240 }];
 const regions = REGIONS.map((r) => ({ name: r.name, pageCount: r.pages, address: '', flags: 0 }));
 const CKPTS = 10;
-const GRACE_MS = 1500;
+const GRACE_MS = 3000;
 
 async function server(url: string, tag: string): Promise<RunningS3StoreServer> {
   const cacheDir = tempDir(tag);
@@ -65,7 +65,7 @@ describe('several store servers on one bucket', () => {
     const collector = async (c: StoreClient): Promise<number> => {
       let runs = 0;
       while (uploading) {
-        // Engine grace 0: pages are dropped at once; the pack-level grace (1.5 s) and the re-check protect other servers' uploads.
+        // Engine grace 0: pages are dropped at once; the pack-level grace (3 s) and the re-check protect other servers' uploads.
         await c.gc({ graceSeconds: 0 });
         runs++;
         await new Promise((r) => setTimeout(r, 100));
