@@ -7,12 +7,12 @@
     {
       "target_name": "libexa",
       "type": "static_library",
-      "sources": ["native/libexa/exa.c", "native/libexa/restore.c"],
+      "sources": ["native/libexa/exa.c", "native/libexa/restore.c", "native/libexa/dma.c"],
       "cflags_c": ["-std=gnu11"],
     },
     {
       "target_name": "exa_native",
-      "sources": ["native/addon/addon.cc", "native/ckpt/ckpt.cc"],
+      "sources": ["native/addon/addon.cc", "native/ckpt/ckpt.cc", "native/addon/dma.cc", "native/dma/backend.cc"],
       "dependencies": ["libexa"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")", "native/include"],
       "defines": ["NAPI_VERSION=9", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -43,6 +43,12 @@ export interface AgentHandle { readonly kind: 'agent' }
 export interface CheckpointSessionHandle { readonly kind: 'checkpoint-session' }
 /** This process attached to an agent as a workload (libexa context). */
 export interface WorkloadHandle { readonly kind: 'workload' }
+/** The agent-side DMA backend (RDMA API remoting): listening socket, one thread per client application. */
+export interface DmaBackendHandle { readonly kind: 'dma-backend' }
+/** This workload's DMA session with its agent's backend (libexa exa_dma). */
+export interface DmaSessionHandle { readonly kind: 'dma-session' }
+/** One request/completion queue of a DMA session. */
+export interface DmaQueueHandle { readonly kind: 'dma-queue' }
 
 // ---- data crossing the boundary ------------------------------------------
 
@@ -153,6 +159,18 @@ export interface CheckpointStats {
   copyRegions: number;
 }
 
+/** A DMA completion as it crosses the boundary (status 0 or -errno; code = errno name or null). */
+export interface NativeDmaCompletion {
+  tag: number;
+  len: number;
+  status: number;
+  op: 'write' | 'read' | 'unknown';
+  code: string | null;
+  reason: string;
+}
+
+export interface NativeDmaBackendStats { clients: number; ops: number; errors: number; bytes: number }
+
 interface NativeAddon {
   version(): number;
   agentOpen(opts: NativeAgentOptions, onEvent: (ev: NativeAgentEvent) => void): AgentHandle;
@@ -176,6 +194,24 @@ interface NativeAddon {
   workloadList(h: WorkloadHandle): { name: string; size: number }[];
   workloadCheckpoint(h: WorkloadHandle): Promise<void>;
   workloadDetach(h: WorkloadHandle): void;
+  // RDMA API remoting (native/addon/dma.cc)
+  dmaBackendOpen(agent: AgentHandle, socketPath: string): DmaBackendHandle;
+  dmaBackendClose(h: DmaBackendHandle): void;
+  dmaBackendStats(h: DmaBackendHandle): NativeDmaBackendStats;
+  dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number): number;
+  dmaOpen(w: WorkloadHandle, socketPath: string | null): DmaSessionHandle;
+  dmaClose(d: DmaSessionHandle): void;
+  dmaAlloc(d: DmaSessionHandle, name: string, size: number): ArrayBuffer;
+  dmaFree(d: DmaSessionHandle, name: string): void;
+  dmaGrant(d: DmaSessionHandle, name: string, peerJob: string, perms: number): void;
+  dmaLookup(d: DmaSessionHandle, peerJob: string, name: string): { handle: number; size: number; perms: number };
+  dmaQueueCreate(d: DmaSessionHandle, onCompletion: ((c: NativeDmaCompletion) => void) | null): DmaQueueHandle;
+  dmaQueueDestroy(q: DmaQueueHandle): void;
+  dmaPost(q: DmaQueueHandle, op: 'write' | 'read', local: string, localOff: number, remote: number, remoteOff: number, len: number, tag: number): void;
+  dmaPoll(q: DmaQueueHandle, max: number): NativeDmaCompletion[];
+  dmaWait(q: DmaQueueHandle, max: number, timeoutMs: number): Promise<NativeDmaCompletion[]>;
+  dmaSync(d: DmaSessionHandle, op: 'write' | 'read', local: string, localOff: number, remote: number, remoteOff: number, len: number): void;
+  dmaTestPostRaw(q: DmaQueueHandle, entry: Uint8Array, advance: number): void;
 }
 
 const require = createRequire(import.meta.url);
@@ -188,6 +224,8 @@ const extraErrno: Record<string, ExaCode> = {
   ESHUTDOWN: 'UNAVAILABLE',
   ENOTSUP: 'UNIMPLEMENTED',
   EIO: 'INTERNAL',
+  EAGAIN: 'RESOURCE_EXHAUSTED', // DMA queue full: reap completions first
+  EBADF: 'INVALID_ARGUMENT',    // DMA request naming a buffer id or handle that does not exist
 };
 
 /** Fold a native failure onto an ExaError; the errno name is kept in detail.errno. */
@@ -234,3 +272,20 @@ export const workloadFree = wrap(addon.workloadFree);
 export const workloadList = wrap(addon.workloadList);
 export const workloadCheckpoint = wrap(addon.workloadCheckpoint);
 export const workloadDetach = wrap(addon.workloadDetach);
+export const dmaBackendOpen = wrap(addon.dmaBackendOpen);
+export const dmaBackendClose = wrap(addon.dmaBackendClose);
+export const dmaBackendStats = wrap(addon.dmaBackendStats);
+export const dmaEngineDirect = wrap(addon.dmaEngineDirect);
+export const dmaOpen = wrap(addon.dmaOpen);
+export const dmaClose = wrap(addon.dmaClose);
+export const dmaAlloc = wrap(addon.dmaAlloc);
+export const dmaFree = wrap(addon.dmaFree);
+export const dmaGrant = wrap(addon.dmaGrant);
+export const dmaLookup = wrap(addon.dmaLookup);
+export const dmaQueueCreate = wrap(addon.dmaQueueCreate);
+export const dmaQueueDestroy = wrap(addon.dmaQueueDestroy);
+export const dmaPost = wrap(addon.dmaPost);
+export const dmaPoll = wrap(addon.dmaPoll);
+export const dmaWait = wrap(addon.dmaWait);
+export const dmaSync = wrap(addon.dmaSync);
+export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);

@@ -19,6 +19,8 @@
 #include "../ckpt/ckpt.h"
 #include "exa.h"
 
+void exa_addon_register_dma(Napi::Env env, Napi::Object exports); /* native/addon/dma.cc */
+
 namespace {
 
 const char *errno_name(int e) {
@@ -619,9 +621,21 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("workloadList", Napi::Function::New(env, WorkloadList));
   exports.Set("workloadCheckpoint", Napi::Function::New(env, WorkloadCheckpoint));
   exports.Set("workloadDetach", Napi::Function::New(env, WorkloadDetach));
+  exa_addon_register_dma(env, exports); /* native/addon/dma.cc */
   return exports;
 }
 
 }  // namespace
+
+/* For native/addon/dma.cc (RDMA remoting): the objects behind the agent and workload handles. */
+exa::Agent *exa_addon_agent(const Napi::Value &v) {
+  if (!v.IsExternal()) return nullptr;
+  auto *w = v.As<Napi::External<AgentWrap>>().Data();
+  return w->closed ? nullptr : w->agent.get();
+}
+exa_ctx *exa_addon_workload_ctx(const Napi::Value &v) {
+  if (!v.IsExternal()) return nullptr;
+  return v.As<Napi::External<WorkloadWrap>>().Data()->ctx;
+}
 
 NODE_API_MODULE(exa_native, Init)

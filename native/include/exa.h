@@ -90,6 +90,96 @@ const char *exa_job_id(const exa_ctx *ctx);
 const char *exa_last_error(void);
 const char *exa_strerror(int err);
 
+
+/* ======================================================================== DMA (RDMA API remoting)
+ *
+ * One-sided remote-DMA between jobs, remoted to the local agent's backend.
+ * Buffers are checkpointable regions (exa_region_alloc underneath), so they are
+ * saved, restored and moved with the job. A job grants a buffer to a peer job
+ * (read, write or both); the peer looks it up by (job, name) and writes into
+ * or reads from it with exa_dma_write / exa_dma_read. Payload bytes are never
+ * copied between the job and the backend: the backend maps the buffers' memfds
+ * itself, and every write it makes into a job's buffer goes through the
+ * agent's checkpointer (marked dirty; shadowed first during a save).
+ *
+ * Requests travel on a per-queue shared-memory ring pair (exa_dma_wire.h);
+ * completions come back on the queue: polled (EXA_DMA_POLL: exa_dma_poll /
+ * exa_dma_wait) or delivered to a callback on a libexa thread of that queue
+ * (EXA_DMA_CALLBACK, interrupt mode). A queue holds at most
+ * EXA_DMA_QUEUE_DEPTH outstanding operations: posting more fails with -EAGAIN.
+ *
+ * Socket: $EXA_DMA_SOCKET, else the agent socket path + ".dma".
+ * Threading: every call is thread-safe; a callback must not destroy its own queue.
+ * Errors: as above (negative errno, exa_last_error()). A failed operation
+ * completes with status < 0 and a reason naming the buffer, job and bounds.
+ */
+typedef struct exa_dma exa_dma;             /* this process's DMA session with its agent's backend */
+typedef struct exa_dma_buf exa_dma_buf;     /* a local DMA buffer (owned by the exa_dma) */
+typedef struct exa_dma_queue exa_dma_queue; /* a request/completion queue (owned by the exa_dma) */
+typedef uint32_t exa_dma_remote;            /* a peer's buffer as looked up (0 is never valid) */
+
+#define EXA_DMA_QUEUE_DEPTH 256
+#define EXA_DMA_REASON 104
+
+/* grant permissions */
+#define EXA_DMA_READ 0x1u  /* the peer may read the buffer */
+#define EXA_DMA_WRITE 0x2u /* the peer may write into the buffer */
+
+enum exa_dma_mode { EXA_DMA_POLL = 0, EXA_DMA_CALLBACK = 1 };
+enum exa_dma_op { EXA_DMA_OP_WRITE = 1, EXA_DMA_OP_READ = 2 };
+
+struct exa_dma_completion {
+  uint64_t tag;    /* the caller's tag of the operation */
+  uint64_t len;    /* bytes transferred (0 on error) */
+  int32_t status;  /* 0 or -errno */
+  uint16_t op;     /* exa_dma_op, 0 for a request the backend could not read */
+  char reason[EXA_DMA_REASON]; /* NUL-terminated; empty on success */
+};
+
+typedef void (*exa_dma_callback)(const struct exa_dma_completion *c, void *user);
+
+/* Open this process's DMA session (socket_path NULL: see above). The backend checks that the
+ * connecting process is the one attached as ctx's job. ctx must outlive the session. */
+int exa_dma_open(exa_ctx *ctx, const char *socket_path, exa_dma **out);
+/* Close: destroys the queues (joins callback threads), unmaps the rings, drops grants made by
+ * this session; the buffers stay allocated as regions (free them first if unwanted). */
+int exa_dma_close(exa_dma *d);
+
+/* A DMA buffer: a checkpointable region of this name, registered with the backend. */
+int exa_dma_alloc(exa_dma *d, const char *name, size_t size, exa_dma_buf **out);
+/* Unregister (peers' later operations on it fail with a reason) and free the region. */
+int exa_dma_free(exa_dma *d, exa_dma_buf *buf);
+void *exa_dma_buf_addr(const exa_dma_buf *buf);
+size_t exa_dma_buf_size(const exa_dma_buf *buf);
+
+/* Grant (or with perms 0 revoke) access to buf for peer_job: EXA_DMA_READ | EXA_DMA_WRITE. */
+int exa_dma_grant(exa_dma *d, exa_dma_buf *buf, const char *peer_job, unsigned perms);
+/* Look up peer_job's buffer `name` granted to this job. -ENOENT when no such buffer,
+ * -EACCES when not granted to us. *size_out and *perms_out may be NULL. */
+int exa_dma_lookup(exa_dma *d, const char *peer_job, const char *name, exa_dma_remote *out, size_t *size_out,
+                   unsigned *perms_out);
+
+int exa_dma_queue_create(exa_dma *d, enum exa_dma_mode mode, exa_dma_callback cb, void *user, exa_dma_queue **out);
+int exa_dma_queue_destroy(exa_dma_queue *q);
+
+/* Asynchronous one-sided operations: post and return (-EAGAIN when the queue is full).
+ * write: local[local_off..+len) -> remote[remote_off..+len); read: the other way. */
+int exa_dma_write(exa_dma_queue *q, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
+                  uint64_t len, uint64_t tag);
+int exa_dma_read(exa_dma_queue *q, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
+                 uint64_t len, uint64_t tag);
+/* Polling mode: take up to max completions without blocking (returns the count). */
+int exa_dma_poll(exa_dma_queue *q, struct exa_dma_completion *out, int max);
+/* Polling mode: wait up to timeout_ms (-1 forever) for at least one completion. 0 on timeout. */
+int exa_dma_wait(exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms);
+
+/* Synchronous forms: return when the operation completed; its status (0 or -errno, reason in
+ * exa_last_error()). */
+int exa_dma_write_sync(exa_dma *d, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
+                       uint64_t len);
+int exa_dma_read_sync(exa_dma *d, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
+                      uint64_t len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -45,6 +45,7 @@ struct exa_ctx {
   struct exa_region *regions;
   int nregions;
   struct exa_restore *restore; /* the staged image when launched with EXA_RESTORE, else NULL */
+  char sock_path[108];          /* the agent socket: the DMA frontend derives its socket from it */
 };
 
 static __thread char g_err[512];
@@ -228,6 +229,7 @@ int exa_attach(const char *socket_path, const char *job_id, exa_ctx **out) {
   pthread_mutex_init(&ctx->lock, NULL);
   ctx->sock = sock;
   snprintf(ctx->job, sizeof ctx->job, "%s", job_id);
+  snprintf(ctx->sock_path, sizeof ctx->sock_path, "%s", socket_path);
 
   struct exa_msg_hello hello = {0};
   snprintf(hello.job, sizeof hello.job, "%s", job_id);
@@ -312,7 +314,23 @@ int exa_detach(exa_ctx *ctx) {
   return r == -ECONNRESET ? 0 : r;
 }
 
+/* For the DMA frontend (dma.c): the agent socket this ctx is attached to. */
+const char *exa__socket_path(const exa_ctx *ctx) { return ctx->sock_path; }
+
+static int region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags, exa_region **out, int *keep_fd);
+
 int exa_region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags, exa_region **out) {
+  return region_alloc(ctx, name, size, flags, out, NULL);
+}
+
+/* For the DMA frontend: allocate a region and also return a duplicate of its memfd (the caller
+ * owns it), which the DMA backend maps to read the buffer without copying through the job. */
+int exa__region_alloc_fd(exa_ctx *ctx, const char *name, size_t size, unsigned flags, exa_region **out, int *fd_out) {
+  return region_alloc(ctx, name, size, flags, out, fd_out);
+}
+
+static int region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags, exa_region **out, int *keep_fd) {
+  if (keep_fd) *keep_fd = -1;
   if (!ctx || !out) return fail(-EINVAL, "exa_region_alloc: ctx/out is NULL");
   *out = NULL;
   if (!valid_name(name))
@@ -384,6 +402,10 @@ int exa_region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned flags
   m.size = size;
   m.addr = (uint64_t)(uintptr_t)addr;
   r = request(ctx, EXA_MSG_REGION_ADD, &m, sizeof m, &mfd, 1, NULL, NULL);
+  if (r == 0 && keep_fd) {
+    *keep_fd = fcntl(mfd, F_DUPFD_CLOEXEC, 0);
+    if (*keep_fd < 0) r = fail(-errno, "exa_region_alloc: region \"%s\": dup of its memfd: %s", name, strerror(errno));
+  }
   close(mfd);
   if (r < 0) {
     munmap(addr, size);

@@ -44,6 +44,11 @@ export interface LocalAgentOptions {
    * consumer must drain it. Without it such requests are declined at once.
    */
   onAppCheckpoint?: (ckpt: Checkpoint) => Promise<void> | void;
+  /**
+   * RDMA API remoting: the DMA backend's socket (default socketPath + ".dma"), or false for none.
+   * The backend serves every attached job's DMA session (src/dma, exa.h) on its own threads.
+   */
+  dmaSocketPath?: string | false;
   /** Options for app-initiated checkpoints, fixed or chosen per job at each request. */
   appCheckpointOptions?: NativeCkptOptions | ((job: string) => NativeCkptOptions);
 }
@@ -144,6 +149,23 @@ export class LocalAgent extends EventEmitter {
       { socketPath: opts.socketPath, allowUids: opts.allowUids ?? [], shadowBudgetBytes: opts.shadowBudgetBytes ?? 256 * 2 ** 20, socketMode: opts.socketMode ?? 0o600 },
       (ev) => this.onEvent(ev),
     );
+    if (opts.dmaSocketPath !== false) {
+      const dmaPath = opts.dmaSocketPath ?? `${opts.socketPath}.dma`;
+      try {
+        this.dma = native.dmaBackendOpen(this.handle, dmaPath);
+      } catch (e) {
+        // the checkpointer works without remoting; say once why jobs cannot open DMA sessions
+        process.stderr.write(`exaagent: no DMA backend on ${dmaPath}: ${(e as Error).message}\n`);
+      }
+    }
+  }
+
+  /** The DMA backend (RDMA API remoting), or null when not started. */
+  private dma: native.DmaBackendHandle | null = null;
+
+  /** @internal The DMA backend's handle (benchmarks: dmaEngineDirect), or null. */
+  get dmaBackend(): native.DmaBackendHandle | null {
+    return this.dma;
   }
 
   /** Start listening. Fails with ALREADY_EXISTS if a live agent owns the socket. */
@@ -288,6 +310,9 @@ export class LocalAgent extends EventEmitter {
     if (!this.handle) return;
     const h = this.handle;
     this.handle = null;
+    // the backend borrows the agent: it stops (joining its client threads) before the agent does
+    if (this.dma) native.dmaBackendClose(this.dma);
+    this.dma = null;
     native.agentClose(h);
     await Promise.allSettled([...this.running].map((c) => c.result));
   }

@@ -48,6 +48,16 @@ export class Workload {
     return new Workload(h, opts.jobId ?? process.env.EXA_JOB_ID ?? '');
   }
 
+  /** Run before this workload detaches (a DMA session closes itself here: it borrows the libexa context). */
+  private readonly beforeDetach = new Set<() => void>();
+
+  /** @internal For src/dma: the native handle, and a hook run before detach. */
+  nativeHandleFor(onDetach: () => void): { handle: WorkloadHandle; release: () => void } {
+    const handle = this.h;
+    this.beforeDetach.add(onDetach);
+    return { handle, release: () => { this.beforeDetach.delete(onDetach); } };
+  }
+
   private get h(): WorkloadHandle {
     if (!this.handle) throw new ExaError('FAILED_PRECONDITION', `workload ${this.jobId} is detached`);
     return this.handle;
@@ -82,6 +92,8 @@ export class Workload {
 
   detach(): void {
     if (!this.handle) return;
+    for (const fn of [...this.beforeDetach]) fn();
+    this.beforeDetach.clear();
     const h = this.handle;
     this.handle = null;
     native.workloadDetach(h);

@@ -1,0 +1,134 @@
+/*
+ * exa_dma_wire.h: the job (libexa frontend) <-> agent (DMA backend) protocol
+ * of RDMA API remoting. Two channels:
+ *
+ * 1. Control: AF_UNIX SOCK_SEQPACKET at $EXA_DMA_SOCKET or <agent socket>.dma.
+ *    Every message is one struct exa_dma_msg (exact size, magic, version
+ *    checked); each request gets one reply with the same seq. Types:
+ *      HELLO(job) + fd[eventfd: request doorbell]     -> reply 0; the backend checks SO_PEERCRED:
+ *                                                        the pid must be the process attached as job
+ *      QUEUE_ADD + fds[ring memfd, completion eventfd] -> reply id = queue id
+ *      QUEUE_DEL(id)                                    -> reply
+ *      BUF_ADD(name, size) + fd[the region's memfd]     -> reply id = local buffer id; the region must
+ *                                                        be registered with the agent under that name/size
+ *      BUF_DEL(id)                                      -> reply
+ *      GRANT(id, peer, perms)                           -> reply
+ *      LOOKUP(peer, name)                               -> reply id = remote handle, size, perms
+ *    A connection is one client application; the backend serves it on one
+ *    thread, which also drains its rings, so control and data never race.
+ *    Closing the socket (process exit) drops its queues, buffers and grants.
+ *
+ * 2. Data: per queue, a memfd made by the frontend: struct exa_dma_ring_hdr,
+ *    then EXA_DMA_QUEUE_DEPTH request entries, then as many completion entries.
+ *    Both rings are single-producer/single-consumer with free-running 64-bit
+ *    sequence numbers (index = seq % depth):
+ *      request ring:    frontend writes sq_tail, backend writes sq_head
+ *      completion ring: backend writes cq_tail, frontend writes cq_head
+ *    The producer fills the entry, then stores tail with release order; the
+ *    consumer loads tail with acquire order, reads, then stores head (release).
+ *    The frontend never has more than depth operations outstanding (posted and
+ *    not reaped), so neither ring can overflow for a well-behaved frontend; the
+ *    backend still distrusts every field: a tail beyond head + depth, an
+ *    unknown op, a bad id, offset or length yields an error completion with a
+ *    reason (a broken tail also stops serving that queue).
+ *
+ *    Doorbells without lost wake-ups (both directions are the same Dekker
+ *    pattern; all flag accesses are sequentially consistent):
+ *      backend going to sleep:  be_sleeping = 1; fence; re-check every queue's
+ *                               sq_tail; if still empty, poll(request eventfd,
+ *                               socket); be_sleeping = 0.
+ *      frontend posting:        store sq_tail; fence; if be_sleeping: write(request eventfd).
+ *      frontend waiting:        fe_armed = 1; fence; re-check cq_tail; if still
+ *                               empty, poll(completion eventfd, socket); drain; fe_armed = 0.
+ *      backend completing:      store cq_tail; fence; if fe_armed: write(completion eventfd).
+ *    Either the sleeper's re-check sees the new tail, or the producer's load
+ *    sees the flag and rings: no wake-up is lost. Both sides spin briefly
+ *    before arming, which is what keeps small round trips in microseconds.
+ *    One waiter per queue at a time (the frontend serializes waiters).
+ */
+#ifndef EXA_DMA_WIRE_H
+#define EXA_DMA_WIRE_H
+
+#include <stdint.h>
+
+#define EXA_DMA_WIRE_MAGIC 0x31414d44u /* "DMA1" */
+#define EXA_DMA_WIRE_VERSION 1
+#define EXA_DMA_WIRE_NAME 64
+#define EXA_DMA_WIRE_TEXT 240
+#define EXA_DMA_RING_DEPTH 256 /* = EXA_DMA_QUEUE_DEPTH, a power of two */
+#define EXA_DMA_MAX_QUEUES 64  /* per client application */
+#define EXA_DMA_MAX_BUFFERS 4096
+
+enum exa_dma_msg_type {
+  EXA_DMA_MSG_HELLO = 1,
+  EXA_DMA_MSG_QUEUE_ADD = 2,
+  EXA_DMA_MSG_QUEUE_DEL = 3,
+  EXA_DMA_MSG_BUF_ADD = 4,
+  EXA_DMA_MSG_BUF_DEL = 5,
+  EXA_DMA_MSG_GRANT = 6,
+  EXA_DMA_MSG_LOOKUP = 7,
+  EXA_DMA_MSG_REPLY = 100,
+};
+
+struct exa_dma_msg {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t type;
+  uint32_t seq;
+  int32_t status; /* replies: 0 or -errno */
+  uint32_t id;
+  uint32_t perms;
+  uint64_t size;
+  char job[EXA_DMA_WIRE_NAME];  /* HELLO: own job; GRANT/LOOKUP: the peer */
+  char name[EXA_DMA_WIRE_NAME]; /* buffer name */
+  char text[EXA_DMA_WIRE_TEXT]; /* replies: NUL-terminated reason */
+};
+
+/* A request entry: 64 bytes. */
+struct exa_dma_req {
+  uint16_t op;     /* exa_dma_op */
+  uint16_t flags;  /* 0 */
+  uint32_t local;  /* local buffer id (BUF_ADD reply) */
+  uint32_t remote; /* remote handle (LOOKUP reply) */
+  uint32_t pad;
+  uint64_t local_off;
+  uint64_t remote_off;
+  uint64_t len;
+  uint64_t tag;
+  uint64_t reserved[2];
+};
+
+/* A completion entry: 128 bytes. */
+struct exa_dma_cqe {
+  uint64_t tag;
+  uint64_t len;
+  int32_t status;
+  uint16_t op;
+  uint16_t pad;
+  char reason[104];
+};
+
+struct exa_dma_ring_hdr {
+  uint32_t magic;
+  uint32_t version;
+  uint32_t depth;
+  uint32_t pad0;
+  uint64_t sq_tail __attribute__((aligned(64))); /* frontend */
+  uint64_t sq_head __attribute__((aligned(64))); /* backend */
+  uint32_t be_sleeping __attribute__((aligned(64)));
+  uint64_t cq_tail __attribute__((aligned(64))); /* backend */
+  uint64_t cq_head __attribute__((aligned(64))); /* frontend */
+  uint32_t fe_armed __attribute__((aligned(64)));
+} __attribute__((aligned(64)));
+
+#define EXA_DMA_RING_BYTES \
+  (sizeof(struct exa_dma_ring_hdr) + EXA_DMA_RING_DEPTH * sizeof(struct exa_dma_req) + EXA_DMA_RING_DEPTH * sizeof(struct exa_dma_cqe))
+
+static inline struct exa_dma_req *exa_dma_sq(void *ring) {
+  return (struct exa_dma_req *)((char *)ring + sizeof(struct exa_dma_ring_hdr));
+}
+static inline struct exa_dma_cqe *exa_dma_cq(void *ring) {
+  return (struct exa_dma_cqe *)((char *)ring + sizeof(struct exa_dma_ring_hdr) + EXA_DMA_RING_DEPTH * sizeof(struct exa_dma_req));
+}
+
+#endif /* EXA_DMA_WIRE_H */
