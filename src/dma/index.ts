@@ -55,7 +55,7 @@ export interface DmaCompletion {
 
 function toCompletion(c: NativeDmaCompletion): DmaCompletion {
   let error: ExaError | null = null;
-  if (c.status < 0) error = native.nativeError({ code: c.code ?? 'EIO', message: c.reason || `DMA ${c.op} failed` });
+  if (c.status < 0) error = native.nativeError(Object.assign(new Error(c.reason || `DMA ${c.op} failed`), { code: c.code ?? 'EIO' }));
   return { tag: c.tag, op: c.op, len: c.len, error };
 }
 
