@@ -68,6 +68,7 @@ struct exa_dma {
   uint32_t seq;
   struct exa_dma_buf *bufs;
   struct exa_dma_queue *queues;
+  int dead; /* set (atomically) once a waiter saw the backend hang up: posting then fails at once */
   pthread_mutex_t sync_lock; /* sync calls share one private polling queue */
   struct exa_dma_queue *syncq;
 };
@@ -349,6 +350,9 @@ static uint64_t now_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* The backend is gone: no operation can complete any more. */
+static void mark_dead(exa_dma *d) { __atomic_store_n(&d->dead, 1, __ATOMIC_SEQ_CST); }
+
 /* Wait for completions: spin, then arm and sleep on the doorbell (protocol in exa_dma_wire.h).
  * Also wakes on stop_efd (destroy) and on a hang-up of the control socket (the agent died):
  * a waiter never outlives its backend. Returns count, 0 on timeout or stop, <0 on error. */
@@ -387,6 +391,7 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
     /* The control socket only carries replies to our own requests, which are consumed under
      * d->lock; readable here without a pending request means EOF: the backend is gone. */
     if (pf[1].revents & (POLLHUP | POLLERR)) {
+      mark_dead(q->d);
       n = poll_any(q, out, max);
       if (!n) n = fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
       break;
@@ -416,8 +421,11 @@ static void *callback_thread(void *arg) {
   for (;;) {
     int n = wait_any(q, c, 32, -1);
     if (n < 0) {
-      /* The backend is gone: outstanding operations can no longer complete; say so once each. */
+      /* The backend is gone: outstanding operations can no longer complete; say so once each.
+       * Under sq_lock, after dead is set: no post can slip in between (post checks dead under it). */
+      pthread_mutex_lock(&q->sq_lock);
       uint64_t left = __atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE);
+      pthread_mutex_unlock(&q->sq_lock);
       struct exa_dma_completion e = {0};
       e.status = -ECONNRESET;
       snprintf(e.reason, sizeof e.reason, "the DMA backend (agent) went away before the operation completed");
@@ -542,6 +550,10 @@ static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff
                 uint64_t len, uint64_t tag) {
   if (!q || !local) return fail(-EINVAL, "exa_dma: NULL queue or buffer");
   pthread_mutex_lock(&q->sq_lock);
+  if (__atomic_load_n(&q->d->dead, __ATOMIC_SEQ_CST)) {
+    pthread_mutex_unlock(&q->sq_lock);
+    return fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
+  }
   if (__atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE) >= EXA_DMA_RING_DEPTH) {
     pthread_mutex_unlock(&q->sq_lock);
     return fail(-EAGAIN, "exa_dma: queue %u has %d operations outstanding; reap completions first", q->id, EXA_DMA_RING_DEPTH);
