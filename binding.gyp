@@ -29,6 +29,14 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "exa_dma_bench",
+      "type": "executable",
+      "sources": ["native/test/exa_dma_bench.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "exa_heat",
       "type": "executable",
       "sources": ["native/demo/heat.c"],

@@ -1,0 +1,141 @@
+/**
+ * Benchmark `remoting`: RDMA API remoting on one host.
+ *
+ * Two C jobs (native/test/exa_dma_bench.c) attached to an agent running in
+ * this process: "target" owns a 4 MiB buffer "dst" granted to "client";
+ * "client" owns "src" and drives the measurements. No JavaScript is on the
+ * data path of either side.
+ *
+ *  - overhead_pct_512k / overhead_curve: single-transfer rate (synchronous
+ *    writes, one at a time) through the full remoting path (frontend ring ->
+ *    doorbell -> backend thread -> engine -> completion ring -> frontend)
+ *    against calling the same engine (Agent::remote_write from src's mapping
+ *    into dst, the call the backend makes) directly in this process on the
+ *    same buffers. Rounds alternate the two; the figure is the median of the
+ *    per-round ratios (shared, noisy machines).
+ *  - pipelined_overhead_pct_512k: the same with 8 operations outstanding.
+ *  - rtt_us_small: 64-byte write posted and its completion polled, per op.
+ *  - alloc_us: exa_dma_alloc of a 64 KiB buffer (region + backend registration),
+ *    with region_alloc_us, a plain exa_region_alloc, for comparison.
+ *
+ * Options: --rounds N (default 5).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { LocalAgent } from '../src/agent/local-agent.js';
+import * as native from '../src/native.js';
+
+const BIN = join(native.nativeBuildDir, 'exa_dma_bench');
+
+class Proc {
+  readonly p: ChildProcess;
+  private readonly lines: string[] = [];
+  private waiter: { resolve: (l: string) => void; reject: (e: Error) => void } | null = null;
+  constructor(args: string[]) {
+    this.p = spawn(BIN, args, { stdio: ['pipe', 'pipe', 'inherit'] });
+    createInterface({ input: this.p.stdout! }).on('line', (l) => {
+      if (this.waiter) { const w = this.waiter; this.waiter = null; w.resolve(l); } else this.lines.push(l);
+    });
+    this.p.once('exit', (c) => this.waiter?.reject(new Error(`exa_dma_bench exited (${c})`)));
+  }
+  next(): Promise<string> {
+    const l = this.lines.shift();
+    if (l !== undefined) return Promise.resolve(l);
+    return new Promise((resolve, reject) => { this.waiter = { resolve, reject }; });
+  }
+  async cmd(line: string): Promise<number[]> {
+    this.p.stdin!.write(`${line}\n`);
+    const a = await this.next();
+    if (!a.startsWith('ok')) throw new Error(`exa_dma_bench "${line}": ${a}`);
+    return a.split(' ').slice(1).map(Number);
+  }
+}
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+};
+const r2 = (x: number): number => Math.round(x * 100) / 100;
+
+export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
+  const ri = args.indexOf('--rounds');
+  const rounds = ri >= 0 ? Number(args[ri + 1]) : 5;
+  const dir = mkdtempSync(join(tmpdir(), 'exa-bench-remoting-'));
+  const socketPath = join(dir, 'agent.sock');
+  const agent = LocalAgent.listen({ socketPath });
+  agent.on('log', () => undefined);
+  const procs: Proc[] = [];
+  try {
+    const be = agent.dmaBackend;
+    if (!be) throw new Error('the agent has no DMA backend');
+    const target = new Proc(['--socket', socketPath, '--job', 'target', '--target']);
+    procs.push(target);
+    if ((await target.next()) !== 'ready') throw new Error('target did not start');
+    const client = new Proc(['--socket', socketPath, '--job', 'client', '--client', 'target']);
+    procs.push(client);
+    if ((await client.next()) !== 'ready') throw new Error('client did not start');
+
+    /** ns per op of each path at one size, alternating, `rounds` times; returns per-round ratios. */
+    const compare = async (len: number, mode: 'sync' | 'async'): Promise<{ remote: number; direct: number; ratio: number }> => {
+      const iters = Math.max(20, Math.min(20000, Math.round((256 * 2 ** 20) / len)));
+      await client.cmd(mode === 'sync' ? `sync ${len} ${Math.ceil(iters / 10)}` : `async ${len} ${Math.ceil(iters / 10)} 8`); // warm-up
+      native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, Math.ceil(iters / 10));
+      const rem: number[] = [];
+      const dir: number[] = [];
+      const ratios: number[] = [];
+      for (let r = 0; r < rounds; r++) {
+        const [ns] = await client.cmd(mode === 'sync' ? `sync ${len} ${iters}` : `async ${len} ${iters} 8`);
+        const d = native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, iters);
+        rem.push(ns! / iters);
+        dir.push(d / iters);
+        ratios.push(ns! / d);
+      }
+      return { remote: median(rem), direct: median(dir), ratio: median(ratios) };
+    };
+
+    const curve: { bytes: number; remote_us: number; direct_us: number; remote_gbps: number; direct_gbps: number; overhead_pct: number }[] = [];
+    for (let len = 4096; len <= 4 * 2 ** 20; len *= 2) {
+      const c = await compare(len, 'sync');
+      const row = {
+        bytes: len,
+        remote_us: r2(c.remote / 1000),
+        direct_us: r2(c.direct / 1000),
+        remote_gbps: r2(len / c.remote),
+        direct_gbps: r2(len / c.direct),
+        overhead_pct: r2((c.ratio - 1) * 100),
+      };
+      curve.push(row);
+      log(`${String(len).padStart(8)} B: remoting ${row.remote_us} us (${row.remote_gbps} GB/s), engine direct ${row.direct_us} us (${row.direct_gbps} GB/s): overhead ${row.overhead_pct} %`);
+    }
+    const at512 = curve.find((r) => r.bytes === 512 * 1024)!;
+    const piped = await compare(512 * 1024, 'async');
+    log(`512 KiB, 8 outstanding: overhead ${r2((piped.ratio - 1) * 100)} %`);
+    const RTT = 20000;
+    const rtts: number[] = [];
+    for (let r = 0; r < rounds; r++) rtts.push((await client.cmd(`rtt ${RTT}`))[0]! / RTT);
+    const rtt = median(rtts) / 1000;
+    log(`64-byte write round trip: ${r2(rtt)} us (median of ${rounds} x ${RTT})`);
+    const ALLOC = 200;
+    const [ta, tr] = await client.cmd(`alloc ${ALLOC}`);
+    const allocUs = ta! / ALLOC / 1000;
+    const regionUs = tr! / ALLOC / 1000;
+    log(`alloc of a 64 KiB DMA buffer: ${r2(allocUs)} us (plain region: ${r2(regionUs)} us)`);
+    return {
+      rounds,
+      overhead_pct_512k: at512.overhead_pct,
+      overhead_curve: curve,
+      pipelined_overhead_pct_512k: r2((piped.ratio - 1) * 100),
+      rtt_us_small: r2(rtt),
+      alloc_us: r2(allocUs),
+      region_alloc_us: r2(regionUs),
+    };
+  } finally {
+    for (const p of procs) p.p.kill('SIGKILL');
+    await Promise.all(procs.map((p) => (p.p.exitCode !== null || p.p.signalCode !== null ? null : new Promise((r) => p.p.once('exit', r)))));
+    await agent.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
