@@ -13,7 +13,11 @@
  *    into dst, the call the backend makes) directly in this process on the
  *    same buffers. Rounds alternate the two; the figure is the median of the
  *    per-round ratios (shared, noisy machines).
- *  - pipelined_overhead_pct_512k: the same with 8 operations outstanding.
+ *    Two variants: the same 512 KiB every time (cache-hot on both paths: the
+ *    strict reading, overhead_pct_512k / overhead_curve) and transfers whose
+ *    offsets sweep 64 MiB buffers (out of cache, as DMA traffic is:
+ *    overhead_pct_512k_streaming / overhead_curve_streaming).
+ *  - pipelined_overhead_pct_512k_streaming: sweeping, 8 operations outstanding.
  *  - rtt_us_small: 64-byte write posted and its completion polled, per op.
  *  - alloc_us: exa_dma_alloc of a 64 KiB buffer (region + backend registration),
  *    with region_alloc_us, a plain exa_region_alloc, for comparison.
@@ -78,17 +82,20 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     procs.push(client);
     if ((await client.next()) !== 'ready') throw new Error('client did not start');
 
-    /** ns per op of each path at one size, alternating, `rounds` times; returns per-round ratios. */
-    const compare = async (len: number, mode: 'sync' | 'async'): Promise<{ remote: number; direct: number; ratio: number }> => {
+    const SPAN = 64 * 2 ** 20;
+    /** ns per op of each path at one size, alternating, `rounds` times; the median per-round ratio.
+     * span = len: the same bytes every time (cache-hot); span = 64 MiB: offsets sweep the buffers. */
+    const compare = async (len: number, mode: 'sync' | 'async', span: number): Promise<{ remote: number; direct: number; ratio: number }> => {
       const iters = Math.max(20, Math.min(20000, Math.round((256 * 2 ** 20) / len)));
-      await client.cmd(mode === 'sync' ? `sync ${len} ${Math.ceil(iters / 10)}` : `async ${len} ${Math.ceil(iters / 10)} 8`); // warm-up
-      native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, Math.ceil(iters / 10));
+      const cmd = (n: number): string => (mode === 'sync' ? `sync ${len} ${n} ${span}` : `async ${len} ${n} 8 ${span}`);
+      await client.cmd(cmd(Math.ceil(iters / 10))); // warm-up
+      native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, Math.ceil(iters / 10), span);
       const rem: number[] = [];
       const dir: number[] = [];
       const ratios: number[] = [];
       for (let r = 0; r < rounds; r++) {
-        const [ns] = await client.cmd(mode === 'sync' ? `sync ${len} ${iters}` : `async ${len} ${iters} 8`);
-        const d = native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, iters);
+        const [ns] = await client.cmd(cmd(iters));
+        const d = native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, iters, span);
         rem.push(ns! / iters);
         dir.push(d / iters);
         ratios.push(ns! / d);
@@ -96,23 +103,28 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       return { remote: median(rem), direct: median(dir), ratio: median(ratios) };
     };
 
-    const curve: { bytes: number; remote_us: number; direct_us: number; remote_gbps: number; direct_gbps: number; overhead_pct: number }[] = [];
-    for (let len = 4096; len <= 4 * 2 ** 20; len *= 2) {
-      const c = await compare(len, 'sync');
-      const row = {
-        bytes: len,
-        remote_us: r2(c.remote / 1000),
-        direct_us: r2(c.direct / 1000),
-        remote_gbps: r2(len / c.remote),
-        direct_gbps: r2(len / c.direct),
-        overhead_pct: r2((c.ratio - 1) * 100),
-      };
-      curve.push(row);
-      log(`${String(len).padStart(8)} B: remoting ${row.remote_us} us (${row.remote_gbps} GB/s), engine direct ${row.direct_us} us (${row.direct_gbps} GB/s): overhead ${row.overhead_pct} %`);
-    }
-    const at512 = curve.find((r) => r.bytes === 512 * 1024)!;
-    const piped = await compare(512 * 1024, 'async');
-    log(`512 KiB, 8 outstanding: overhead ${r2((piped.ratio - 1) * 100)} %`);
+    type Row = { bytes: number; remote_us: number; direct_us: number; remote_gbps: number; direct_gbps: number; overhead_pct: number };
+    const curveOf = async (span: (len: number) => number, label: string): Promise<Row[]> => {
+      const curve: Row[] = [];
+      for (let len = 4096; len <= 4 * 2 ** 20; len *= 2) {
+        const c = await compare(len, 'sync', span(len));
+        const row = {
+          bytes: len,
+          remote_us: r2(c.remote / 1000),
+          direct_us: r2(c.direct / 1000),
+          remote_gbps: r2(len / c.remote),
+          direct_gbps: r2(len / c.direct),
+          overhead_pct: r2((c.ratio - 1) * 100),
+        };
+        curve.push(row);
+        log(`${label} ${String(len).padStart(8)} B: remoting ${row.remote_us} us (${row.remote_gbps} GB/s), engine direct ${row.direct_us} us (${row.direct_gbps} GB/s): overhead ${row.overhead_pct} %`);
+      }
+      return curve;
+    };
+    const hot = await curveOf((len) => len, 'same bytes');
+    const streaming = await curveOf(() => SPAN, 'sweeping 64 MiB');
+    const piped = await compare(512 * 1024, 'async', SPAN);
+    log(`512 KiB sweeping 64 MiB, 8 outstanding: overhead ${r2((piped.ratio - 1) * 100)} %`);
     const RTT = 20000;
     const rtts: number[] = [];
     for (let r = 0; r < rounds; r++) rtts.push((await client.cmd(`rtt ${RTT}`))[0]! / RTT);
@@ -125,9 +137,11 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     log(`alloc of a 64 KiB DMA buffer: ${r2(allocUs)} us (plain region: ${r2(regionUs)} us)`);
     return {
       rounds,
-      overhead_pct_512k: at512.overhead_pct,
-      overhead_curve: curve,
-      pipelined_overhead_pct_512k: r2((piped.ratio - 1) * 100),
+      overhead_pct_512k: hot.find((r) => r.bytes === 512 * 1024)!.overhead_pct,
+      overhead_pct_512k_streaming: streaming.find((r) => r.bytes === 512 * 1024)!.overhead_pct,
+      overhead_curve: hot,
+      overhead_curve_streaming: streaming,
+      pipelined_overhead_pct_512k_streaming: r2((piped.ratio - 1) * 100),
       rtt_us_small: r2(rtt),
       alloc_us: r2(allocUs),
       region_alloc_us: r2(regionUs),

@@ -198,7 +198,7 @@ interface NativeAddon {
   dmaBackendOpen(agent: AgentHandle, socketPath: string): DmaBackendHandle;
   dmaBackendClose(h: DmaBackendHandle): void;
   dmaBackendStats(h: DmaBackendHandle): NativeDmaBackendStats;
-  dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number): number;
+  dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number, span: number): number;
   dmaOpen(w: WorkloadHandle, socketPath: string | null): DmaSessionHandle;
   dmaClose(d: DmaSessionHandle): void;
   dmaAlloc(d: DmaSessionHandle, name: string, size: number): ArrayBuffer;

@@ -136,12 +136,13 @@ Napi::Value BackendStats(const Napi::CallbackInfo &info) {
   return o;
 }
 
-/* dmaEngineDirect(backend, srcJob, srcBuf, dstJob, dstBuf, len, iters) -> ns (benchmark baseline) */
+/* dmaEngineDirect(backend, srcJob, srcBuf, dstJob, dstBuf, len, iters, span) -> ns (benchmark baseline) */
 Napi::Value EngineDirect(const Napi::CallbackInfo &info) {
   auto *w = unwrap_backend(info);
   try {
     uint64_t ns = w->be->engine_direct(str_arg(info, 1, "srcJob"), str_arg(info, 2, "srcBuf"), str_arg(info, 3, "dstJob"),
-                                       str_arg(info, 4, "dstBuf"), u64_arg(info, 5, "len"), (uint32_t)u64_arg(info, 6, "iters"));
+                                       str_arg(info, 4, "dstBuf"), u64_arg(info, 5, "len"), (uint32_t)u64_arg(info, 6, "iters"),
+                                       u64_arg(info, 7, "span"));
     return Napi::Number::New(info.Env(), (double)ns);
   } catch (const exa::Error &e) {
     throw_errno(info.Env(), e.err, e.what());

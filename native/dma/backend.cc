@@ -446,7 +446,12 @@ class Client {
         }
         continue;
       }
-      if (hello_ && t - idle_since < kSpinNs) continue;
+      if (hello_ && t - idle_since < kSpinNs) {
+#if defined(__x86_64__) || defined(__i386__)
+        for (int i = 0; i < 2; i++) __builtin_ia32_pause(); /* leave the core to a sibling doing real work */
+#endif
+        continue;
+      }
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */
       for (auto &kv : queues_)
         if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_sleeping, 1, __ATOMIC_SEQ_CST);
@@ -595,13 +600,16 @@ BackendStats Backend::stats() {
 }
 
 uint64_t Backend::engine_direct(const std::string &src_job, const std::string &src_buf, const std::string &dst_job,
-                                const std::string &dst_buf, uint64_t len, uint32_t iters) {
+                                const std::string &dst_buf, uint64_t len, uint32_t iters, uint64_t span) {
   auto s = find(src_job, src_buf);
   auto d = find(dst_job, dst_buf);
   if (!s || !d) throw Error(-ENOENT, "engine_direct: no such DMA buffers");
-  if (len > s->size || len > d->size) throw Error(-EINVAL, "engine_direct: length beyond the buffers");
+  if (!len || span < len || span > s->size || span > d->size) throw Error(-EINVAL, "engine_direct: length/span beyond the buffers");
   uint64_t t0 = now_ns();
-  for (uint32_t i = 0; i < iters; i++) agent_->remote_write(d->owner, d->name, 0, s->map, len);
+  for (uint32_t i = 0; i < iters; i++) {
+    uint64_t off = ((uint64_t)i * len) % (span - span % len);
+    agent_->remote_write(d->owner, d->name, off, s->map + off, len);
+  }
   return now_ns() - t0;
 }
 

@@ -78,9 +78,10 @@ class Backend {
   void close();
   BackendStats stats();
   /* Benchmark baseline: the same engine call the backend makes for a WRITE from (src job, buffer)
-   * to (dst job, buffer), done `iters` times directly in this process; returns total ns. */
+   * to (dst job, buffer), done `iters` times directly in this process, op i at offset
+   * (i * len) % span of both buffers; returns total ns. */
   uint64_t engine_direct(const std::string &src_job, const std::string &src_buf, const std::string &dst_job,
-                         const std::string &dst_buf, uint64_t len, uint32_t iters);
+                         const std::string &dst_buf, uint64_t len, uint32_t iters, uint64_t span);
 
  private:
   friend class Client;

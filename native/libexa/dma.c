@@ -58,6 +58,7 @@ struct exa_dma_queue {
   pthread_mutex_t cq_lock;   /* reapers */
   pthread_mutex_t wait_lock; /* one sleeper at a time (see the doorbell protocol) */
   uint64_t outstanding;      /* posted - reaped; guarded by sq_lock for increments, atomics for decrements */
+  uint64_t spin_extra_ns;    /* largest length posted since the queue last drained, as ns at ~1 GB/s */
 };
 
 struct exa_dma {
@@ -333,7 +334,8 @@ static int reap_locked(struct exa_dma_queue *q, struct exa_dma_completion *out, 
     n++;
   }
   __atomic_store_n(&h->cq_head, head, __ATOMIC_RELEASE);
-  if (n) __atomic_sub_fetch(&q->outstanding, (uint64_t)n, __ATOMIC_RELEASE);
+  if (n && __atomic_sub_fetch(&q->outstanding, (uint64_t)n, __ATOMIC_RELEASE) == 0)
+    __atomic_store_n(&q->spin_extra_ns, 0, __ATOMIC_RELAXED);
   return n;
 }
 
@@ -342,6 +344,16 @@ static int poll_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
   int n = reap_locked(q, out, max);
   pthread_mutex_unlock(&q->cq_lock);
   return n;
+}
+
+/* Spin politely: a busy-polling thread must not starve the backend thread copying our data,
+ * which may share a physical core with it (SMT siblings, vCPUs). */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  for (int i = 0; i < 2; i++) __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
 }
 
 static uint64_t now_ns(void) {
@@ -366,7 +378,14 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
     if (n) break;
     uint64_t t = now_ns();
     if (t >= deadline) break;
-    if (t - t0 < SPIN_NS) continue;
+    /* Spin longer while a long operation is outstanding: waking a sleeping thread costs tens of
+     * microseconds on virtual machines (an idle vCPU is halted), more than the copy of a few
+     * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
+    uint64_t budget = SPIN_NS + __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
+    if (t - t0 < budget) {
+      cpu_relax();
+      continue;
+    }
     __atomic_store_n(&q->hdr->fe_armed, 1, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     n = poll_any(q, out, max);
@@ -570,6 +589,8 @@ static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff
   e->len = len;
   e->tag = tag;
   __atomic_add_fetch(&q->outstanding, 1, __ATOMIC_ACQ_REL);
+  uint64_t extra = len > (10u << 20) ? (10u << 20) : len; /* ~1 ns a byte, at most ~10 ms */
+  if (extra > __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED)) __atomic_store_n(&q->spin_extra_ns, extra, __ATOMIC_RELAXED);
   __atomic_store_n(&h->sq_tail, tail + 1, __ATOMIC_RELEASE);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (__atomic_load_n(&h->be_sleeping, __ATOMIC_SEQ_CST)) {

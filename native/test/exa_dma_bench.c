@@ -1,10 +1,11 @@
 /*
  * exa_dma_bench: a C DMA job for bench/remoting.ts (no JavaScript on the data path).
  *
- *   exa_dma_bench --socket S --job J --target        alloc "dst" (4 MiB), grant rw to job "client", wait for EOF on stdin
- *   exa_dma_bench --socket S --job J --client PEER   alloc "src" (4 MiB), look up PEER's "dst", then answer commands:
- *     sync LEN ITERS    -> "ok NS"  ITERS synchronous writes of LEN bytes (src[0..LEN) -> dst[0..LEN)), total ns
- *     async LEN ITERS D -> "ok NS"  the same with D operations outstanding on a polling queue
+ *   exa_dma_bench --socket S --job J --target        alloc "dst" (64 MiB), grant rw to job "client", wait for EOF on stdin
+ *   exa_dma_bench --socket S --job J --client PEER   alloc "src" (64 MiB), look up PEER's "dst", then answer commands:
+ *     sync LEN ITERS SPAN    -> "ok NS"  ITERS synchronous writes of LEN bytes, op i at offset (i*LEN) % SPAN of
+ *                               both src and dst (SPAN = LEN: the same bytes every time, cache-hot), total ns
+ *     async LEN ITERS D SPAN -> "ok NS"  the same with D operations outstanding on a polling queue
  *     rtt ITERS         -> "ok NS"  ITERS 64-byte writes, each posted and its completion polled (spin), total ns
  *     alloc ITERS       -> "ok NS_ALLOC NS_REGION"  ITERS exa_dma_alloc of 64 KiB (each freed untimed),
  *                                   and as many plain exa_region_alloc for comparison
@@ -18,7 +19,7 @@
 
 #include "exa.h"
 
-#define BUF (4u << 20)
+#define BUF (64u << 20) /* transfers at offsets cycling through it: out of cache, like real DMA traffic */
 
 static uint64_t now_ns(void) {
   struct timespec ts;
@@ -67,17 +68,20 @@ int main(int argc, char **argv) {
   fflush(stdout);
   struct exa_dma_completion c[64];
   while (fgets(line, sizeof line, stdin)) {
-    unsigned long long len = 0, iters = 0, depth = 0;
-    if (sscanf(line, "sync %llu %llu", &len, &iters) == 2) {
+    unsigned long long len = 0, iters = 0, depth = 0, span = 0;
+    if (sscanf(line, "sync %llu %llu %llu", &len, &iters, &span) == 3 && len && span >= len && span <= BUF) {
       uint64_t t0 = now_ns();
-      for (unsigned long long i = 0; i < iters; i++)
-        if (exa_dma_write_sync(d, src, 0, dst, 0, len) < 0) die("write_sync");
+      for (unsigned long long i = 0; i < iters; i++) {
+        uint64_t off = (i * len) % (span - span % len);
+        if (exa_dma_write_sync(d, src, off, dst, off, len) < 0) die("write_sync");
+      }
       printf("ok %llu\n", (unsigned long long)(now_ns() - t0));
-    } else if (sscanf(line, "async %llu %llu %llu", &len, &iters, &depth) == 3) {
+    } else if (sscanf(line, "async %llu %llu %llu %llu", &len, &iters, &depth, &span) == 4 && len && span >= len && span <= BUF) {
       uint64_t t0 = now_ns(), posted = 0, done = 0;
       while (done < iters) {
         while (posted < iters && posted - done < depth) {
-          if (exa_dma_write(q, src, 0, dst, 0, len, posted) < 0) die("write");
+          uint64_t off = (posted * len) % (span - span % len);
+          if (exa_dma_write(q, src, off, dst, off, len, posted) < 0) die("write");
           posted++;
         }
         int n = exa_dma_wait(q, c, 64, -1);
@@ -95,8 +99,7 @@ int main(int argc, char **argv) {
       for (unsigned long long i = 0; i < iters; i++) {
         if (exa_dma_write(q, src, 0, dst, 0, 64, i) < 0) die("write");
         int n;
-        while ((n = exa_dma_poll(q, c, 1)) == 0) {
-        }
+        while ((n = exa_dma_poll(q, c, 1)) == 0) __builtin_ia32_pause();
         if (n < 0 || c[0].status < 0) die("rtt completion");
       }
       printf("ok %llu\n", (unsigned long long)(now_ns() - t0));
