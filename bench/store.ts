@@ -18,7 +18,9 @@
  *    1% increments over restore time of checkpoint 1 (median of 3 each).
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
  *    at random; exastore gets the dirty pages (what the checkpointer sends),
- *    restic backs up the file. Ratios are exastore / restic.
+ *    restic backs up the file. Ratios are exastore / restic. Both restores
+ *    (latest image to a file) start from a cold page cache (sync, then
+ *    drop_caches as root).
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createHash, hash as oneShotHash } from 'node:crypto';
@@ -270,7 +272,14 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       await stopServer(s2.proc);
       const exaDisk = duBytes(join(work, 'data-vs-restic'));
       const resticStored = duBytes(repo);
-      // Restore the latest checkpoint / snapshot to a file.
+      // Restore the latest checkpoint / snapshot to a file, each from a cold page cache
+      // with no writeback in flight (restic's repository is ~10 GiB of fresh dirty pages
+      // by now, which would otherwise be flushed during whichever restore runs first).
+      const coldCache = (): void => {
+        spawnSync('sync');
+        try { writeFileSync('/proc/sys/vm/drop_caches', '3\n'); } catch { log('cannot drop the page cache (not root?): restores run warm'); }
+      };
+      coldCache();
       const s3 = await startServer(join(work, 'data-vs-restic'), log);
       const c3 = await StoreClient.connect(s3.address);
       const out1 = join(work, 'restore-exa.bin');
@@ -278,6 +287,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       c3.close();
       await stopServer(s3.proc);
       const target = join(work, 'restore-restic');
+      coldCache();
       const rres = await timeIt(async () => { execFileSync(restic, ['restore', 'latest', '--quiet', '--target', target], { env }); });
       const restoredFile = join(target, file);
       if (!existsSync(restoredFile)) throw new Error(`restic restore produced no ${restoredFile}`);
