@@ -482,6 +482,8 @@ class Client {
       if (b && b->map) retire(b, why);
     local_.clear();
     remote_.clear();
+    /* The peer sees EOF now; the fd itself is closed by ~Client when the accept loop reaps us. */
+    shutdown(sock_, SHUT_RDWR);
     done = true;
   }
 
