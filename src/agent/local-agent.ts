@@ -310,10 +310,12 @@ export class LocalAgent extends EventEmitter {
     if (!this.handle) return;
     const h = this.handle;
     this.handle = null;
-    // the backend borrows the agent: it stops (joining its client threads) before the agent does
+    native.agentClose(h);
+    // Then the DMA backend (joining its client threads). Not before: a client thread may be inside a
+    // remote write waiting for a checkpoint's saver, which only the agent's close cancels (and which
+    // waits for this thread to take batches). Until joined, its writes into dropped jobs fail cleanly.
     if (this.dma) native.dmaBackendClose(this.dma);
     this.dma = null;
-    native.agentClose(h);
     await Promise.allSettled([...this.running].map((c) => c.result));
   }
 }

@@ -84,6 +84,31 @@ describe('a peer or the backend going away mid-transfer', () => {
     expect((await py.ok({ cmd: 'hash', name: 'dst' })).sha).toBe((await px.ok({ cmd: 'hash', name: 'src' })).sha);
   });
 
+  it('closing the agent while a remote write waits for a held checkpoint saver returns; the write fails or lands, never hangs', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const [pa] = await setup(a.socketPath, 'w8', 't8');
+    // the target's page 8 is being saved (held): a remote write into it must wait (fault case 4)
+    const c = await a.agent.checkpoint('t8', { full: true, mode: 'sync', testHold: { region: 'dst', page: 8, when: 'during' } });
+    c.result.catch(() => undefined);
+    const drained = (async () => { try { for await (const _ of c) { /* consume */ } } catch { /* cancelled by close */ } })();
+    await until(() => c.testHeld(), 'saver held on page 8');
+    await pa.ok({ cmd: 'queue', q: 1, mode: 'poll' });
+    await pa.ok({ cmd: 'post', q: 1, op: 'write', local: 'src', peer: 't8', name: 'dst', roff: 8 * PAGE, len: PAGE, tag: 8 });
+    const opsBefore = native.dmaBackendStats(a.agent.dmaBackend!).ops;
+    expect((await pa.ok({ cmd: 'wait', q: 1, n: 1, timeoutMs: 300 })).completions).toEqual([]); // still waiting
+    expect(native.dmaBackendStats(a.agent.dmaBackend!).ops).toBe(opsBefore);
+    const t0 = Date.now();
+    await a.agent.close();
+    agent = null;
+    expect(Date.now() - t0).toBeLessThan(5000);
+    await drained;
+    const got = await pa.cmd({ cmd: 'wait', q: 1, n: 1, timeoutMs: 5000 });
+    // either the write completed when the cancelled checkpoint let go of page 8, or the wait saw the backend leave
+    if (got.ok) expect((got.completions as unknown[]).length).toBe(1);
+    else expect(got.code).toBe('UNAVAILABLE');
+  });
+
   for (const mode of ['poll', 'callback'] as const) {
     it(`closing the agent while a ${mode}-mode client is busy returns promptly; the client's operations fail, never hang`, async () => {
       const a = startAgent();
