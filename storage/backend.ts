@@ -60,7 +60,7 @@ export interface PageStore {
   /**
    * The bytes at each ref (null where nothing is stored there). Unverified:
    * the engine checks every page against its hash. Backends should coalesce
-   * neighbouring refs into one read (LevelDB iterator runs, S3 range GETs).
+   * neighbouring refs into one read where their medium rewards it (S3 range GETs).
    */
   readPages(refs: readonly PageRef[]): Promise<(Buffer | null)[]>;
   /** Delete pages (GC phase 2 only). A page whose ref moved is deleted where it is. */

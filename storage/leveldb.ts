@@ -20,8 +20,8 @@
  * file span the whole key space and drag page bytes through every
  * compaction), so their SST files never overlap and LevelDB moves them down
  * without rewriting; only the small hash index (40 B a page) is random. The
- * ref of a page is its sequence number, so a restore reads runs of
- * neighbouring pages with one iterator.
+ * ref of a page is its sequence number, so a restore reads pages by key
+ * without an index lookup.
  *
  * Order of writes: page bytes first, then their index entries. A crash in
  * between leaves page bytes no index entry names; GC removes them
