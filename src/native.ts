@@ -195,7 +195,7 @@ interface NativeAddon {
   workloadCheckpoint(h: WorkloadHandle): Promise<void>;
   workloadDetach(h: WorkloadHandle): void;
   // RDMA API remoting (native/addon/dma.cc)
-  dmaBackendOpen(agent: AgentHandle, socketPath: string): DmaBackendHandle;
+  dmaBackendOpen(agent: AgentHandle, socketPath: string, socketMode?: number): DmaBackendHandle;
   dmaBackendClose(h: DmaBackendHandle): void;
   dmaBackendStats(h: DmaBackendHandle): NativeDmaBackendStats;
   dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number, span: number): number;

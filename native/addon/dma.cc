@@ -95,7 +95,7 @@ BackendWrap *unwrap_backend(const Napi::CallbackInfo &info) {
   return w;
 }
 
-/* dmaBackendOpen(agent, socketPath) */
+/* dmaBackendOpen(agent, socketPath, socketMode?) */
 Napi::Value BackendOpen(const Napi::CallbackInfo &info) {
   Napi::Env env = info.Env();
   exa::Agent *agent = info.Length() > 0 ? exa_addon_agent(info[0]) : nullptr;
@@ -103,7 +103,8 @@ Napi::Value BackendOpen(const Napi::CallbackInfo &info) {
   std::string path = str_arg(info, 1, "socketPath");
   auto *w = new BackendWrap();
   try {
-    w->be = std::make_unique<exa::dma::Backend>(agent, path);
+    unsigned mode = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0600;
+    w->be = std::make_unique<exa::dma::Backend>(agent, path, mode);
   } catch (const exa::Error &e) {
     delete w;
     throw_errno(env, e.err, e.what());

@@ -151,6 +151,8 @@ class Client {
                                   " access to buffer \"" + rb->name + "\" to job " + job_);
     }
     auto range = [](uint64_t off, uint64_t len, uint64_t size) { return off <= size && len <= size - off; };
+    /* A job may address its own buffer through a lookup; memcpy must not see overlapping ranges. */
+    bool overlap = lb == rb && r.local_off < r.remote_off + r.len && r.remote_off < r.local_off + r.len;
     if (r.len == 0) return refuse(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of 0 bytes");
     if (!range(r.local_off, r.len, lb->size))
       return refuse(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
@@ -160,6 +162,8 @@ class Client {
       return refuse(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                                 std::to_string(r.remote_off) + " is outside buffer \"" + rb->name + "\" of job " + rb->owner +
                                 " (" + std::to_string(rb->size) + " bytes)");
+    if (overlap)
+      return refuse(EINVAL, "job " + job_ + ": " + op_name(r.op) + " within buffer \"" + lb->name + "\" with overlapping ranges");
     try {
       /* Engine (same host). The destination is always written through the checkpointer. */
       if (r.op == EXA_DMA_OP_WRITE) be_->agent_->remote_write(rb->owner, rb->name, r.remote_off, lb->map + r.local_off, r.len);
@@ -500,7 +504,7 @@ class Client {
   std::thread th_;
 };
 
-Backend::Backend(Agent *agent, const std::string &socket_path) : agent_(agent), path_(socket_path) {
+Backend::Backend(Agent *agent, const std::string &socket_path, unsigned socket_mode) : agent_(agent), path_(socket_path) {
   struct sockaddr_un sa;
   memset(&sa, 0, sizeof sa);
   sa.sun_family = AF_UNIX;
@@ -514,7 +518,8 @@ Backend::Backend(Agent *agent, const std::string &socket_path) : agent_(agent), 
     ::close(listen_fd_);
     throw Error(-e, "DMA backend: cannot listen on " + socket_path + ": " + errstr(e));
   }
-  chmod(socket_path.c_str(), 0600);
+  /* Same mode as the agent's socket; who may act as which job is decided by the SO_PEERCRED pid check. */
+  chmod(socket_path.c_str(), socket_mode);
   stop_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (stop_fd_ < 0) {
     int e = errno;

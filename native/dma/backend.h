@@ -70,8 +70,8 @@ class Client;
 
 class Backend {
  public:
-  /* Listens on socket_path (unlinking a stale file first); throws exa::Error naming what failed. */
-  Backend(Agent *agent, const std::string &socket_path);
+  /* Listens on socket_path (unlinking a stale file first, chmod socket_mode); throws exa::Error naming what failed. */
+  Backend(Agent *agent, const std::string &socket_path, unsigned socket_mode = 0600);
   ~Backend(); /* close() */
   /* Stops accepting, wakes and joins every client thread (a client busy in an operation finishes
    * that operation first), closes every fd. Idempotent. */

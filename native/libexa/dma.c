@@ -38,7 +38,8 @@ int exa__region_alloc_fd(exa_ctx *ctx, const char *name, size_t size, unsigned f
 struct exa_dma_buf {
   struct exa_dma_buf *next;
   exa_region *region;
-  uint32_t id; /* the backend's id */
+  uint32_t id;      /* the backend's id */
+  int unregistered; /* BUF_DEL done, region free still to do (it failed, e.g. -EBUSY during a checkpoint) */
 };
 
 struct exa_dma_queue {
@@ -261,15 +262,22 @@ int exa_dma_free(exa_dma *d, exa_dma_buf *buf) {
   }
   /* Unregister first: from here on peers' operations on it fail with a reason, and the backend
    * finished any operation on it (it serves our control messages between operations). */
-  struct exa_dma_msg m = {0}, rep;
-  m.type = EXA_DMA_MSG_BUF_DEL;
-  m.id = buf->id;
-  int r = control(d, &m, NULL, 0, &rep);
-  if (r == 0) *pp = buf->next;
+  int r = 0;
+  if (!buf->unregistered) {
+    struct exa_dma_msg m = {0}, rep;
+    m.type = EXA_DMA_MSG_BUF_DEL;
+    m.id = buf->id;
+    r = control(d, &m, NULL, 0, &rep);
+    if (r == 0) buf->unregistered = 1;
+  }
+  /* The region can refuse (-EBUSY while a checkpoint of the job saves): the buffer then stays in
+   * our list, unregistered, and a later exa_dma_free retries only the region. */
+  if (r == 0) r = exa_region_free(d->ctx, buf->region);
+  if (r == 0) {
+    *pp = buf->next;
+    free(buf);
+  }
   pthread_mutex_unlock(&d->lock);
-  if (r < 0) return r;
-  r = exa_region_free(d->ctx, buf->region);
-  free(buf);
   return r;
 }
 

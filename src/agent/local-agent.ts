@@ -152,7 +152,7 @@ export class LocalAgent extends EventEmitter {
     if (opts.dmaSocketPath !== false) {
       const dmaPath = opts.dmaSocketPath ?? `${opts.socketPath}.dma`;
       try {
-        this.dma = native.dmaBackendOpen(this.handle, dmaPath);
+        this.dma = native.dmaBackendOpen(this.handle, dmaPath, opts.socketMode ?? 0o600);
       } catch (e) {
         // the checkpointer works without remoting; say once why jobs cannot open DMA sessions
         process.stderr.write(`exaagent: no DMA backend on ${dmaPath}: ${(e as Error).message}\n`);

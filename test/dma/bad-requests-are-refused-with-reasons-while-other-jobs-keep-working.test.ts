@@ -103,6 +103,14 @@ describe('bad DMA requests', () => {
     fillBytes(want, 0, want.length, 2);
     expect((await m.ok({ cmd: 'bytes', name: 'mine', off: 0, len: 16 })).hex).toBe(Buffer.from(want.subarray(0, 16)).toString('hex'));
 
+    // a job may address its own buffer, but not with overlapping ranges
+    await m.ok({ cmd: 'lookup', peer: 'mal', name: 'mine' });
+    await post({ op: 'write', peer: 'mal', name: 'mine', loff: 0, roff: 100, len: 200, tag: 20 });
+    await post({ op: 'write', peer: 'mal', name: 'mine', loff: 0, roff: 2 * PAGE, len: 200, tag: 21 });
+    const self = (await m.ok({ cmd: 'wait', q: 1, n: 2 })).completions as C[];
+    expect(self.find((c) => c.tag === 20)!.error).toMatchObject({ code: 'INVALID_ARGUMENT', message: 'job mal: write within buffer "mine" with overlapping ranges' });
+    expect(self.find((c) => c.tag === 21)!.error).toBeNull();
+
     // a corrupted ring tail: that queue is dropped with a reason; the job's other queues still work
     await m.ok({ cmd: 'raw', q: 1, hex: entry({ op: 2, local: 1, remote: ro.handle as number, len: 8, tag: 13 }), advance: 100000 });
     const broken = (await m.ok({ cmd: 'wait', q: 1, n: 1 })).completions as C[];
