@@ -22,7 +22,7 @@
  *  - alloc_us: exa_dma_alloc of a 64 KiB buffer (region + backend registration),
  *    with region_alloc_us, a plain exa_region_alloc, for comparison.
  *
- * Options: --rounds N (default 5).
+ * Options: --rounds N (default 9).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -66,7 +66,7 @@ const r2 = (x: number): number => Math.round(x * 100) / 100;
 
 export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
   const ri = args.indexOf('--rounds');
-  const rounds = ri >= 0 ? Number(args[ri + 1]) : 5;
+  const rounds = ri >= 0 ? Number(args[ri + 1]) : 9;
   const dir = mkdtempSync(join(tmpdir(), 'exa-bench-remoting-'));
   const socketPath = join(dir, 'agent.sock');
   const agent = LocalAgent.listen({ socketPath });

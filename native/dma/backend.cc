@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -434,7 +435,7 @@ class Client {
 
   void run() {
     uint64_t idle_since = now_ns();
-    unsigned busy_rounds = 0;
+    unsigned busy_rounds = 0, spins = 0;
     for (;;) {
       int w = hello_ ? serve_rings() : 0;
       if (w < 0) break;
@@ -454,6 +455,8 @@ class Client {
 #if defined(__x86_64__) || defined(__i386__)
         for (int i = 0; i < 2; i++) __builtin_ia32_pause(); /* leave the core to a sibling doing real work */
 #endif
+        /* on an oversubscribed machine the client we wait for may need this very CPU */
+        if ((++spins & 255) == 0) sched_yield();
         continue;
       }
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -381,6 +382,7 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
   uint64_t t0 = now_ns();
   uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : t0 + (uint64_t)timeout_ms * 1000000ull;
   int n = 0;
+  unsigned spins = 0;
   for (;;) {
     n = poll_any(q, out, max);
     if (n) break;
@@ -392,6 +394,8 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
     uint64_t budget = SPIN_NS + __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
     if (t - t0 < budget) {
       cpu_relax();
+      /* On an oversubscribed machine the backend thread may be waiting for this very CPU. */
+      if ((++spins & 255) == 0) sched_yield();
       continue;
     }
     __atomic_store_n(&q->hdr->fe_armed, 1, __ATOMIC_SEQ_CST);
