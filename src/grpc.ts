@@ -9,7 +9,7 @@
  * here turn a throw into the right status and never let one escape into
  * grpc-js (which would crash the process).
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import type { Http2Session } from 'node:http2';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
@@ -268,12 +268,46 @@ export function messageReader<T>(call: NodeJS.ReadableStream & { on(ev: 'cancell
 export interface ClientOptions {
   /** Bearer token sent with every call. */
   token?: string | undefined;
+  /** TLS: connect with TLS, trusting this CA bundle (PEM file path); undefined = plaintext. */
+  tlsCa?: string | undefined;
 }
 
-/** Create a client of a generated service constructor with the project's channel options. */
-export function createClient<C extends grpc.Client>(Ctor: new (address: string, creds: grpc.ChannelCredentials, options?: grpc.ClientOptions) => C, address: string): C {
+/** Server-side TLS: PEM files of the certificate chain and its key (and a client CA to require client certificates). */
+export interface ServerTls {
+  cert: string;
+  key: string;
+  clientCa?: string | undefined;
+}
+
+/** Credentials for bindServer(): TLS from PEM files, or plaintext. INVALID_ARGUMENT naming an unreadable file. */
+export function serverCredentials(tls?: ServerTls): grpc.ServerCredentials {
+  if (!tls) return grpc.ServerCredentials.createInsecure();
+  const read = (what: string, f: string): Buffer => {
+    try {
+      return readFileSync(f);
+    } catch (e) {
+      throw new ExaError('INVALID_ARGUMENT', `cannot read TLS ${what} ${f}: ${(e as Error).message}`, {}, { cause: e });
+    }
+  };
+  return grpc.ServerCredentials.createSsl(tls.clientCa ? read('client CA', tls.clientCa) : null,
+    [{ cert_chain: read('certificate', tls.cert), private_key: read('key', tls.key) }], !!tls.clientCa);
+}
+
+function channelCredentials(opts: ClientOptions): grpc.ChannelCredentials {
+  if (!opts.tlsCa) return grpc.credentials.createInsecure();
+  let ca: Buffer;
+  try {
+    ca = readFileSync(opts.tlsCa);
+  } catch (e) {
+    throw new ExaError('INVALID_ARGUMENT', `cannot read TLS CA ${opts.tlsCa}: ${(e as Error).message}`, {}, { cause: e });
+  }
+  return grpc.credentials.createSsl(ca);
+}
+
+/** Create a client of a generated service constructor with the project's channel options (TLS when opts.tlsCa is set). */
+export function createClient<C extends grpc.Client>(Ctor: new (address: string, creds: grpc.ChannelCredentials, options?: grpc.ClientOptions) => C, address: string, opts: ClientOptions = {}): C {
   installSessionHook();
-  return new Ctor(address, grpc.credentials.createInsecure(), { ...CHANNEL_OPTIONS });
+  return new Ctor(address, channelCredentials(opts), { ...CHANNEL_OPTIONS });
 }
 
 /** Metadata carrying the bearer token, if any. */

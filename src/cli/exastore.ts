@@ -16,10 +16,12 @@ import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
 
-interface ClientFlags { store: string; json?: boolean; token?: string }
+interface ClientFlags { store: string; json?: boolean; token?: string; tlsCa?: string }
 
 async function withClient<T>(flags: ClientFlags, fn: (c: StoreClient) => Promise<T>): Promise<T> {
-  const c = await StoreClient.connect(flags.store, { token: flags.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+  const c = await StoreClient.connect(flags.store, {
+    token: flags.token ?? process.env.EXA_TOKEN, tlsCa: flags.tlsCa ?? (process.env.EXA_TLS_CA || undefined), timeoutMs: 5000,
+  });
   try {
     return await fn(c);
   } finally {
@@ -31,6 +33,7 @@ function clientCommand(program: Command, name: string, description: string): Com
   return program.command(name).description(description)
     .option('--store <addr>', 'store server address (host:port)', DEFAULT_STORE)
     .option('--token <token>', 'bearer token (default $EXA_TOKEN)')
+    .option('--tls-ca <pem>', 'connect with TLS, trusting this CA (default $EXA_TLS_CA)')
     .option('--json', 'print one JSON object');
 }
 
@@ -50,11 +53,15 @@ export function buildProgram(): Command {
     .option('--host <addr>', 'address to listen on', '127.0.0.1')
     .option('--gc-grace <seconds>', 'GC grace period: a page found unreferenced is deleted only after this long', intArg('--gc-grace'), 3600)
     .option('--token <token>', 'require this bearer token from clients (default $EXA_TOKEN)')
+    .option('--tls-cert <pem>', 'serve TLS with this certificate chain (with --tls-key)')
+    .option('--tls-key <pem>', 'private key of --tls-cert')
     .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: { data: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; json?: boolean }) => {
+    .action(async (o: { data: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; json?: boolean }) => {
       const token = o.token ?? process.env.EXA_TOKEN;
-      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token });
+      if (!o.tlsCert !== !o.tlsKey) throw new ExaError('INVALID_ARGUMENT', '--tls-cert and --tls-key go together');
+      const tls = o.tlsCert && o.tlsKey ? { cert: o.tlsCert, key: o.tlsKey } : undefined;
+      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls });
       // The coordinator (host registry, placement, job specs) is served next to the store.
       new Coordinator({ dataDir: o.data, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 }).addTo(s.server, { token });
       // The ready line: tests and scripts wait for it (and probe the port).

@@ -135,7 +135,7 @@ export class StoreClient {
 
   /** Connect (waits until the channel is ready; UNAVAILABLE naming the address otherwise). */
   static async connect(address: string, opts: ClientOptions & { timeoutMs?: number } = {}): Promise<StoreClient> {
-    const c = createClient(storeProto().exa.v1.Store, address);
+    const c = createClient(storeProto().exa.v1.Store, address, opts);
     try {
       await waitForReady(c, address, opts.timeoutMs ?? 10_000);
     } catch (e) {

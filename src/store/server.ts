@@ -5,7 +5,7 @@
  */
 import type * as grpcTypes from '@grpc/grpc-js';
 import { ExaError } from '../errors.js';
-import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, messageReader, serverStream, unary, type ServerAuth } from '../grpc.js';
+import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, messageReader, serverCredentials, serverStream, unary, type ServerAuth, type ServerTls } from '../grpc.js';
 import { grpc } from '../grpc.js';
 import { storeProto } from './proto.js';
 import type { StoreHandlers } from '../gen/exa/v1/Store.js';
@@ -153,6 +153,8 @@ export interface StoreServerOptions {
   host?: string;
   port?: number;
   token?: string | undefined;
+  /** Serve TLS with these PEM files (plaintext when absent). */
+  tls?: ServerTls | undefined;
   gcGraceMs?: number;
 }
 
@@ -178,7 +180,7 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<Runnin
   const host = opts.host ?? '127.0.0.1';
   let port: number;
   try {
-    port = await bindServer(server, host, opts.port ?? 7700);
+    port = await bindServer(server, host, opts.port ?? 7700, serverCredentials(opts.tls));
   } catch (e) {
     await store.close();
     throw e;

@@ -54,7 +54,7 @@ export function tempDir(prefix = 'exastore-test-'): string {
 }
 
 /** Start `exastore serve` on 127.0.0.1:0 and wait until it is ready and answers. */
-export async function startStore(dataDir: string, extra: string[] = [], probe: { token?: string } = {}): Promise<StoreProc> {
+export async function startStore(dataDir: string, extra: string[] = [], probe: { token?: string; tlsCa?: string } = {}): Promise<StoreProc> {
   const proc = spawn(process.execPath, [EXASTORE, 'serve', '--data', dataDir, '--port', '0', '--host', '127.0.0.1', ...extra], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -79,7 +79,7 @@ export async function startStore(dataDir: string, extra: string[] = [], probe: {
   }
   sp.address = /listening on (\S+)/.exec(out)![1]!;
   // Probe: the port answers gRPC.
-  const c = await StoreClient.connect(sp.address, { timeoutMs: 10_000, token: probe.token });
+  const c = await StoreClient.connect(sp.address, { timeoutMs: 10_000, token: probe.token, tlsCa: probe.tlsCa });
   await c.listJobs();
   c.close();
   return sp;
