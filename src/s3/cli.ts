@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { InvalidArgumentError, type Command } from 'commander';
 import { ExaError } from '../errors.js';
 import { StoreClient } from '../store/client.js';
+import type { ServerTls } from '../grpc.js';
 import type { Backend, ManifestHeader, PageMaps, PageRef } from '../../storage/backend.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroPage, sha256 } from '../../storage/pages.js';
@@ -61,10 +62,10 @@ export function s3Options(url: string, o: S3Flags, extra: Partial<S3BackendOptio
 }
 
 /** `exastore serve --s3`: the local data directory holds only the S3 cache (DIR/s3cache). */
-export async function serveS3(o: S3Flags & { s3: string; data?: string; host: string; port: number; gcGraceMs: number; token?: string }): Promise<RunningS3StoreServer> {
+export async function serveS3(o: S3Flags & { s3: string; data?: string; host: string; port: number; gcGraceMs: number; token?: string; tls?: ServerTls | undefined }): Promise<RunningS3StoreServer> {
   return startS3StoreServer({
     s3: s3Options(o.s3, o, o.data ? { cacheDir: join(o.data, 's3cache') } : {}),
-    host: o.host, port: o.port, gcGraceMs: o.gcGraceMs, ...(o.token ? { token: o.token } : {}),
+    host: o.host, port: o.port, gcGraceMs: o.gcGraceMs, ...(o.token ? { token: o.token } : {}), ...(o.tls ? { tls: o.tls } : {}),
   });
 }
 
@@ -131,7 +132,7 @@ class GrpcSource implements Pick<Backend, 'kind' | 'listHeaders' | 'getMaps' | '
   }
 }
 
-type ArchiveFlags = S3Flags & { to: string; data?: string; store?: string; deleteLocal?: boolean; token?: string; json?: boolean };
+type ArchiveFlags = S3Flags & { to: string; data?: string; store?: string; deleteLocal?: boolean; token?: string; tlsCa?: string; json?: boolean };
 
 /** `exastore archive` (returns the result for the caller to print). */
 export async function archiveCommand(job: string, o: ArchiveFlags, progress?: (p: { phase: string; done: number; total: number; unit: string }) => void): Promise<Awaited<ReturnType<typeof archiveJob>>> {
@@ -148,7 +149,7 @@ export async function archiveCommand(job: string, o: ArchiveFlags, progress?: (p
         await source.close();
       }
     }
-    const c = await StoreClient.connect(o.store!, { token: o.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+    const c = await StoreClient.connect(o.store!, { token: o.token ?? process.env.EXA_TOKEN, tlsCa: o.tlsCa ?? (process.env.EXA_TLS_CA || undefined), timeoutMs: 5000 });
     try {
       return await archiveJob({ job, source: new GrpcSource(c) as unknown as Backend, dest, deleteLocal: !!o.deleteLocal, ...(progress ? { progress } : {}) });
     } finally {
@@ -159,7 +160,7 @@ export async function archiveCommand(job: string, o: ArchiveFlags, progress?: (p
   }
 }
 
-type ImportFlags = S3Flags & { from: string; data?: string; store?: string; token?: string };
+type ImportFlags = S3Flags & { from: string; data?: string; store?: string; token?: string; tlsCa?: string };
 export type ImportCommandResult = Awaited<ReturnType<typeof importJob>> | (ImportToStoreResult & { viaStore: true });
 
 /**
@@ -174,7 +175,7 @@ export async function importCommand(job: string, o: ImportFlags, progress?: (p: 
   const source = await S3Backend.open(s3Options(o.from, o));
   try {
     if (o.store) {
-      const c = await StoreClient.connect(o.store, { token: o.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
+      const c = await StoreClient.connect(o.store, { token: o.token ?? process.env.EXA_TOKEN, tlsCa: o.tlsCa ?? (process.env.EXA_TLS_CA || undefined), timeoutMs: 5000 });
       try {
         return { ...(await importJobToStore({ job, source, store: c, ...(progress ? { onProgress: progress } : {}) })), viaStore: true };
       } finally {
@@ -203,6 +204,7 @@ export function addS3Commands(program: Command): void {
     .option('--data <dir>', 'source: the LevelDB data directory of a stopped store')
     .option('--store <addr>', 'source: a running store server (host:port)')
     .option('--token <token>', 'bearer token for --store (default $EXA_TOKEN)')
+    .option('--tls-ca <pem>', 'connect to --store with TLS, trusting this CA (default $EXA_TLS_CA)')
     .option('--delete-local', 'after a verified copy, delete the archived checkpoints from the source (pages go at its next gc)')
     .option('--json', 'print one JSON object'))
     .action(async (job: string, o: ArchiveFlags) => {
@@ -217,6 +219,7 @@ export function addS3Commands(program: Command): void {
     .option('--data <dir>', 'destination: the LevelDB data directory of a stopped store (created if missing); numbers kept')
     .option('--store <addr>', 'destination: a running store server (host:port); it numbers the checkpoints (labels keep the archive numbers)')
     .option('--token <token>', 'bearer token for --store (default $EXA_TOKEN)')
+    .option('--tls-ca <pem>', 'connect to --store with TLS, trusting this CA (default $EXA_TLS_CA)')
     .option('--json', 'print one JSON object'))
     .action(async (job: string, o: ImportFlags & { json?: boolean }) => {
       const pb = progressBar(o.json);

@@ -5,7 +5,7 @@
  * local cache (index, manifests, this server's GC marks) and can be deleted.
  */
 import type * as grpcTypes from '@grpc/grpc-js';
-import { bindServer, createServer } from '../grpc.js';
+import { bindServer, createServer, serverCredentials, type ServerTls } from '../grpc.js';
 import { storeHandlers, storeProto, type RunningStoreServer } from '../store/server.js';
 import { CheckpointStore } from '../../storage/engine.js';
 import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
@@ -15,6 +15,8 @@ export interface S3StoreServerOptions {
   host?: string;
   port?: number;
   token?: string | undefined;
+  /** Serve TLS with these PEM files (plaintext when absent). */
+  tls?: ServerTls | undefined;
   gcGraceMs?: number;
 }
 
@@ -31,7 +33,7 @@ export async function startS3StoreServer(opts: S3StoreServerOptions): Promise<Ru
   const host = opts.host ?? '127.0.0.1';
   let port: number;
   try {
-    port = await bindServer(server, host, opts.port ?? 7700);
+    port = await bindServer(server, host, opts.port ?? 7700, serverCredentials(opts.tls));
   } catch (e) {
     await store.close();
     throw e;
