@@ -37,6 +37,14 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "exa_dma_selftest",
+      "type": "executable",
+      "sources": ["native/test/exa_dma_selftest.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "exa_heat",
       "type": "executable",
       "sources": ["native/demo/heat.c"],

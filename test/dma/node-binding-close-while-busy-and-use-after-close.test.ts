@@ -1,0 +1,65 @@
+/**
+ * The Node DMA binding's state machine: closing a queue or a session while a
+ * wait() runs on a pool thread is refused (CONFLICT) instead of freeing memory
+ * that thread uses; once the wait is over, close works; every call after
+ * close fails FAILED_PRECONDITION; freeing a buffer detaches its ArrayBuffer;
+ * a callback queue refuses poll(); a full queue says RESOURCE_EXHAUSTED.
+ */
+import { afterEach, describe, expect, it } from 'vitest';
+import type { LocalAgent } from '../../src/agent/local-agent.js';
+import { DmaSession } from '../../src/dma/index.js';
+import { isExaError } from '../../src/errors.js';
+import { Workload } from '../../src/workload/index.js';
+import { killAll, removeTempDirs, startAgent } from './helpers.js';
+
+let agent: LocalAgent | null = null;
+let work: Workload | null = null;
+afterEach(async () => {
+  work?.detach();
+  work = null;
+  await killAll();
+  await agent?.close();
+  agent = null;
+  removeTempDirs();
+});
+
+const code = (c: string) => (e: unknown): boolean => isExaError(e) && e.code === c;
+
+describe('the Node DMA binding', () => {
+  it('refuses to close under a running wait, then closes; use after close is a clear error', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const attached = new Promise((r) => a.agent.once('attached', r));
+    work = Workload.attach({ socketPath: a.socketPath, jobId: 'nodejob' });
+    await attached;
+    const dma = DmaSession.open(work);
+    const ab = dma.alloc('buf', 8192);
+    expect(ab.byteLength).toBe(8192);
+    new Uint8Array(ab).fill(7);
+    const self = dma.lookup('nodejob', 'buf');
+    const q = dma.createQueue();
+    const waiting = q.wait(1, 400); // nothing posted: resolves [] after 400 ms
+    expect(() => q.destroy()).toThrow(expect.objectContaining({ code: 'CONFLICT' }));
+    expect(() => dma.close()).toThrow(expect.objectContaining({ code: 'CONFLICT' }));
+    expect(await waiting).toEqual([]);
+    // the queue still works after the refused closes
+    q.write('buf', 0, self, 4096, 100, 5);
+    const [c] = await q.wait(1, 5000);
+    expect(c).toMatchObject({ tag: 5, op: 'write', len: 100, error: null });
+    expect(new Uint8Array(ab)[4096 + 99]).toBe(7);
+    const cbq = dma.createQueue({ onCompletion: () => undefined });
+    expect(() => cbq.poll()).toThrow(expect.objectContaining({ code: 'INVALID_ARGUMENT' }));
+    for (let i = 0; i < 256; i++) q.write('buf', 0, self, 4096, 8, i);
+    let full: unknown = null;
+    try { q.write('buf', 0, self, 4096, 8, 999); } catch (e) { full = e; }
+    expect(code('RESOURCE_EXHAUSTED')(full)).toBe(true);
+    let got = 0;
+    while (got < 256) got += (await q.wait(256, 5000)).length;
+    dma.free('buf');
+    expect(ab.byteLength).toBe(0); // detached: stale views cannot touch freed memory
+    dma.close();
+    expect(() => q.poll()).toThrow(expect.objectContaining({ code: 'FAILED_PRECONDITION' }));
+    expect(() => dma.alloc('x', 4096)).toThrow(expect.objectContaining({ code: 'FAILED_PRECONDITION' }));
+    dma.close(); // idempotent
+  });
+});
