@@ -19,6 +19,8 @@ import { CoordinatorClient, type HostRecord, type Placement } from '../coordinat
 import { AgentClient, type AgentJobInfo } from '../hostagent/client.js';
 import type { ProgressEvent } from '../cli/common.js';
 import type { ClientOptions } from '../grpc.js';
+import type { StoreClient } from '../store/client.js';
+import type { JobSpecRecord } from '../coordinator/service.js';
 
 export interface MigrateOptions extends ClientOptions {
   job: string;
@@ -152,6 +154,42 @@ async function precopy(source: AgentClient, target: AgentClient, o: MigrateOptio
     const moved = Number(ck.pages_saved) + Number(ck.zero_pages);
     step(`pre-copy round ${r}: checkpoint ${ck.checkpoint} (${moved} changed pages) staged on ${o.to}`);
     if (moved <= enough) break;
+  }
+}
+
+/**
+ * Restore a job the cluster has never seen from a chain already imported
+ * into its store (exarestore --from s3://...): the launch spec comes from the
+ * newest checkpoint's labels (the agent records it in every checkpoint), is
+ * recorded with the coordinator, and the job is placed and restored on `to`.
+ */
+export async function restoreImported(coord: CoordinatorClient, store: StoreClient, o: { job: string; to: string; at?: number; onStep?: (l: string) => void } & ClientOptions): Promise<MigrateResult> {
+  const t0 = performance.now();
+  const cks = await store.listCheckpoints(o.job);
+  const ck = o.at ? cks.find((c) => c.checkpoint === o.at) : cks.at(-1);
+  if (!ck) throw new ExaError('NOT_FOUND', `checkpoint ${o.at ?? 'latest'} of job ${o.job} is not in the store`);
+  let spec: JobSpecRecord;
+  try {
+    spec = JSON.parse(ck.labels.spec ?? '') as JobSpecRecord;
+    if (!Array.isArray(spec.argv) || spec.argv.length === 0 || spec.job !== o.job) throw new Error('no command');
+  } catch {
+    throw new ExaError('FAILED_PRECONDITION', `checkpoint ${ck.checkpoint} of job ${o.job} carries no usable launch spec (label "spec"); it was not taken by an exa agent`);
+  }
+  const hosts = await coord.listHosts();
+  const target = hosts.find((h) => h.host_id === o.to);
+  if (!target) throw new ExaError('NOT_FOUND', `host ${o.to} is not known to the coordinator; known hosts: ${hostList(hosts)}`);
+  await coord.putSpec(spec);
+  const placed = await coord.claim(o.job, o.to);
+  const agent = await AgentClient.connect(target.agent_address, o);
+  try {
+    o.onStep?.(`restoring ${o.job} on ${o.to} from checkpoint ${ck.checkpoint}`);
+    const job = await agent.restore(o.job, ck.checkpoint, spec, placed.epoch);
+    return { job: o.job, from: 'archive', to: o.to, checkpoint: ck.checkpoint, live: false, downtimeMs: 0, totalMs: performance.now() - t0, pid: job.pid };
+  } catch (e) {
+    await coord.release(o.job, o.to, 'FAILED').catch(() => undefined);
+    throw e;
+  } finally {
+    agent.close();
   }
 }
 
