@@ -147,9 +147,9 @@ int exa_dma_close(exa_dma *d);
 
 /* A DMA buffer: a checkpointable region of this name, registered with the backend. */
 int exa_dma_alloc(exa_dma *d, const char *name, size_t size, exa_dma_buf **out);
-/* Unregister (peers' later operations on it fail with a reason) and free the region. If the region
- * cannot be freed yet (-EBUSY while a checkpoint of the job is saving) the buffer stays unregistered
- * but allocated: call exa_dma_free again later. */
+/* Unregister (peers' later operations on it fail with a reason) and free the region (a checkpoint
+ * being saved still gets its pause-time content). Should exa_region_free refuse, the buffer stays
+ * unregistered but allocated and exa_dma_free may be called again. */
 int exa_dma_free(exa_dma *d, exa_dma_buf *buf);
 void *exa_dma_buf_addr(const exa_dma_buf *buf);
 size_t exa_dma_buf_size(const exa_dma_buf *buf);

@@ -271,8 +271,8 @@ int exa_dma_free(exa_dma *d, exa_dma_buf *buf) {
     r = control(d, &m, NULL, 0, &rep);
     if (r == 0) buf->unregistered = 1;
   }
-  /* The region can refuse (-EBUSY while a checkpoint of the job saves): the buffer then stays in
-   * our list, unregistered, and a later exa_dma_free retries only the region. */
+  /* Should the region refuse (an agent answering -EBUSY, exa_wire.h), the buffer stays in our
+   * list, unregistered, and a later exa_dma_free retries only the region. */
   if (r == 0) r = exa_region_free(d->ctx, buf->region);
   if (r == 0) {
     *pp = buf->next;
