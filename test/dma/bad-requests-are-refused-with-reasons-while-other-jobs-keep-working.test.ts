@@ -40,7 +40,9 @@ describe('bad DMA requests', () => {
   it('are refused with a clear reason; the backend keeps serving everyone else', async () => {
     const a = startAgent();
     agent = a.agent;
-    const [good1, good2, m, v] = await Promise.all(['g1', 'g2', 'mal', 'vic'].map((j) => DmaPeer.start(a.socketPath, j)));
+    const [good1, good2, m, v] = await Promise.all([
+      DmaPeer.start(a.socketPath, 'g1'), DmaPeer.start(a.socketPath, 'g2'), DmaPeer.start(a.socketPath, 'mal'), DmaPeer.start(a.socketPath, 'vic'),
+    ]);
     // a well-behaved pair streams in the background for the whole test
     await good1.ok({ cmd: 'alloc', name: 'src', size: 32 * PAGE, seed: 3 });
     await good2.ok({ cmd: 'alloc', name: 'dst', size: 32 * PAGE });
