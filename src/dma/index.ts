@@ -10,6 +10,7 @@
  *   const q = dma.createQueue();                              // polling mode
  *   q.write('halo', 0, peer, 0, 4096, 1); const [c] = await q.wait();
  *   const cbq = dma.createQueue({ onCompletion: (c) => ... }); // callback (interrupt) mode
+ *   await dma.write('halo', 0, peer, 0, 4096);                // async, as a promise
  *
  * Requests travel through shared-memory rings to the agent's DMA backend,
  * which copies between the jobs' buffers through its own mappings (the bytes
@@ -19,7 +20,8 @@
  * `error` set (an ExaError naming the buffer, job and bounds), never silently.
  *
  * Ownership: the session borrows the Workload's libexa context and is closed
- * automatically before the workload detaches. close() destroys the queues;
+ * automatically before the workload detaches. A callback-mode queue (and the
+ * one behind write()/read()) keeps the event loop alive until close(), like a socket. close() destroys the queues;
  * buffers stay allocated as regions (the ArrayBuffers are detached).
  */
 import { ExaError } from '../errors.js';
@@ -128,6 +130,10 @@ export class DmaSession {
   private readonly buffers = new Map<string, ArrayBuffer>();
   private readonly queues = new Set<DmaQueue>();
   private release: () => void = () => undefined;
+  /** write()/read() promises: a private callback queue, tags 1.. (0 is never posted). */
+  private promiseQueue: DmaQueue | null = null;
+  private readonly pending = new Map<number, { resolve: () => void; reject: (e: ExaError) => void }>();
+  private nextTag = 1;
 
   private constructor(handle: DmaSessionHandle, readonly jobId: string) {
     this.handle = handle;
@@ -195,6 +201,54 @@ export class DmaSession {
     return q;
   }
 
+  /**
+   * Asynchronous write as a promise: resolves when the backend completed it, rejects with the
+   * error completion (an ExaError naming the buffer, job and bounds). At most 256 outstanding
+   * (RESOURCE_EXHAUSTED beyond). Uses a private callback-mode queue.
+   */
+  write(local: string, localOff: number, remote: RemoteBuffer, remoteOff: number, len: number): Promise<void> {
+    return this.submit('write', local, localOff, remote, remoteOff, len);
+  }
+
+  /** Asynchronous read as a promise (see write). */
+  read(local: string, localOff: number, remote: RemoteBuffer, remoteOff: number, len: number): Promise<void> {
+    return this.submit('read', local, localOff, remote, remoteOff, len);
+  }
+
+  private submit(op: 'write' | 'read', local: string, localOff: number, remote: RemoteBuffer, remoteOff: number, len: number): Promise<void> {
+    if (!this.promiseQueue) this.promiseQueue = this.createQueue({ onCompletion: (c) => this.settle(c) });
+    const q = this.promiseQueue;
+    const tag = this.nextTag++;
+    return new Promise<void>((resolve, reject) => {
+      this.pending.set(tag, { resolve, reject });
+      try {
+        if (op === 'write') q.write(local, localOff, remote, remoteOff, len, tag);
+        else q.read(local, localOff, remote, remoteOff, len, tag);
+      } catch (e) {
+        this.pending.delete(tag);
+        reject(e);
+      }
+    });
+  }
+
+  private settle(c: DmaCompletion): void {
+    const p = this.pending.get(c.tag);
+    if (p) {
+      this.pending.delete(c.tag);
+      if (c.error) p.reject(c.error);
+      else p.resolve();
+      return;
+    }
+    // no such tag: libexa reports the backend's disappearance with tag 0, once per operation left
+    if (c.error) this.rejectAll(c.error);
+  }
+
+  private rejectAll(e: ExaError): void {
+    const all = [...this.pending.values()];
+    this.pending.clear();
+    for (const p of all) p.reject(e);
+  }
+
   /** Synchronous write: blocks this thread until done; throws the error completion as an ExaError. */
   writeSync(local: string, localOff: number, remote: RemoteBuffer, remoteOff: number, len: number): void {
     native.dmaSync(this.h, 'write', local, localOff, remote.handle, remoteOff, len);
@@ -212,6 +266,8 @@ export class DmaSession {
     this.handle = null;
     for (const q of this.queues) q.invalidate();
     this.queues.clear();
+    this.promiseQueue = null;
+    this.rejectAll(new ExaError('CANCELLED', `the DMA session of job ${this.jobId} was closed with the operation outstanding`));
     this.buffers.clear();
     this.release();
   }

@@ -3,7 +3,9 @@
  * wait() runs on a pool thread is refused (CONFLICT) instead of freeing memory
  * that thread uses; once the wait is over, close works; every call after
  * close fails FAILED_PRECONDITION; freeing a buffer detaches its ArrayBuffer;
- * a callback queue refuses poll(); a full queue says RESOURCE_EXHAUSTED.
+ * a callback queue refuses poll(); a full queue says RESOURCE_EXHAUSTED; the
+ * promise form (dma.write/read) resolves on completion and rejects with the
+ * error completion's reason.
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import type { LocalAgent } from '../../src/agent/local-agent.js';
@@ -55,8 +57,18 @@ describe('the Node DMA binding', () => {
     expect(code('RESOURCE_EXHAUSTED')(full)).toBe(true);
     let got = 0;
     while (got < 256) got += (await q.wait(256, 5000)).length;
+    // the promise form: resolves on completion, rejects with the reason
+    await dma.write('buf', 0, self, 6000, 50);
+    await expect(dma.read('buf', 0, self, 8000, 500)).rejects.toSatisfy(
+      (e: unknown) => code('INVALID_ARGUMENT')(e) && /read of 500 bytes at offset 8000 is outside buffer "buf" of job nodejob/.test((e as Error).message),
+    );
+    await Promise.all([...Array(300).keys()].map(async (i) => {
+      try { await dma.write('buf', 0, self, 4096, 8); } catch (e) { if (!code('RESOURCE_EXHAUSTED')(e)) throw new Error(`write ${i}: ${String(e)}`); }
+    }));
+    const outstanding = dma.write('buf', 0, self, 4096, 4096 - 16);
     dma.free('buf');
     expect(ab.byteLength).toBe(0); // detached: stale views cannot touch freed memory
+    await outstanding.catch(() => undefined); // completed before the free, or refused as freed
     dma.close();
     expect(() => q.poll()).toThrow(expect.objectContaining({ code: 'FAILED_PRECONDITION' }));
     expect(() => dma.alloc('x', 4096)).toThrow(expect.objectContaining({ code: 'FAILED_PRECONDITION' }));
