@@ -45,6 +45,14 @@
       "libraries": ["-lpthread"]
     },
     {
+      "target_name": "exa_halo",
+      "type": "executable",
+      "sources": ["native/demo/halo.c"],
+      "dependencies": ["libexa"],
+      "cflags_c": ["-std=gnu11"],
+      "libraries": ["-lpthread"]
+    },
+    {
       "target_name": "exa_heat",
       "type": "executable",
       "sources": ["native/demo/heat.c"],
