@@ -298,6 +298,9 @@ class Client {
         struct stat st;
         if (fstat(fds[0], &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < EXA_DMA_RING_BYTES)
           return bad("the ring memfd is not a file of at least " + std::to_string(EXA_DMA_RING_BYTES) + " bytes");
+        /* An unsealed ring could be shrunk under our mapping: our next access would SIGBUS the agent. */
+        int seals = fcntl(fds[0], F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK)) return bad("the ring memfd must be sealed against shrinking (F_SEAL_SHRINK)");
         void *ring = mmap(nullptr, EXA_DMA_RING_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
         if (ring == MAP_FAILED) return bad("cannot map the ring: " + errstr(errno));
         Queue q;

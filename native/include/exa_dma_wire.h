@@ -7,7 +7,8 @@
  *    checked); each request gets one reply with the same seq. Types:
  *      HELLO(job) + fd[eventfd: request doorbell]     -> reply 0; the backend checks SO_PEERCRED:
  *                                                        the pid must be the process attached as job
- *      QUEUE_ADD + fds[ring memfd, completion eventfd] -> reply id = queue id
+ *      QUEUE_ADD + fds[ring memfd, completion eventfd] -> reply id = queue id; the ring memfd must be
+ *                                                        sealed (F_SEAL_SHRINK): the agent maps it
  *      QUEUE_DEL(id)                                    -> reply
  *      BUF_ADD(name, size) + fd[the region's memfd]     -> reply id = local buffer id; the region must
  *                                                        be registered with the agent under that name/size

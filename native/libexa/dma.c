@@ -485,13 +485,20 @@ static int queue_new(exa_dma *d, enum exa_dma_mode mode, exa_dma_callback cb, vo
   pthread_mutex_init(&q->cq_lock, NULL);
   pthread_mutex_init(&q->wait_lock, NULL);
   int r;
-  int mfd = memfd_create("exa-dma-ring", MFD_CLOEXEC);
+  int mfd = memfd_create("exa-dma-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (mfd < 0) {
     r = fail(-errno, "exa_dma_queue_create: memfd_create: %s", strerror(errno));
     goto err;
   }
   if (ftruncate(mfd, (off_t)EXA_DMA_RING_BYTES) != 0) {
     r = fail(-errno, "exa_dma_queue_create: ftruncate: %s", strerror(errno));
+    close(mfd);
+    goto err;
+  }
+  /* The backend (in the agent) maps the ring too: a shrink would make its accesses fault (SIGBUS),
+   * so it only accepts a ring whose size is sealed. */
+  if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    r = fail(-errno, "exa_dma_queue_create: sealing the ring: %s", strerror(errno));
     close(mfd);
     goto err;
   }

@@ -4,7 +4,9 @@
  * One process attached as two jobs ("ca" writes into "cb"'s granted buffer). Checks callback
  * mode (completions on libexa's thread), polling with exa_dma_wait, sync calls and their error
  * text, queue destroy, and exa_dma_close while operations are still outstanding (it must join
- * the callback thread and return). Prints "ok" and exits 0, or "FAIL ..." and exits 1.
+ * the callback thread and return), and a hand-made control connection offering an unsealed ring
+ * (refused: the agent maps the ring and a shrink would fault it). Prints "ok" and exits 0, or
+ * "FAIL ..." and exits 1.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -13,9 +15,70 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
+static int eventfd_like(void) { return eventfd(0, EFD_CLOEXEC); }
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
 #include "exa.h"
+#include "exa_dma_wire.h"
+
+/* A second, hand-made control connection as job jb: an unsealed ring must be refused. */
+static int raw_unsealed_ring(const char *agent_sock, const char *job, char *text, size_t tn) {
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s.dma", agent_sock);
+  int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (s < 0 || connect(s, (struct sockaddr *)&sa, sizeof sa) != 0) return -1;
+  int efd = eventfd_like();
+  struct exa_dma_msg m, rep;
+  int fds[2];
+  for (int step = 0; step < 2; step++) {
+    memset(&m, 0, sizeof m);
+    m.magic = EXA_DMA_WIRE_MAGIC;
+    m.version = EXA_DMA_WIRE_VERSION;
+    m.seq = (uint32_t)step + 1;
+    int nfds;
+    if (step == 0) {
+      m.type = EXA_DMA_MSG_HELLO;
+      snprintf(m.job, sizeof m.job, "%s", job);
+      fds[0] = efd;
+      nfds = 1;
+    } else {
+      m.type = EXA_DMA_MSG_QUEUE_ADD;
+      fds[0] = memfd_create("unsealed", MFD_CLOEXEC);
+      if (fds[0] < 0 || ftruncate(fds[0], EXA_DMA_RING_BYTES) != 0) return -1;
+      fds[1] = efd;
+      nfds = 2;
+    }
+    struct iovec iov = {&m, sizeof m};
+    union {
+      char b[CMSG_SPACE(sizeof(int) * 2)];
+      struct cmsghdr align;
+    } cm;
+    memset(&cm, 0, sizeof cm);
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cm.b;
+    mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    if (sendmsg(s, &mh, 0) < 0) return -1;
+    if (recv(s, &rep, sizeof rep, 0) != (ssize_t)sizeof rep) return -1;
+    if (step == 0 && rep.status != 0) return -2;
+  }
+  snprintf(text, tn, "%s", rep.text);
+  close(s);
+  return rep.status;
+}
 
 #define SZ (64 * 1024)
 
@@ -113,6 +176,11 @@ int main(int argc, char **argv) {
   CHECK(delivered <= 200, "at most one completion per operation (%d)", delivered);
   usleep(20000);
   CHECK(atomic_load(&cb_ok) + atomic_load(&cb_err) == delivered, "no callback after close");
+
+  /* a hand-made client of job cb offering an unsealed ring is refused: a shrink could SIGBUS the agent */
+  char text[256] = "";
+  int rs = raw_unsealed_ring(argv[1], "cb", text, sizeof text);
+  CHECK(rs == -EPROTO && strstr(text, "must be sealed against shrinking"), "unsealed ring: %d %s", rs, text);
 
   /* the peer's session is unaffected */
   exa_dma_remote self;

@@ -4,7 +4,9 @@
  * on libexa's thread, polling mode with exa_dma_wait (and its timeout), sync
  * calls with their error text, mode misuse refused, and exa_dma_close with
  * operations still outstanding joins the callback thread and returns (no
- * callback afterwards), while the other session keeps working.
+ * callback afterwards), while the other session keeps working; a hand-made
+ * client offering a ring memfd not sealed against shrinking is refused (the
+ * agent maps the ring: a shrink would make it fault).
  */
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
