@@ -176,7 +176,8 @@ export class LocalAgent extends EventEmitter {
   private onEvent(ev: native.NativeAgentEvent): void {
     switch (ev.kind) {
       case 'attached':
-        this.emit('attached', this.job(ev.job) ?? { id: ev.job, pid: ev.pid, uid: ev.uid });
+        // An event queued before close() may arrive after it: job() would throw inside the N-API callback.
+        this.emit('attached', (this.handle ? this.job(ev.job) : null) ?? { id: ev.job, pid: ev.pid, uid: ev.uid });
         break;
       case 'detached':
         this.emit('detached', ev.job);
