@@ -3,6 +3,8 @@
  * exastore: the store server and its maintenance commands.
  *
  *   exastore serve --data DIR [--port 7700] [--host 127.0.0.1]
+ *   exastore serve --s3 s3://bucket/prefix [--s3-endpoint URL] [--data CACHE_DIR]   (src/s3/cli.ts)
+ *   exastore archive JOB --to s3://... | import JOB --from s3://...                   (src/s3/cli.ts)
  *   exastore ls [JOB] | verify [JOB] | gc | compact JOB | stat [JOB] | delete JOB ...
  *
  * Client commands reach the server given by --store (default $EXA_STORE or
@@ -15,6 +17,7 @@ import { StoreClient } from '../store/client.js';
 import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
+import { addS3Commands, serveS3, withS3Options, type S3Flags } from '../s3/cli.js';
 
 interface ClientFlags { store: string; json?: boolean; token?: string; tlsCa?: string }
 
@@ -46,9 +49,10 @@ export function buildProgram(): Command {
     .exitOverride()
     .configureOutput({ writeErr: (s) => process.stderr.write(s) });
 
-  program.command('serve')
-    .description('serve the Store gRPC service from a LevelDB data directory (created if missing)')
-    .requiredOption('--data <dir>', 'data directory')
+  withS3Options(program.command('serve'))
+    .description('serve the Store gRPC service from a LevelDB data directory (created if missing), or with --s3 from an S3 bucket prefix')
+    .option('--data <dir>', 'data directory (with --s3: only the local cache and the coordinator state)')
+    .option('--s3 <url>', 'keep pages and manifests in S3 at s3://bucket/prefix (several servers may share one prefix)')
     .option('--port <n>', 'TCP port (0 = ephemeral)', intArg('--port'), 7700)
     .option('--host <addr>', 'address to listen on', '127.0.0.1')
     .option('--gc-grace <seconds>', 'GC grace period: a page found unreferenced is deleted only after this long', intArg('--gc-grace'), 3600)
@@ -57,15 +61,20 @@ export function buildProgram(): Command {
     .option('--tls-key <pem>', 'private key of --tls-cert')
     .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: { data: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; json?: boolean }) => {
+    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; json?: boolean }) => {
       const token = o.token ?? process.env.EXA_TOKEN;
       if (!o.tlsCert !== !o.tlsKey) throw new ExaError('INVALID_ARGUMENT', '--tls-cert and --tls-key go together');
       const tls = o.tlsCert && o.tlsKey ? { cert: o.tlsCert, key: o.tlsKey } : undefined;
-      const s = await startStoreServer({ dataDir: o.data, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls });
+      if (!o.data && !o.s3) throw new ExaError('INVALID_ARGUMENT', 'serve needs --data DIR (LevelDB) or --s3 s3://bucket/prefix');
+      // With --s3, pages and manifests live in the bucket; --data holds only the local cache (src/s3/cli.ts).
+      const s = o.s3
+        ? await serveS3({ ...o, s3: o.s3, gcGraceMs: o.gcGrace * 1000, ...(token ? { token } : {}), tls })
+        : await startStoreServer({ dataDir: o.data!, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls });
       // The coordinator (host registry, placement, job specs) is served next to the store.
-      new Coordinator({ dataDir: o.data, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 }).addTo(s.server, { token });
+      new Coordinator({ dataDir: o.data ?? null, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 }).addTo(s.server, { token });
       // The ready line: tests and scripts wait for it (and probe the port).
-      out(o.json, { listening: s.address, data: o.data, pid: process.pid }, () => `exastore listening on ${s.address} (data ${o.data}, pid ${process.pid})`);
+      const where = o.s3 ? `s3 ${o.s3}${o.data ? `, cache ${o.data}` : ''}` : `data ${o.data}`;
+      out(o.json, { listening: s.address, data: o.data ?? null, s3: o.s3 ?? null, pid: process.pid }, () => `exastore listening on ${s.address} (${where}, pid ${process.pid})`);
       let stopping = false;
       const stop = (sig: string): void => {
         if (stopping) return;
@@ -138,6 +147,9 @@ export function buildProgram(): Command {
       const r = await c.deleteCheckpoints(job, { checkpoints, keepLast: o.keepLast ?? 0, keepEvery: o.keepEvery ?? 0, dryRun: !!o.dryRun });
       out(o.json, r, () => `job ${job}: ${o.dryRun ? 'would delete' : 'deleted'} ${r.deleted.join(', ') || 'nothing'}; kept ${r.kept.join(', ') || 'nothing'}`);
     }));
+
+  // archive / import: S3 archival of job state (src/s3/cli.ts).
+  addS3Commands(program);
 
   return program;
 }
