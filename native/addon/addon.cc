@@ -17,11 +17,12 @@
 #include <vector>
 
 #include "../ckpt/ckpt.h"
+#include "errors.h"
 #include "exa.h"
 
 void exa_addon_register_dma(Napi::Env env, Napi::Object exports); /* native/addon/dma.cc */
 
-namespace {
+namespace exa_addon {
 
 const char *errno_name(int e) {
   switch (e < 0 ? -e : e) {
@@ -43,6 +44,8 @@ const char *errno_name(int e) {
     case ESHUTDOWN: return "ESHUTDOWN";
     case ECANCELED: return "ECANCELED";
     case EPIPE: return "EPIPE";
+    case EAGAIN: return "EAGAIN";
+    case EBADF: return "EBADF";
     default: return "EIO";
   }
 }
@@ -55,6 +58,14 @@ Napi::Error make_error(Napi::Env env, int err, const std::string &msg) {
 }
 
 [[noreturn]] void throw_errno(Napi::Env env, int err, const std::string &msg) { throw make_error(env, err, msg); }
+
+}  // namespace exa_addon
+
+namespace {
+
+using exa_addon::errno_name;
+using exa_addon::make_error;
+using exa_addon::throw_errno;
 
 std::string arg_string(const Napi::CallbackInfo &info, size_t i, const char *what) {
   if (info.Length() <= i || !info[i].IsString()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");

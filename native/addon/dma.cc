@@ -21,6 +21,7 @@
 
 #include "../ckpt/ckpt.h"
 #include "../dma/backend.h"
+#include "errors.h"
 #include "exa.h"
 
 exa::Agent *exa_addon_agent(const Napi::Value &v);
@@ -29,34 +30,9 @@ extern "C" int exa__dma_test_post_raw(exa_dma_queue *q, const void *entry, uint6
 
 namespace {
 
-const char *errno_name(int e) {
-  switch (e < 0 ? -e : e) {
-    case ENOENT: return "ENOENT";
-    case EEXIST: return "EEXIST";
-    case EINVAL: return "EINVAL";
-    case EACCES: return "EACCES";
-    case EPERM: return "EPERM";
-    case ENOMEM: return "ENOMEM";
-    case EBUSY: return "EBUSY";
-    case EAGAIN: return "EAGAIN";
-    case EBADF: return "EBADF";
-    case ECONNREFUSED: return "ECONNREFUSED";
-    case ECONNRESET: return "ECONNRESET";
-    case EPROTO: return "EPROTO";
-    case ESHUTDOWN: return "ESHUTDOWN";
-    case ENAMETOOLONG: return "ENAMETOOLONG";
-    case ECANCELED: return "ECANCELED";
-    default: return "EIO";
-  }
-}
-
-Napi::Error make_error(Napi::Env env, int err, const std::string &msg) {
-  Napi::Error e = Napi::Error::New(env, msg);
-  e.Set("code", Napi::String::New(env, errno_name(err)));
-  e.Set("errno", Napi::Number::New(env, err < 0 ? -err : err));
-  return e;
-}
-[[noreturn]] void throw_errno(Napi::Env env, int err, const std::string &msg) { throw make_error(env, err, msg); }
+using exa_addon::errno_name;
+using exa_addon::make_error;
+using exa_addon::throw_errno;
 
 std::string str_arg(const Napi::CallbackInfo &info, size_t i, const char *what) {
   if (info.Length() <= i || !info[i].IsString()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");
