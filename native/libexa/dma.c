@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include "exa.h"
 #include "exa_dma_wire.h"
+#include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -76,45 +77,16 @@ struct exa_dma {
   struct exa_dma_queue *syncq;
 };
 
-static int valid_name(const char *s) {
-  size_t n = 0;
-  if (!s) return 0;
-  for (; s[n]; n++) {
-    char c = s[n];
-    if (n >= EXA_NAME_MAX) return 0;
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
-      return 0;
-  }
-  return n > 0;
-}
+#define valid_name exa__valid_name
 
 /* One control exchange (d->lock held). fds are passed with the request; reply copied to *rep. */
 static int control(exa_dma *d, struct exa_dma_msg *m, const int *fds, int nfds, struct exa_dma_msg *rep) {
   m->magic = EXA_DMA_WIRE_MAGIC;
   m->version = EXA_DMA_WIRE_VERSION;
   m->seq = ++d->seq;
-  struct iovec iov = {m, sizeof *m};
-  union {
-    char b[CMSG_SPACE(sizeof(int) * 2)];
-    struct cmsghdr align;
-  } cm;
-  struct msghdr mh = {0};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  if (nfds > 0) {
-    memset(&cm, 0, sizeof cm);
-    mh.msg_control = cm.b;
-    mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-  }
+  int sr = exa__send_with_fds(d->sock, m, sizeof *m, fds, nfds);
+  if (sr < 0) return fail(sr, "exa_dma: cannot send to the DMA backend: %s", strerror(-sr));
   ssize_t n;
-  do n = sendmsg(d->sock, &mh, MSG_NOSIGNAL);
-  while (n < 0 && errno == EINTR);
-  if (n < 0) return fail(-errno, "exa_dma: cannot send to the DMA backend: %s", strerror(errno));
   do n = recv(d->sock, rep, sizeof *rep, 0);
   while (n < 0 && errno == EINTR);
   if (n < 0) return fail(-errno, "exa_dma: lost the DMA backend: %s", strerror(errno));

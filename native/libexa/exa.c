@@ -13,6 +13,7 @@
 #include "exa.h"
 #include "exa_linux_compat.h"
 #include "exa_wire.h"
+#include "internal.h"
 #include "restore.h"
 
 #include <errno.h>
@@ -71,7 +72,7 @@ const char *exa_last_error(void) { return g_err; }
 
 const char *exa_strerror(int err) { return strerror(err < 0 ? -err : err); }
 
-static int valid_name(const char *s) {
+int exa__valid_name(const char *s) {
   size_t n = 0;
   if (!s) return 0;
   for (; s[n]; n++) {
@@ -83,14 +84,11 @@ static int valid_name(const char *s) {
   return n > 0;
 }
 
-/* Send one message with optional fds. */
-static int send_msg(int sock, uint16_t type, uint32_t seq, const void *payload, uint32_t len, const int *fds, int nfds) {
-  struct exa_msg_hdr hdr = {EXA_WIRE_MAGIC, EXA_WIRE_VERSION, type, seq, len};
-  char buf[sizeof hdr + 512];
-  if (len > 512) return -EINVAL;
-  memcpy(buf, &hdr, sizeof hdr);
-  if (len) memcpy(buf + sizeof hdr, payload, len);
-  struct iovec iov = {buf, sizeof hdr + len};
+#define valid_name exa__valid_name
+
+int exa__send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+  if (nfds < 0 || nfds > 4) return -EINVAL;
+  struct iovec iov = {(void *)buf, len};
   union {
     char b[CMSG_SPACE(sizeof(int) * 4)];
     struct cmsghdr align;
@@ -113,6 +111,16 @@ static int send_msg(int sock, uint16_t type, uint32_t seq, const void *payload, 
     if (n >= 0) return 0;
     if (errno != EINTR) return -errno;
   }
+}
+
+/* Send one message with optional fds. */
+static int send_msg(int sock, uint16_t type, uint32_t seq, const void *payload, uint32_t len, const int *fds, int nfds) {
+  struct exa_msg_hdr hdr = {EXA_WIRE_MAGIC, EXA_WIRE_VERSION, type, seq, len};
+  char buf[sizeof hdr + 512];
+  if (len > 512) return -EINVAL;
+  memcpy(buf, &hdr, sizeof hdr);
+  if (len) memcpy(buf + sizeof hdr, payload, len);
+  return exa__send_with_fds(sock, buf, sizeof hdr + len, fds, nfds);
 }
 
 /* Wait for the REPLY to seq; *fd_out receives a passed fd (or -1). */

@@ -1,0 +1,19 @@
+/*
+ * internal.h: helpers shared by the libexa units (exa.c, dma.c); not part of
+ * the public API (exa.h).
+ */
+#ifndef EXA_INTERNAL_H
+#define EXA_INTERNAL_H
+
+#include <stddef.h>
+
+/* 1 when s is a job, region or buffer name: 1..EXA_NAME_MAX characters of [A-Za-z0-9._-]. */
+int exa__valid_name(const char *s);
+
+/*
+ * Send one datagram of len bytes on a SOCK_SEQPACKET socket with up to 4 fds
+ * (SCM_RIGHTS), retrying on EINTR, never raising SIGPIPE. 0 or -errno.
+ */
+int exa__send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
+
+#endif
