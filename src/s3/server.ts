@@ -4,10 +4,8 @@
  * engine over storage/s3. The data directory, when given, holds only the
  * local cache (index, manifests, this server's GC marks) and can be deleted.
  */
-import type * as grpcTypes from '@grpc/grpc-js';
-import { bindServer, createServer, serverCredentials, type ServerTls } from '../grpc.js';
-import { storeHandlers, storeProto, type RunningStoreServer } from '../store/server.js';
-import { CheckpointStore } from '../../storage/engine.js';
+import type { ServerTls } from '../grpc.js';
+import { serveStore, type RunningStoreServer } from '../store/server.js';
 import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
 
 export interface S3StoreServerOptions {
@@ -27,26 +25,5 @@ export interface RunningS3StoreServer extends RunningStoreServer {
 /** Open the bucket (clear errors naming bucket and endpoint) and serve the Store service. */
 export async function startS3StoreServer(opts: S3StoreServerOptions): Promise<RunningS3StoreServer> {
   const backend = await S3Backend.open({ ...(opts.gcGraceMs !== undefined ? { packGraceMs: opts.gcGraceMs } : {}), ...opts.s3 });
-  const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
-  const server = createServer();
-  server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token }) as unknown as grpcTypes.UntypedServiceImplementation);
-  const host = opts.host ?? '127.0.0.1';
-  let port: number;
-  try {
-    port = await bindServer(server, host, opts.port ?? 7700, serverCredentials(opts.tls));
-  } catch (e) {
-    await store.close();
-    throw e;
-  }
-  const address = host.includes(':') ? `[${host}]:${port}` : `${host}:${port}`;
-  return {
-    server, store, backend, host, port, address,
-    async close() {
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(() => { server.forceShutdown(); resolve(); }, 2000);
-        server.tryShutdown(() => { clearTimeout(t); resolve(); });
-      });
-      await store.close();
-    },
-  };
+  return { ...(await serveStore(backend, opts)), backend };
 }

@@ -12,6 +12,7 @@ import type { StoreHandlers } from '../gen/exa/v1/Store.js';
 import type { PutRequest__Output } from '../gen/exa/v1/PutRequest.js';
 import type { PutResponse } from '../gen/exa/v1/PutResponse.js';
 import type { Progress } from '../gen/exa/v1/Progress.js';
+import type { Backend } from '../../storage/backend.js';
 import { CheckpointStore, type ProgressEvent, type PutSession } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
@@ -168,12 +169,16 @@ export interface RunningStoreServer {
   close(): Promise<void>;
 }
 
+/** Where and how to serve, whatever the backend. */
+export type ServeOptions = Omit<StoreServerOptions, 'dataDir'>;
+
 /**
- * Open the LevelDB data directory and serve the Store service. Other
- * services (the coordinator) can be added to `server` by the caller.
+ * Serve the Store service over an opened backend (LevelDB here, S3 in
+ * src/s3/server.ts). Other services (the coordinator) can be added to
+ * `server` by the caller. The backend is closed with the server, or at once
+ * when the address cannot be bound.
  */
-export async function startStoreServer(opts: StoreServerOptions): Promise<RunningStoreServer> {
-  const backend = await LevelBackend.open(opts.dataDir);
+export async function serveStore(backend: Backend, opts: ServeOptions): Promise<RunningStoreServer> {
   const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
   const server = createServer();
   server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token }) as unknown as grpcTypes.UntypedServiceImplementation);
@@ -196,6 +201,11 @@ export async function startStoreServer(opts: StoreServerOptions): Promise<Runnin
       await store.close();
     },
   };
+}
+
+/** Open the LevelDB data directory and serve the Store service. */
+export async function startStoreServer(opts: StoreServerOptions): Promise<RunningStoreServer> {
+  return serveStore(await LevelBackend.open(opts.dataDir), opts);
 }
 
 export { PAGE_SIZE, grpc };
