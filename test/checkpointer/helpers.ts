@@ -57,13 +57,25 @@ export function removeTempDirs(): void {
   for (const d of tmpDirs.splice(0)) rmSync(d, { recursive: true, force: true });
 }
 
-/** A LocalAgent on a fresh socket in a fresh directory. */
+const agents = new Set<LocalAgent>();
+
+/** A LocalAgent on a fresh socket in a fresh directory; closed by cleanup(). */
 export function startAgent(opts: Partial<LocalAgentOptions> = {}): { agent: LocalAgent; socketPath: string; dir: string } {
   const dir = tempDir();
   const socketPath = opts.socketPath ?? join(dir, 'agent.sock');
   const agent = LocalAgent.listen({ socketPath, ...opts });
   agent.on('log', () => undefined); // protocol complaints are expected in some tests
+  agents.add(agent);
   return { agent, socketPath, dir };
+}
+
+/** Call from afterEach: close every agent started here (close() is idempotent), kill processes, remove directories. */
+export async function cleanup(): Promise<void> {
+  const open = [...agents];
+  agents.clear();
+  await Promise.all(open.map((a) => a.close()));
+  await killAll();
+  removeTempDirs();
 }
 
 /** Line-oriented driver of exa_workload: cmd() sends one command and returns its one-line answer. */

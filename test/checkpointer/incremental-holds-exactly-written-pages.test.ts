@@ -6,23 +6,14 @@
  * pages with their new bytes, on both the copy-at-pause and the live sync path.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { WorkloadProc, drain, killAll, pattern, removeTempDirs, startAgent } from './helpers.js';
+import { WorkloadProc, cleanup, drain, pattern, startAgent } from './helpers.js';
 
 const PAGES = 256;
-let agent: LocalAgent | null = null;
-
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe.each(['auto', 'sync'] as const)('incremental checkpoints (%s mode)', (mode) => {
   it('holds exactly the K pages written since the previous checkpoint, never-touched pages included', async () => {
     const a = startAgent();
-    agent = a.agent;
     const job = `inc-${mode}`;
     const w = WorkloadProc.start(a.socketPath, job);
     await w.ok('attach');
@@ -70,7 +61,6 @@ describe.each(['auto', 'sync'] as const)('incremental checkpoints (%s mode)', (m
 describe('async tracking edge', () => {
   it('a written page whose page-table entry is dropped (MADV_DONTNEED, as reclaim does) is still in the next checkpoint', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'zap');
     await w.ok('attach');
     await w.ok('alloc r 16');

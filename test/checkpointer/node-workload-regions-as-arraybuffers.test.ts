@@ -8,23 +8,15 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { PAGE, drain, killAll, removeTempDirs, repoRoot, startAgent, track, until, type ImagePage } from './helpers.js';
+import { PAGE, cleanup, drain, repoRoot, startAgent, track, until, type ImagePage } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe('Node workload API', () => {
   it('regions are ArrayBuffers; app-initiated checkpoints capture exactly their bytes', async () => {
     const images: Promise<Map<string, ImagePage>>[] = [];
     // the second request arrives while the first checkpoint still streams: the agent serializes them
     const a = startAgent({ onAppCheckpoint: (c) => { const p = drain(c, 20); images.push(p); return p.then(() => undefined); } });
-    agent = a.agent;
     const p = track(spawn(process.execPath, [join(repoRoot, 'test', 'checkpointer', 'fixtures', 'node-workload.mjs'), a.socketPath, 'nodejob'], { stdio: ['ignore', 'pipe', 'pipe'] }));
     let stderr = '';
     p.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });

@@ -8,18 +8,10 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { WorkloadProc, drain, killAll, openDir, pattern, removeTempDirs, startAgent, until } from './helpers.js';
+import { WorkloadProc, cleanup, drain, openDir, pattern, startAgent, until } from './helpers.js';
 
 const NOBODY = 65534;
-let agent: LocalAgent | null = null;
-
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe.each([
   ['root', null],
@@ -28,7 +20,6 @@ describe.each([
   it('succeeds; the image keeps the old page and the next checkpoint has the read bytes', async () => {
     const dir = openDir();
     const a = startAgent({ socketPath: join(dir, 'agent.sock'), socketMode: 0o666, allowUids: uid === null ? [] : [uid] });
-    agent = a.agent;
     const job = uid === null ? 'read-root' : 'read-nobody';
     const w = WorkloadProc.start(a.socketPath, job, uid === null ? {} : { uid, gid: NOBODY });
     expect(await w.cmd('attach')).toMatch(/^ok/);

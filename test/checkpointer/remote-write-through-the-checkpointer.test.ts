@@ -9,21 +9,13 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isExaError } from '../../src/errors.js';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { PAGE, WorkloadProc, drain, killAll, pattern, removeTempDirs, startAgent, until } from './helpers.js';
+import { PAGE, WorkloadProc, cleanup, drain, pattern, startAgent, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe('remote writes through the checkpointer', () => {
   it('join the next checkpoint, and never change the image of the one being saved', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'rdma');
     await w.ok('attach');
     await w.ok('alloc r 16');

@@ -13,17 +13,10 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { CheckpointOptions, CheckpointStats, LocalAgent } from '../../src/agent/local-agent.js';
-import { PAGE, WorkloadProc, apply, drain, firstDiff, killAll, removeTempDirs, startAgent, until, type ImagePage } from './helpers.js';
+import { PAGE, WorkloadProc, apply, cleanup, drain, firstDiff, startAgent, until, type ImagePage } from './helpers.js';
 
 const PAGES = 1024;
-let agent: LocalAgent | null = null;
-
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe.each([
   ['hybrid tracking (async between checkpoints)', false],
@@ -42,7 +35,6 @@ describe.each([
         return r.then(() => undefined);
       },
     });
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, job);
     // read by the agent (this process) when the job attaches
     if (syncOnly) process.env.EXA_CKPT_NO_ASYNC = '1';
