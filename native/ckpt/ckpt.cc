@@ -1652,11 +1652,18 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
                                    std::to_string(ram) + " bytes)");
       if (m.addr == 0 || m.addr % kPage) return refuse(-EINVAL, "region \"" + name + "\": address is not page-aligned");
       struct stat st;
-      /* shmem is what write-protection needs: a memfd, or a tmpfs file adopted on restore (EXA_RESTORE). */
+      /* shmem is what write-protection needs: a memfd (made by libexa, or staged by the agent for EXA_RESTORE). */
       struct statfs sfs;
       if (fstat(mfd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < m.size || fstatfs(mfd, &sfs) != 0 ||
           sfs.f_type != TMPFS_MAGIC)
         return refuse(-EINVAL, "region \"" + name + "\": the passed fd is not a memfd or tmpfs file of at least its size");
+      {
+        /* The agent maps this memfd: were it shrunk under that mapping, the agent's next access would
+         * raise SIGBUS and take every job on this host down with it. So it must be sealed. */
+        int seals = fcntl(mfd, F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK))
+          return refuse(-EPERM, "region \"" + name + "\": its memfd is not sealed against shrinking (F_SEAL_SHRINK); libexa seals every region it makes");
+      }
       {
         /* the workload must really map this memfd there: else we would track one range and save another */
         char mp[64];

@@ -122,4 +122,21 @@ describe('bad input', () => {
     await w.ok('fill r 9');
     expect((await drain(await a.agent.checkpoint('after-garbage'))).size).toBe(2);
   });
+
+  it('a region memfd that could shrink under the agent is refused, and libexa regions cannot be shrunk', async () => {
+    // The agent maps every region; a job shrinking one under that mapping would make the
+    // agent's next access raise SIGBUS. So region memfds must be sealed (F_SEAL_SHRINK).
+    const a = startAgent();
+    agent = a.agent;
+    const w = WorkloadProc.start(a.socketPath, 'hostile');
+    await w.ok('attach');
+    await w.ok('alloc r 4');
+    await w.ok('fill r 3');
+    expect(await w.cmd('unsealed evil 4')).toMatch(/^err EPERM .*region "evil": its memfd is not sealed against shrinking/);
+    expect(await w.cmd('shrink r')).toMatch(/^err EPERM ftruncate/);
+    const img = await drain(await a.agent.checkpoint('hostile'));
+    expect(img.size).toBe(4);
+    for (let p = 0; p < 4; p++) expect(img.get(`r:${p}`)!.bytes!.equals(pattern(3, p))).toBe(true);
+    expect(a.agent.job('hostile')!.regions.map((r) => r.name)).toEqual(['r']);
+  });
 });
