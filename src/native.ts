@@ -169,7 +169,45 @@ export interface NativeDmaCompletion {
   reason: string;
 }
 
-export interface NativeDmaBackendStats { clients: number; ops: number; errors: number; bytes: number }
+export interface NativeDmaBackendStats {
+  clients: number;
+  /** Operations applied on this host (same-host engine). */
+  ops: number;
+  errors: number;
+  bytes: number;
+  /** Operations this backend sent to other agents and saw applied, and their bytes. */
+  remoteOps: number;
+  remoteBytes: number;
+  /** Operations other agents sent here, applied. */
+  servedOps: number;
+  servedBytes: number;
+  /** Operations held (fence, expect, HELD replies), each counted once; re-sends after HELD / MOVED. */
+  heldOps: number;
+  retries: number;
+  /** Outgoing agent connections opened; incoming ones dropped (protocol violation, bad token) and the last reason. */
+  links: number;
+  droppedConnections: number;
+  lastDropReason: string;
+}
+
+/** Options of the DMA backend's TCP data path between agents (RDMA API remoting across hosts). */
+export interface NativeDmaBackendOptions {
+  /** "ip:port" to listen on for other agents (default "127.0.0.1:0"; "" = no TCP). */
+  listen?: string;
+  /** Shared cluster token checked in the agent-to-agent handshake (a mismatch refuses the connection). */
+  token?: string;
+  /** An operation held (migration) longer than this fails (default 60000). */
+  holdTimeoutMs?: number;
+  /**
+   * Called on the JS thread when an operation or lookup needs the host of a job the route table
+   * lacks; answer with dmaSetRoute(h, job, addr) (or null: unknown, the waiters fail with ENOENT).
+   * Waiters give up after 5 s.
+   */
+  onRouteMiss?: (job: string) => void;
+}
+
+/** A grant of one of a job's DMA buffers (perms: 1 read, 2 write, 3 both). */
+export interface NativeDmaGrant { buffer: string; peer: string; perms: number }
 
 interface NativeAddon {
   version(): number;
@@ -197,7 +235,30 @@ interface NativeAddon {
   workloadCheckpoint(h: WorkloadHandle): Promise<void>;
   workloadDetach(h: WorkloadHandle): void;
   // RDMA API remoting (native/addon/dma.cc)
-  dmaBackendOpen(agent: AgentHandle, socketPath: string, socketMode?: number): DmaBackendHandle;
+  dmaBackendOpen(agent: AgentHandle, socketPath: string, socketMode?: number, opts?: NativeDmaBackendOptions): DmaBackendHandle;
+  /** "ip:port" the backend listens on for other agents ("" when not listening). */
+  dmaBackendAddress(h: DmaBackendHandle): string;
+  // Migration primitives (the control plane: src/hostagent, src/ops/migrate.ts).
+  /** Where `job`'s buffers live when not on this agent; null = unknown (waiting operations fail with ENOENT). */
+  dmaSetRoute(h: DmaBackendHandle, job: string, addr: string | null): void;
+  /**
+   * On the agent where `job` runs, before its final checkpoint: from now on no operation is applied to
+   * `job`'s buffers (local ones wait head of line, remote ones are answered HELD); resolves once the
+   * operations already started have finished, with `job`'s grants. Idempotent.
+   */
+  dmaFence(h: DmaBackendHandle, job: string): Promise<{ grants: NativeDmaGrant[] }>;
+  /** Rollback of a fence: held operations proceed. */
+  dmaUnfence(h: DmaBackendHandle, job: string): void;
+  /** `job` now lives at `addr`: operations for it are answered MOVED(addr) / re-routed there. */
+  dmaMoved(h: DmaBackendHandle, job: string, addr: string): void;
+  /**
+   * On the target agent before `job` is relaunched there: operations for its buffers not registered yet
+   * are held (not refused) for up to timeoutMs; when the job registers a buffer named in `grants`, those
+   * grants are installed at once.
+   */
+  dmaExpect(h: DmaBackendHandle, job: string, grants: NativeDmaGrant[], timeoutMs: number): void;
+  /** Benchmark baseline: raw loopback TCP, same frames and receive loop as the agent data path; ns. */
+  dmaTcpBaseline(h: DmaBackendHandle, msgBytes: number, totalBytes: number, window: number): number;
   dmaBackendClose(h: DmaBackendHandle): void;
   dmaBackendStats(h: DmaBackendHandle): NativeDmaBackendStats;
   dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number, span: number): number;
@@ -279,6 +340,13 @@ export const dmaBackendOpen = wrap(addon.dmaBackendOpen);
 export const dmaBackendClose = wrap(addon.dmaBackendClose);
 export const dmaBackendStats = wrap(addon.dmaBackendStats);
 export const dmaEngineDirect = wrap(addon.dmaEngineDirect);
+export const dmaBackendAddress = wrap(addon.dmaBackendAddress);
+export const dmaSetRoute = wrap(addon.dmaSetRoute);
+export const dmaFence = wrap(addon.dmaFence);
+export const dmaUnfence = wrap(addon.dmaUnfence);
+export const dmaMoved = wrap(addon.dmaMoved);
+export const dmaExpect = wrap(addon.dmaExpect);
+export const dmaTcpBaseline = wrap(addon.dmaTcpBaseline);
 export const dmaOpen = wrap(addon.dmaOpen);
 export const dmaClose = wrap(addon.dmaClose);
 export const dmaAlloc = wrap(addon.dmaAlloc);

@@ -23,6 +23,7 @@
 #include "../dma/backend.h"
 #include "errors.h"
 #include "exa.h"
+#include "exa_dma_net.h"
 
 exa::Agent *exa_addon_agent(const Napi::Value &v);
 exa_ctx *exa_addon_workload_ctx(const Napi::Value &v);
@@ -60,8 +61,20 @@ Napi::Object completion_obj(Napi::Env env, const exa_dma_completion &c) {
 /* ------------------------------------------------------------ backend (agent side) */
 
 struct BackendWrap {
-  std::unique_ptr<exa::dma::Backend> be;
+  std::shared_ptr<exa::dma::Backend> be; /* shared with fence workers on the libuv pool */
   Napi::Reference<Napi::Value> agent_ref; /* the agent must outlive the backend */
+  Napi::ThreadSafeFunction on_route_miss;
+  bool has_route_miss = false;
+  void shut() {
+    if (!be) return;
+    be->close(); /* joins every thread that could call on_route_miss */
+    be.reset();
+    agent_ref.Reset();
+    if (has_route_miss) {
+      has_route_miss = false;
+      on_route_miss.Release();
+    }
+  }
 };
 
 BackendWrap *unwrap_backend(const Napi::CallbackInfo &info) {
@@ -71,35 +84,74 @@ BackendWrap *unwrap_backend(const Napi::CallbackInfo &info) {
   return w;
 }
 
-/* dmaBackendOpen(agent, socketPath, socketMode?) */
+/* A job id as the control plane passes it: [A-Za-z0-9._-], 1..EXA_NAME_MAX. */
+std::string job_arg(const Napi::CallbackInfo &info, size_t i) {
+  std::string s = str_arg(info, i, "job");
+  bool ok = !s.empty() && s.size() <= EXA_NAME_MAX;
+  for (char c : s)
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-')) ok = false;
+  if (!ok) throw_errno(info.Env(), -EINVAL, "\"" + s + "\" is not a valid job id");
+  return s;
+}
+
+/* dmaBackendOpen(agent, socketPath, socketMode?, { listen?, token?, holdTimeoutMs?, onRouteMiss? }?) */
 Napi::Value BackendOpen(const Napi::CallbackInfo &info) {
   Napi::Env env = info.Env();
   exa::Agent *agent = info.Length() > 0 ? exa_addon_agent(info[0]) : nullptr;
   if (!agent) throw_errno(env, -ESHUTDOWN, "dmaBackendOpen: expected an open agent handle");
   std::string path = str_arg(info, 1, "socketPath");
+  unsigned mode = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0600;
+  exa::dma::BackendOptions opts;
   auto *w = new BackendWrap();
+  if (info.Length() > 3 && info[3].IsObject()) {
+    Napi::Object o = info[3].As<Napi::Object>();
+    if (o.Has("listen") && !o.Get("listen").IsUndefined()) {
+      if (!o.Get("listen").IsString()) throw Napi::TypeError::New(env, "dma.listen must be a string (ip:port)");
+      opts.listen = o.Get("listen").As<Napi::String>().Utf8Value();
+    }
+    if (o.Has("token") && !o.Get("token").IsUndefined()) {
+      if (!o.Get("token").IsString()) throw Napi::TypeError::New(env, "dma.token must be a string");
+      opts.token = o.Get("token").As<Napi::String>().Utf8Value();
+      if (opts.token.size() >= EXA_DMA_NET_TEXT) throw_errno(env, -EINVAL, "dma.token is longer than 255 bytes");
+    }
+    if (o.Has("holdTimeoutMs") && !o.Get("holdTimeoutMs").IsUndefined()) {
+      double d = o.Get("holdTimeoutMs").ToNumber().DoubleValue();
+      if (!(d >= 1) || d > 86400000) throw_errno(env, -EINVAL, "dma.holdTimeoutMs must be between 1 and 86400000");
+      opts.hold_timeout_ms = (uint64_t)d;
+    }
+    if (o.Has("onRouteMiss") && o.Get("onRouteMiss").IsFunction()) {
+      w->on_route_miss = Napi::ThreadSafeFunction::New(env, o.Get("onRouteMiss").As<Napi::Function>(), "exa-dma-route-miss", 0, 1);
+      w->on_route_miss.Unref(env); /* a pending route question must not keep the process alive */
+      w->has_route_miss = true;
+      Napi::ThreadSafeFunction tsfn = w->on_route_miss;
+      opts.on_route_miss = [tsfn](const std::string &job) mutable {
+        auto *s = new std::string(job);
+        napi_status st = tsfn.NonBlockingCall(s, [](Napi::Env env, Napi::Function cb, std::string *s) {
+          std::string j = *s;
+          delete s;
+          cb.Call({Napi::String::New(env, j)});
+        });
+        if (st != napi_ok) delete s;
+      };
+    }
+  }
   try {
-    unsigned mode = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0600;
-    w->be = std::make_unique<exa::dma::Backend>(agent, path, mode);
+    w->be = std::make_shared<exa::dma::Backend>(agent, path, mode, opts);
   } catch (const exa::Error &e) {
+    if (w->has_route_miss) w->on_route_miss.Release();
     delete w;
     throw_errno(env, e.err, e.what());
   }
   w->agent_ref = Napi::Persistent(info[0]);
   return Napi::External<BackendWrap>::New(env, w, [](Napi::Env, BackendWrap *w) {
-    if (w->be) w->be->close();
+    w->shut();
     delete w;
   });
 }
 
 Napi::Value BackendClose(const Napi::CallbackInfo &info) {
   if (info.Length() < 1 || !info[0].IsExternal()) throw Napi::TypeError::New(info.Env(), "expected a DMA backend handle");
-  auto *w = info[0].As<Napi::External<BackendWrap>>().Data();
-  if (w->be) {
-    w->be->close(); /* joins every client thread */
-    w->be.reset();
-    w->agent_ref.Reset();
-  }
+  info[0].As<Napi::External<BackendWrap>>().Data()->shut(); /* joins every backend thread */
   return info.Env().Undefined();
 }
 
@@ -110,7 +162,122 @@ Napi::Value BackendStats(const Napi::CallbackInfo &info) {
   o.Set("ops", (double)s.ops);
   o.Set("errors", (double)s.errors);
   o.Set("bytes", (double)s.bytes);
+  o.Set("remoteOps", (double)s.remote_ops);
+  o.Set("remoteBytes", (double)s.remote_bytes);
+  o.Set("servedOps", (double)s.served_ops);
+  o.Set("servedBytes", (double)s.served_bytes);
+  o.Set("heldOps", (double)s.held);
+  o.Set("retries", (double)s.retries);
+  o.Set("links", (double)s.links);
+  o.Set("droppedConnections", (double)s.dropped);
+  o.Set("lastDropReason", s.last_drop);
   return o;
+}
+
+/* dmaBackendAddress(h) -> "ip:port" the backend listens on for other agents ("" = none) */
+Napi::Value BackendAddress(const Napi::CallbackInfo &info) {
+  return Napi::String::New(info.Env(), unwrap_backend(info)->be->address());
+}
+
+/* dmaSetRoute(h, job, addr | null) */
+Napi::Value SetRoute(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  std::string job = job_arg(info, 1);
+  if (info.Length() > 2 && info[2].IsString()) {
+    std::string a = info[2].As<Napi::String>().Utf8Value();
+    if (a.empty() || a.size() > 200 || a.find(':') == std::string::npos) throw_errno(info.Env(), -EINVAL, "route of job " + job + ": \"" + a + "\" is not an ip:port address");
+    w->be->set_route(job, &a);
+  } else if (info.Length() > 2 && info[2].IsNull()) {
+    w->be->set_route(job, nullptr);
+  } else throw Napi::TypeError::New(info.Env(), "dmaSetRoute(h, job, addr: string | null)");
+  return info.Env().Undefined();
+}
+
+class FenceWorker : public Napi::AsyncWorker {
+ public:
+  FenceWorker(Napi::Env env, std::shared_ptr<exa::dma::Backend> be, std::string job)
+      : Napi::AsyncWorker(env), be_(std::move(be)), job_(std::move(job)), d_(Napi::Promise::Deferred::New(env)) {}
+  void Execute() override { grants_ = be_->fence(job_); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    Napi::Array a = Napi::Array::New(env, grants_.size());
+    for (size_t i = 0; i < grants_.size(); i++) {
+      Napi::Object g = Napi::Object::New(env);
+      g.Set("buffer", grants_[i].buffer);
+      g.Set("peer", grants_[i].peer);
+      g.Set("perms", (double)grants_[i].perms);
+      a.Set((uint32_t)i, g);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("grants", a);
+    d_.Resolve(o);
+  }
+  Napi::Promise Promise() { return d_.Promise(); }
+
+ private:
+  std::shared_ptr<exa::dma::Backend> be_;
+  std::string job_;
+  std::vector<exa::dma::Grant> grants_;
+  Napi::Promise::Deferred d_;
+};
+
+/* dmaFence(h, job) -> Promise<{ grants }> */
+Napi::Value Fence(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  auto *wk = new FenceWorker(info.Env(), w->be, job_arg(info, 1));
+  auto p = wk->Promise();
+  wk->Queue();
+  return p;
+}
+
+Napi::Value Unfence(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  w->be->unfence(job_arg(info, 1));
+  return info.Env().Undefined();
+}
+
+/* dmaMoved(h, job, addr) */
+Napi::Value Moved(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  std::string job = job_arg(info, 1);
+  std::string a = str_arg(info, 2, "addr");
+  if (a.empty() || a.size() > 200 || a.find(':') == std::string::npos) throw_errno(info.Env(), -EINVAL, "dmaMoved: \"" + a + "\" is not an ip:port address");
+  w->be->moved(job, a);
+  return info.Env().Undefined();
+}
+
+/* dmaExpect(h, job, grants: {buffer, peer, perms}[], timeoutMs) */
+Napi::Value Expect(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  auto *w = unwrap_backend(info);
+  std::string job = job_arg(info, 1);
+  if (info.Length() < 3 || !info[2].IsArray()) throw Napi::TypeError::New(env, "dmaExpect: grants must be an array");
+  Napi::Array a = info[2].As<Napi::Array>();
+  std::vector<exa::dma::Grant> gs;
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value v = a.Get(i);
+    if (!v.IsObject()) throw Napi::TypeError::New(env, "dmaExpect: every grant must be { buffer, peer, perms }");
+    Napi::Object g = v.As<Napi::Object>();
+    if (!g.Get("buffer").IsString() || !g.Get("peer").IsString() || !g.Get("perms").IsNumber())
+      throw Napi::TypeError::New(env, "dmaExpect: every grant must be { buffer: string, peer: string, perms: number }");
+    unsigned perms = g.Get("perms").As<Napi::Number>().Uint32Value();
+    if (perms & ~3u) throw_errno(env, -EINVAL, "dmaExpect: unknown permission bits " + std::to_string(perms));
+    gs.push_back({g.Get("buffer").As<Napi::String>().Utf8Value(), g.Get("peer").As<Napi::String>().Utf8Value(), perms});
+  }
+  uint64_t t = u64_arg(info, 3, "timeoutMs");
+  w->be->expect(job, gs, t);
+  return env.Undefined();
+}
+
+/* dmaTcpBaseline(h, msgBytes, totalBytes, window) -> ns (benchmark baseline; blocks the JS thread) */
+Napi::Value TcpBaseline(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  try {
+    uint64_t ns = w->be->tcp_baseline(u64_arg(info, 1, "msgBytes"), u64_arg(info, 2, "totalBytes"), (uint32_t)u64_arg(info, 3, "window"));
+    return Napi::Number::New(info.Env(), (double)ns);
+  } catch (const exa::Error &e) {
+    throw_errno(info.Env(), e.err, e.what());
+  }
 }
 
 /* dmaEngineDirect(backend, srcJob, srcBuf, dstJob, dstBuf, len, iters, span) -> ns (benchmark baseline) */
@@ -437,6 +604,13 @@ void exa_addon_register_dma(Napi::Env env, Napi::Object exports) {
   exports.Set("dmaBackendClose", Napi::Function::New(env, BackendClose));
   exports.Set("dmaBackendStats", Napi::Function::New(env, BackendStats));
   exports.Set("dmaEngineDirect", Napi::Function::New(env, EngineDirect));
+  exports.Set("dmaBackendAddress", Napi::Function::New(env, BackendAddress));
+  exports.Set("dmaSetRoute", Napi::Function::New(env, SetRoute));
+  exports.Set("dmaFence", Napi::Function::New(env, Fence));
+  exports.Set("dmaUnfence", Napi::Function::New(env, Unfence));
+  exports.Set("dmaMoved", Napi::Function::New(env, Moved));
+  exports.Set("dmaExpect", Napi::Function::New(env, Expect));
+  exports.Set("dmaTcpBaseline", Napi::Function::New(env, TcpBaseline));
   exports.Set("dmaOpen", Napi::Function::New(env, DmaOpen));
   exports.Set("dmaClose", Napi::Function::New(env, DmaClose));
   exports.Set("dmaAlloc", Napi::Function::New(env, DmaAlloc));

@@ -49,6 +49,11 @@ export interface LocalAgentOptions {
    * The backend serves every attached job's DMA session (src/dma, exa.h) on its own threads.
    */
   dmaSocketPath?: string | false;
+  /**
+   * The DMA backend's TCP data path to other agents: listen address (default "127.0.0.1:0"),
+   * cluster token, hold timeout, and the route-miss callback (see NativeDmaBackendOptions).
+   */
+  dma?: native.NativeDmaBackendOptions;
   /** Options for app-initiated checkpoints, fixed or chosen per job at each request. */
   appCheckpointOptions?: NativeCkptOptions | ((job: string) => NativeCkptOptions);
 }
@@ -152,7 +157,7 @@ export class LocalAgent extends EventEmitter {
     if (opts.dmaSocketPath !== false) {
       const dmaPath = opts.dmaSocketPath ?? `${opts.socketPath}.dma`;
       try {
-        this.dma = native.dmaBackendOpen(this.handle, dmaPath, opts.socketMode ?? 0o600);
+        this.dma = native.dmaBackendOpen(this.handle, dmaPath, opts.socketMode ?? 0o600, { listen: '127.0.0.1:0', ...opts.dma });
       } catch (e) {
         // the checkpointer works without remoting; say once why jobs cannot open DMA sessions
         process.stderr.write(`exaagent: no DMA backend on ${dmaPath}: ${(e as Error).message}\n`);
@@ -163,7 +168,12 @@ export class LocalAgent extends EventEmitter {
   /** The DMA backend (RDMA API remoting), or null when not started. */
   private dma: native.DmaBackendHandle | null = null;
 
-  /** @internal The DMA backend's handle (benchmarks: dmaEngineDirect), or null. */
+  /** "ip:port" the DMA backend listens on for other agents, or null (no backend / no TCP). */
+  get dmaAddress(): string | null {
+    return this.dma ? native.dmaBackendAddress(this.dma) || null : null;
+  }
+
+  /** @internal The DMA backend's handle (benchmarks: dmaEngineDirect; the control plane's migration primitives), or null. */
   get dmaBackend(): native.DmaBackendHandle | null {
     return this.dma;
   }

@@ -8,9 +8,11 @@ import { spawn } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import type { LocalAgent, LocalAgentOptions } from '../../src/agent/local-agent.js';
+import * as native from '../../src/native.js';
 import { startAgent, track } from '../checkpointer/helpers.js';
 
-export { killAll, removeTempDirs, until, drain, PAGE } from '../checkpointer/helpers.js';
+export { killAll, removeTempDirs, until, drain, cleanup, PAGE } from '../checkpointer/helpers.js';
 export { startAgent };
 
 const PEER = join(dirname(fileURLToPath(import.meta.url)), 'fixtures', 'dma-peer.mjs');
@@ -67,6 +69,16 @@ export class DmaPeer {
     if (!r.ok) throw new Error(`${this.job}: ${JSON.stringify(c)} failed: ${r.code} ${r.message}`);
     return r;
   }
+}
+
+/** Two (or more) agents in this process, each with its DMA backend on its own socket and loopback TCP port. */
+export function startAgents(n: number, opts: Partial<LocalAgentOptions> = {}): { agent: LocalAgent; socketPath: string; addr: string; be: native.DmaBackendHandle }[] {
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const a = startAgent(opts);
+    out.push({ ...a, addr: a.agent.dmaAddress!, be: a.agent.dmaBackend! });
+  }
+  return out;
 }
 
 /** Deterministic bytes, identical to fillBytes() in the fixture. */
