@@ -18,7 +18,8 @@ import { ROOT, cli, jobOn, startAgent, startStore, stopAll, until, type AgentHan
 afterEach(stopAll);
 
 const HALO = join(ROOT, 'build', 'Release', 'exa_halo');
-const ARGS = ['--n', '4096', '--iters', '1500', '--step-delay-us', '3000'];
+// Long enough (8 s and more) that both ranks still run at the second migration on a loaded machine.
+const ARGS = ['--n', '4096', '--iters', '2500', '--step-delay-us', '3000'];
 
 function reference(): string[] {
   return execFileSync(HALO, ['--reference', ...ARGS], { encoding: 'utf8' }).trim().split('\n');
