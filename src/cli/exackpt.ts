@@ -132,7 +132,7 @@ export function buildProgram(): Command {
     .action(async (o: Common) => {
       await withCoord(o, async (coord) => {
         const hosts = await coord.listHosts();
-        out(o.json, { hosts }, () => hosts.length === 0 ? 'no hosts registered' : hosts.map((h) => `${h.host_id.padEnd(16)} ${h.state.padEnd(5)} ${h.agent_address.padEnd(22)} ${h.jobs.join(',')}`).join('\n'));
+        out(o.json, { hosts }, () => hosts.length === 0 ? 'no hosts registered' : ['HOST             STATE AGENT                  DMA                    JOBS', ...hosts.map((h) => `${h.host_id.padEnd(16)} ${h.state.padEnd(5)} ${h.agent_address.padEnd(22)} ${(h.dma_address || '-').padEnd(22)} ${h.jobs.join(',')}`)].join('\n'));
       });
     });
 

@@ -64,6 +64,12 @@ async function checksum(agent: AgentHandle, job: string): Promise<string> {
 it('two ranks on two agents exchange halos over the DMA data path and print the reference checksums', async () => {
   const want = reference();
   const { store, agents } = await cluster(['host-a', 'host-b']);
+  // every agent registered its DMA data address with the coordinator
+  const hosts = await cli('exackpt', ['hosts', '--store', store, '--json']);
+  expect(hosts.code, hosts.stderr).toBe(0);
+  const listed = (JSON.parse(hosts.stdout) as { hosts: Array<{ host_id: string; dma_address: string }> }).hosts;
+  expect(listed.map((h) => h.host_id).sort()).toEqual(['host-a', 'host-b']);
+  for (const h of listed) expect(h.dma_address).toMatch(/^127\.0\.0\.1:\d+$/);
   await runRank(store, 'host-a', 0);
   await runRank(store, 'host-b', 1);
   expect([await checksum(agents.get('host-a')!, 'halo0'), await checksum(agents.get('host-b')!, 'halo1')]).toEqual(want);
