@@ -283,8 +283,7 @@ struct Pending {
     if (issuer_js) issuer_js->active.fetch_sub(1);
   }
   std::string what() const {
-    return std::string(op_name(op.r.op)) + " of " + std::to_string(op.r.len) + " bytes to buffer \"" + name + "\" of job " + job +
-           " at agent " + addr;
+    return std::string(op_name(op.r.op)) + (op.r.op == EXA_DMA_OP_READ ? " of" : " to") + " buffer \"" + name + "\" of job " + job;
   }
 };
 
@@ -344,7 +343,7 @@ class Link {
       }
       be_->n_errors_++;
       p.inbox->push({p.queue, p.op, Inbox::FAILED, -ECONNRESET,
-                     p.what() + ": " + why + " (the operation's outcome is unknown; it is not retried)", p.job, ""});
+                     p.what() + ": " + why + " (outcome unknown, not retried)", p.job, ""});
     }
   }
 
