@@ -39,7 +39,7 @@ constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long befo
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
-constexpr size_t kChunk = 1u << 20;        /* incoming payloads are received and written in chunks */
+constexpr size_t kChunk = 1u << 17;        /* incoming payloads are received and written in chunks */
 
 uint64_t now_ns() {
   struct timespec ts;
@@ -539,7 +539,16 @@ class Client {
     uint64_t next_seq = 0;
     std::deque<Op> backlog;               /* consumed, not executed yet (held, waiting for a route or replies) */
     std::map<std::string, Flight> flight; /* remote operations in flight, per peer job */
+    bool away = false;                    /* published in the ring header */
   };
+
+  static void publish_away(Queue &q) {
+    bool away = !q.flight.empty() || !q.backlog.empty();
+    if (away != q.away) {
+      q.away = away;
+      __atomic_store_n(&q.hdr->away, away ? 1u : 0u, __ATOMIC_RELAXED);
+    }
+  }
 
   /* A peer's buffer as looked up: resolved again at every operation. */
   struct Handle {
@@ -839,6 +848,7 @@ class Client {
           break;
       }
       if (!q.backlog.empty() && q.backlog.front().wait_flight) q.backlog.front().not_before = 0;
+      publish_away(q);
     }
     if (woke)
       for (auto &kv : queues_)
@@ -892,6 +902,7 @@ class Client {
       if (q.broken || !q.ring) continue;
       int w = serve_queue(q);
       if (w < 0) return -1;
+      publish_away(q);
       work += w;
     }
     return work;
