@@ -118,4 +118,20 @@ describe('cross-agent DMA refuses what was not granted, and finds jobs through r
     expect(native.dmaBackendStats(B!.be).lastDropReason).toMatch(/cluster token mismatch/);
     expect(await pa.ok({ cmd: 'lookup', peer: 'ownerc', name: 'win' })).toMatchObject({ size: SIZE });
   });
+
+  it('bad input to the control-plane primitives is refused with a reason; the backend stays up', async () => {
+    const [A] = startAgents(1);
+    expect(() => native.dmaSetRoute(A!.be, '../x', '127.0.0.1:1')).toThrow(/"\.\.\/x" is not a valid job id/);
+    expect(() => native.dmaSetRoute(A!.be, 'j', 'nowhere')).toThrow(/is not an ip:port address/);
+    expect(() => native.dmaMoved(A!.be, 'j', '')).toThrow(/is not an ip:port address/);
+    expect(() => native.dmaExpect(A!.be, 'j', [{ buffer: 'b', peer: 'p', perms: 8 }], 1000)).toThrow(/unknown permission bits 8/);
+    expect(() => native.dmaExpect(A!.be, 'j', [{ buffer: 'b' } as never], 1000)).toThrow(/every grant must be/);
+    await expect(native.dmaFence(A!.be, '')).rejects.toThrow(/is not a valid job id/);
+    // a backend that cannot listen as asked says why and leaves the agent without DMA
+    const [B] = startAgents(1, { dma: { listen: 'not-an-address' } });
+    expect(B!.agent.dmaBackend).toBeNull();
+    // the first backend still serves
+    const p = await DmaPeer.start(A!.socketPath, 'still');
+    await p.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+  });
 });
