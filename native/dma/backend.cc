@@ -613,6 +613,7 @@ class Client {
   }
 
   static bool gone(const std::shared_ptr<Buffer> &b, std::string *why = nullptr) {
+    if (!b->dead.load(std::memory_order_acquire)) return false;
     std::lock_guard<std::mutex> g(b->mu);
     if (why) *why = b->gone;
     return !b->gone.empty();
@@ -1167,6 +1168,7 @@ class Client {
         t->name = b->name;
         t->js = b->js;
         t->gone = "freed by its owner";
+        t->dead = true;
         local_[m.id - 1] = t;
         reply(m, 0, "");
         return true;
@@ -1242,6 +1244,7 @@ class Client {
     {
       std::lock_guard<std::mutex> g(b->mu);
       if (b->gone.empty()) b->gone = why;
+      b->dead.store(true, std::memory_order_release);
     }
     std::lock_guard<std::mutex> g(be_->mu_);
     auto it = be_->registry_.find(b->owner + "/" + b->name);
