@@ -226,6 +226,8 @@ interface NativeAddon {
   declineCheckpointRequests(h: AgentHandle, job: string, text: string): void;
   stopAndCopy(h: AgentHandle, job: string): { pauseUs: number; bytes: number };
   remoteWrite(h: AgentHandle, job: string, region: string, offset: number, bytes: Uint8Array): Promise<void>;
+  /** A memfd of `bytes` sealed against shrinking (restore staging); the caller closes the fd. */
+  memfdCreate(name: string, bytes: number): number;
   workloadAttach(socketPath: string | null, jobId: string | null): WorkloadHandle;
   workloadAlloc(h: WorkloadHandle, name: string, size: number): ArrayBuffer;
   workloadFree(h: WorkloadHandle, name: string): void;
@@ -327,6 +329,7 @@ export const checkpointTestReference = wrap(addon.checkpointTestReference);
 export const declineCheckpointRequests = wrap(addon.declineCheckpointRequests);
 export const stopAndCopy = wrap(addon.stopAndCopy);
 export const remoteWrite = wrap(addon.remoteWrite);
+export const memfdCreate = wrap(addon.memfdCreate);
 export const workloadAttach = wrap(addon.workloadAttach);
 export const workloadAlloc = wrap(addon.workloadAlloc);
 export const workloadFree = wrap(addon.workloadFree);

@@ -10,6 +10,9 @@
 #include <errno.h>
 #include <napi.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <map>
 #include <memory>
@@ -473,6 +476,28 @@ class RemoteWriteWorker : public Napi::AsyncWorker {
 };
 
 /* remoteWrite(agent, job, region, offset, bytes) -> Promise<void> (runs on a worker thread: it may wait for the saver) */
+/*
+ * memfdCreate(name, bytes) -> fd: a memfd of `bytes` sealed against shrinking, owned by the caller
+ * (close it with fs.closeSync). Restore staging (src/hostagent/staging.ts) puts checkpoint images
+ * in these: the agent maps a job's regions, so it accepts only memfds that cannot shrink under it.
+ */
+Napi::Value MemfdCreate(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2 || !info[0].IsString() || !info[1].IsNumber()) throw_errno(env, -EINVAL, "memfdCreate(name, bytes)");
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  double bytes = info[1].As<Napi::Number>().DoubleValue();
+  if (name.empty() || name.size() > 63) throw_errno(env, -EINVAL, "memfdCreate: name must be 1..63 bytes");
+  if (!(bytes >= 0) || bytes > 9007199254740991.0 || bytes != (double)(uint64_t)bytes) throw_errno(env, -EINVAL, "memfdCreate: bad size");
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) throw_errno(env, -errno, "memfd_create(" + name + "): " + strerror(errno));
+  if (ftruncate(fd, (off_t)bytes) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+    int e = errno;
+    close(fd);
+    throw_errno(env, -e, "memfd " + name + " of " + std::to_string((uint64_t)bytes) + " bytes: " + strerror(e));
+  }
+  return Napi::Number::New(env, fd);
+}
+
 Napi::Value RemoteWrite(const Napi::CallbackInfo &info) {
   Napi::Env env = info.Env();
   unwrap_agent(info);
@@ -626,6 +651,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("declineCheckpointRequests", Napi::Function::New(env, DeclineRequests));
   exports.Set("stopAndCopy", Napi::Function::New(env, StopAndCopy));
   exports.Set("remoteWrite", Napi::Function::New(env, RemoteWrite));
+  exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate));
   exports.Set("workloadAttach", Napi::Function::New(env, WorkloadAttach));
   exports.Set("workloadAlloc", Napi::Function::New(env, WorkloadAlloc));
   exports.Set("workloadFree", Napi::Function::New(env, WorkloadFree));

@@ -20,6 +20,7 @@
  *    (the pure seed scheme).
  */
 #include "ckpt.h"
+#include "guardian.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -258,6 +259,8 @@ class Job {
   std::string id;
   int pid = 0, uid = 0;
   int pidfd = -1;
+  /* SIGSTOPped by this agent and not resumed yet (the guardian knows too). */
+  std::atomic<bool> stopped_by_agent{false};
   int reply_fd = -1; /* our dup of the connection, for replies sent from saver threads */
   int uffd_sync = -1, uffd_async = -1, pagemap = -1;
   bool has_async = false, user_only = false;
@@ -295,6 +298,10 @@ class Job {
     }
     if (fault_thread.joinable()) fault_thread.join();
     std::lock_guard<std::mutex> g(mu);
+    /* An agent that lets go of a job never leaves it stopped (e.g. closed while it was held). */
+    if (pidfd >= 0 && stopped_by_agent) syscall(SYS_pidfd_send_signal, pidfd, SIGCONT, nullptr, 0);
+    stopped_by_agent = false;
+    if (pidfd >= 0) guardian::resumed(pid);
     for (int *fd : {&stop_efd, &uffd_sync, &uffd_async, &pagemap, &pidfd, &reply_fd}) {
       if (*fd >= 0) close(*fd);
       *fd = -1;
@@ -322,8 +329,13 @@ class Job {
       *err = "job " + id + ": detached";
       return -ESRCH;
     }
+    /* first the guardian, so an agent dying right after the SIGSTOP still gets the job resumed */
+    guardian::stopping(pid, pidfd);
+    stopped_by_agent = true;
     if (syscall(SYS_pidfd_send_signal, pidfd, SIGSTOP, nullptr, 0) != 0) {
       int e = errno;
+      stopped_by_agent = false;
+      guardian::resumed(pid);
       *err = "job " + id + ": cannot stop pid " + std::to_string(pid) + ": " + errstr(e);
       return -e;
     }
@@ -365,7 +377,11 @@ class Job {
     }
   }
 
-  void resume() { syscall(SYS_pidfd_send_signal, pidfd, SIGCONT, nullptr, 0); }
+  void resume() {
+    syscall(SYS_pidfd_send_signal, pidfd, SIGCONT, nullptr, 0);
+    stopped_by_agent = false;
+    guardian::resumed(pid);
+  }
 
   /* ---- page-state transitions (job mutex held) ---- */
 
@@ -1216,6 +1232,8 @@ Agent::Agent(const AgentOptions &opts, EventSink sink) : opts_(opts), sink_(std:
   }
   chmod(sa.sun_path, opts_.socket_mode);
   wake_fd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  /* Before the IO thread exists, so the guardian is forked from as few threads as possible. */
+  if (int e = guardian::start()) log("no guardian process (" + errstr(-e) + "): a job stopped for a checkpoint stays stopped if this agent dies during the pause");
   io_ = std::thread([this] { io_loop(); });
 }
 
@@ -1634,11 +1652,18 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
                                    std::to_string(ram) + " bytes)");
       if (m.addr == 0 || m.addr % kPage) return refuse(-EINVAL, "region \"" + name + "\": address is not page-aligned");
       struct stat st;
-      /* shmem is what write-protection needs: a memfd, or a tmpfs file adopted on restore (EXA_RESTORE). */
+      /* shmem is what write-protection needs: a memfd (made by libexa, or staged by the agent for EXA_RESTORE). */
       struct statfs sfs;
       if (fstat(mfd, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < m.size || fstatfs(mfd, &sfs) != 0 ||
           sfs.f_type != TMPFS_MAGIC)
         return refuse(-EINVAL, "region \"" + name + "\": the passed fd is not a memfd or tmpfs file of at least its size");
+      {
+        /* The agent maps this memfd: were it shrunk under that mapping, the agent's next access would
+         * raise SIGBUS and take every job on this host down with it. So it must be sealed. */
+        int seals = fcntl(mfd, F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK))
+          return refuse(-EPERM, "region \"" + name + "\": its memfd is not sealed against shrinking (F_SEAL_SHRINK); libexa seals every region it makes");
+      }
       {
         /* the workload must really map this memfd there: else we would track one range and save another */
         char mp[64];

@@ -183,6 +183,13 @@ static int request(exa_ctx *ctx, uint16_t type, const void *payload, uint32_t le
   return 0;
 }
 
+int exa__test_request(struct exa_ctx *ctx, unsigned type, const void *payload, unsigned len, const int *fds, int nfds) {
+  pthread_mutex_lock(&ctx->lock);
+  int r = request(ctx, (uint16_t)type, payload, len, fds, nfds, NULL, NULL);
+  pthread_mutex_unlock(&ctx->lock);
+  return r;
+}
+
 static int kernel_at_least(int maj, int min) {
   struct utsname u;
   int a = 0, b = 0;
@@ -367,13 +374,19 @@ static int region_alloc(exa_ctx *ctx, const char *name, size_t size, unsigned fl
   }
   if (mfd < 0) {
     want_addr = 0;
-    mfd = memfd_create(name, MFD_CLOEXEC);
+    mfd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (mfd < 0) {
       r = fail(-errno, "exa_region_alloc: memfd_create(%s): %s", name, strerror(errno));
       goto out;
     }
     if (ftruncate(mfd, (off_t)size) != 0) {
       r = fail(-errno, "exa_region_alloc: region \"%s\": cannot size to %zu bytes: %s", name, size, strerror(errno));
+      close(mfd);
+      goto out;
+    }
+    /* The agent maps the memfd too; a shrink under its mapping would crash it (SIGBUS). */
+    if (fcntl(mfd, F_ADD_SEALS, F_SEAL_SHRINK) != 0) {
+      r = fail(-errno, "exa_region_alloc: region \"%s\": cannot seal its memfd: %s", name, strerror(errno));
       close(mfd);
       goto out;
     }

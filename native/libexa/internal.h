@@ -16,4 +16,12 @@ int exa__valid_name(const char *s);
  */
 int exa__send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 
+/*
+ * Test hook (native/test/exa_workload.c only): send one request of `type` on the context's agent
+ * socket, as libexa does, bypassing libexa's own checks, so tests can play a hostile job. Returns
+ * the agent's status (0 or -errno; exa_last_error() holds its text).
+ */
+struct exa_ctx;
+int exa__test_request(struct exa_ctx *ctx, unsigned type, const void *payload, unsigned len, const int *fds, int nfds);
+
 #endif

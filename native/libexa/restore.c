@@ -18,12 +18,14 @@ struct staged_region {
   char name[NAME_CAP];
   uint64_t size;
   uint64_t addr;
+  int fd; /* the agent's fd number of the staged memfd */
   int taken;
 };
 
 struct exa_restore {
   char dir[4096];
   uint64_t checkpoint;
+  long agent_pid; /* the process holding the staged memfds */
   size_t n;
   struct staged_region *regions;
 };
@@ -60,17 +62,21 @@ int exa_restore_open(const char *dir, const char *job, struct exa_restore **out)
     if (len == 0 || line[len - 1] != '\n') { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d is too long or unterminated", path, lineno); break; }
     line[len - 1] = '\0';
     char a[NAME_CAP + 8], b[NAME_CAP + 8];
-    unsigned long long size, addr, flags;
+    unsigned long long size, addr, flags, fdn;
+    long pid;
     if (lineno == 1) {
-      if (strcmp(line, "exa-restore 1") != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s is not an exa restore table (version 1)", path); break; }
+      if (strcmp(line, "exa-restore 2") != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s is not an exa restore table (version 2)", path); break; }
+    } else if (sscanf(line, "memfds %ld", &pid) == 1) {
+      if (pid <= 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d: bad agent pid", path, lineno); break; }
+      r->agent_pid = pid;
     } else if (sscanf(line, "job %70s", a) == 1) {
       if (strcmp(a, job) != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: the staged image is of job %s, not %s", a, job); break; }
       have_job = 1;
     } else if (sscanf(line, "checkpoint %llu", &size) == 1) {
       r->checkpoint = size;
-    } else if (sscanf(line, "region %70s %llu %70s %llu", a, &size, b, &flags) == 4) {
+    } else if (sscanf(line, "region %70s %llu %70s %llu %llu", a, &size, b, &flags, &fdn) == 5) {
       addr = strtoull(b, NULL, 0);
-      if (!name_ok(a) || size == 0 || size % 4096 != 0) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d: bad region entry", path, lineno); break; }
+      if (!name_ok(a) || size == 0 || size % 4096 != 0 || fdn > 1u << 30) { rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d: bad region entry", path, lineno); break; }
       if (r->n >= RESTORE_MAX_REGIONS) { rc = exa_fail(-E2BIG, "EXA_RESTORE: more than %d regions", RESTORE_MAX_REGIONS); break; }
       struct staged_region *nr = realloc(r->regions, (r->n + 1) * sizeof *nr);
       if (!nr) { rc = exa_fail(-ENOMEM, "EXA_RESTORE: out of memory"); break; }
@@ -79,6 +85,7 @@ int exa_restore_open(const char *dir, const char *job, struct exa_restore **out)
       snprintf(nr[r->n].name, NAME_CAP, "%s", a);
       nr[r->n].size = size;
       nr[r->n].addr = addr;
+      nr[r->n].fd = (int)fdn;
       r->n++;
     } else {
       rc = exa_fail(-EINVAL, "EXA_RESTORE: %s line %d is not understood: %.80s", path, lineno, line);
@@ -87,6 +94,7 @@ int exa_restore_open(const char *dir, const char *job, struct exa_restore **out)
   }
   fclose(f);
   if (rc == 0 && !have_job) rc = exa_fail(-EINVAL, "EXA_RESTORE: %s names no job", path);
+  if (rc == 0 && r->n > 0 && !r->agent_pid) rc = exa_fail(-EINVAL, "EXA_RESTORE: %s names no agent process holding the regions", path);
   if (rc < 0) {
     free(r->regions);
     free(r);
@@ -106,21 +114,22 @@ int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *
     if (g->size != size)
       return exa_fail(-EINVAL, "EXA_RESTORE: region \"%s\" is %" PRIu64 " bytes in checkpoint %" PRIu64 ", the job asks for %zu",
                       name, g->size, r->checkpoint, size);
-    char path[4200];
-    snprintf(path, sizeof path, "%s/%s.region", r->dir, name);
-    int f = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    /* The agent stages each region in a memfd sealed against shrinking and keeps it open until the
+     * job took it; opening it through /proc gives this process the same memfd, seals included. */
+    char path[128];
+    snprintf(path, sizeof path, "/proc/%ld/fd/%d", r->agent_pid, g->fd);
+    int f = open(path, O_RDWR | O_CLOEXEC);
     if (f < 0) {
       int e = errno;
-      return exa_fail(e == ENOENT ? -EIO : -e, "EXA_RESTORE: region \"%s\" of checkpoint %" PRIu64 ": cannot open %s: %s", name,
-                      r->checkpoint, path, strerror(e));
+      return exa_fail(e == ENOENT ? -EIO : -e, "EXA_RESTORE: region \"%s\" of checkpoint %" PRIu64 ": cannot open the agent's staged memfd %s: %s",
+                      name, r->checkpoint, path, strerror(e));
     }
     struct stat st;
-    if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != g->size) {
+    int seals = fcntl(f, F_GET_SEALS);
+    if (fstat(f, &st) != 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != g->size || seals < 0 || !(seals & F_SEAL_SHRINK)) {
       close(f);
-      return exa_fail(-EINVAL, "EXA_RESTORE: %s is not a %" PRIu64 "-byte regular file", path, g->size);
+      return exa_fail(-EINVAL, "EXA_RESTORE: %s is not a sealed %" PRIu64 "-byte memfd", path, g->size);
     }
-    /* Anonymous from now on, like a memfd: nobody else can open it, and it goes when the job does. */
-    unlink(path);
     g->taken = 1;
     *fd = f;
     *addr = g->addr;
@@ -136,12 +145,7 @@ uint64_t exa_restore_checkpoint(const struct exa_restore *r) { return r ? r->che
 
 void exa_restore_close(struct exa_restore *r) {
   if (!r) return;
-  for (size_t i = 0; i < r->n; i++) {
-    if (r->regions[i].taken) continue;
-    char path[4200];
-    snprintf(path, sizeof path, "%s/%s.region", r->dir, r->regions[i].name);
-    unlink(path);
-  }
+  /* Regions nobody took stay with the agent, which closes its memfds when the job ends. */
   rmdir(r->dir);
   free(r->regions);
   free(r);

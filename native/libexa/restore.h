@@ -1,12 +1,12 @@
 /*
  * restore.h: libexa's side of EXA_RESTORE (internal to libexa).
  *
- * An agent relaunching a job from a checkpoint stages the image as one tmpfs
- * file per region in a directory and sets EXA_RESTORE to it (layout in
- * src/hostagent/staging.ts). exa_region_alloc() of a name in the image adopts
- * that file as the region's backing instead of a fresh memfd: tmpfs is shmem,
- * so write-protection works on it as on a memfd, and nothing is copied. The
- * file is unlinked once opened, so the region is anonymous like a memfd.
+ * An agent relaunching a job from a checkpoint stages the image as one memfd
+ * per region, sealed against shrinking and held open by the agent, and sets
+ * EXA_RESTORE to a directory whose restore.tab names the agent's pid and each
+ * region's fd (layout in src/hostagent/staging.ts). exa_region_alloc() of a
+ * name in the image opens that memfd through /proc/<pid>/fd/<n> and adopts it
+ * as the region's backing instead of a fresh memfd: nothing is copied.
  */
 #ifndef EXA_RESTORE_H
 #define EXA_RESTORE_H
@@ -20,20 +20,20 @@ struct exa_restore;
 int exa_restore_open(const char *dir, const char *job, struct exa_restore **out);
 
 /*
- * Take region `name` out of the image: 0 and an O_RDWR fd of its file (the
+ * Take region `name` out of the image: 0 and an O_RDWR fd of its memfd (the
  * caller owns it) plus its recorded address; 1 when the image has no such
  * region (the caller makes a fresh one); -EINVAL when its size differs from
- * `size`; another -errno when the staged file cannot be had (never a fresh
- * region in its place: that would resume the job on zeros). A region can be
- * taken once; the staged file is unlinked when taken, and the staging
- * directory removed once every region was taken.
+ * `size` or it is not a sealed memfd; another -errno when the staged memfd
+ * cannot be had (never a fresh region in its place: that would resume the
+ * job on zeros). A region can be taken once; the staging directory is
+ * removed once every region was taken.
  */
 int exa_restore_take(struct exa_restore *r, const char *name, size_t size, int *fd, uint64_t *addr);
 
 /* Checkpoint number of the image. */
 uint64_t exa_restore_checkpoint(const struct exa_restore *r);
 
-/* Unlink region files nobody took, remove the staging directory, free. */
+/* Remove the staging directory, free (the agent closes memfds nobody took). */
 void exa_restore_close(struct exa_restore *r);
 
 /* Shared with exa.c: set exa_last_error() and return err. */

@@ -24,6 +24,9 @@
  *   stopwriters                   "ok TOTAL_WRITES"
  *   calib                         "ok NS_PER_1000_SPINS"
  *   work NAME WRITES SPIN         WRITES x (write a random page, SPIN spins): "ok ELAPSED_US"
+ *   unsealed NAME PAGES           play a hostile job: register a region whose memfd is NOT sealed
+ *                                 against shrinking (bypassing libexa); prints the agent's answer
+ *   shrink NAME                   try to shrink the region's memfd (through /proc/self/map_files)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,6 +45,8 @@
 
 #include "exa.h"
 #include "exa_wire.h"
+#include "../libexa/internal.h"
+#include <fcntl.h>
 
 #define PG 4096
 
@@ -72,6 +77,7 @@ static const char *ename(int e) {
     case EPROTO: return "EPROTO";
     case EFAULT: return "EFAULT";
     case ECANCELED: return "ECANCELED";
+    case EPERM: return "EPERM";
     default: return "EIO";
   }
 }
@@ -239,6 +245,39 @@ int main(int argc, char **argv) {
       int r = exa_region_alloc(ctx, a, (size_t)strtoull(b, NULL, 0) * PG, 0, &g);
       if (r < 0) fail(r);
       else say("ok %p", exa_region_addr(g));
+    } else if (!strcmp(cmd, "unsealed")) {
+      size_t bytes = (size_t)strtoull(b, NULL, 0) * PG;
+      int mfd = memfd_create(a, MFD_CLOEXEC);
+      void *addr = mfd < 0 || ftruncate(mfd, (off_t)bytes) != 0 ? MAP_FAILED : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+      if (addr == MAP_FAILED) {
+        fail(-errno);
+        if (mfd >= 0) close(mfd);
+        continue;
+      }
+      struct exa_msg_region_add m;
+      memset(&m, 0, sizeof m);
+      snprintf(m.name, sizeof m.name, "%s", a);
+      m.size = bytes;
+      m.addr = (uint64_t)(uintptr_t)addr;
+      int r = exa__test_request((struct exa_ctx *)ctx, EXA_MSG_REGION_ADD, &m, sizeof m, &mfd, 1);
+      close(mfd);
+      if (r < 0) fail(r);
+      else say("ok accepted");
+    } else if (!strcmp(cmd, "shrink")) {
+      exa_region *g = region_or_fail(a);
+      if (!g) continue;
+      char path[128];
+      uintptr_t s0 = (uintptr_t)exa_region_addr(g);
+      snprintf(path, sizeof path, "/proc/self/map_files/%lx-%lx", (unsigned long)s0, (unsigned long)(s0 + exa_region_size(g)));
+      int fd = open(path, O_RDWR | O_CLOEXEC);
+      if (fd < 0) {
+        fail(-errno);
+        continue;
+      }
+      int r = ftruncate(fd, 0) == 0 ? 0 : -errno;
+      close(fd);
+      if (r < 0) say("err %s ftruncate: %s", ename(r), strerror(-r));
+      else say("ok shrunk");
     } else if (!strcmp(cmd, "allocbytes")) {
       exa_region *g;
       int r = exa_region_alloc(ctx, a, (size_t)strtoull(b, NULL, 0), 0, &g);

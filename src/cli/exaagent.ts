@@ -10,7 +10,7 @@
 import { Command } from 'commander';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { HostAgent } from '../hostagent/daemon.js';
+import { HostAgent, splitHostPort } from '../hostagent/daemon.js';
 import { NativeCheckpointer } from '../hostagent/native-port.js';
 import { DEFAULT_STORE, intArg, runCli } from './common.js';
 
@@ -27,16 +27,23 @@ export function buildProgram(): Command {
     .option('--allow-uid <uid...>', 'uids allowed to attach besides this user and root', (v, prev: number[] = []) => [...prev, intArg('--allow-uid')(v)])
     .option('--heartbeat-ms <ms>', 'heartbeat period', intArg('--heartbeat-ms', 100), 1000)
     .option('--token <token>', 'bearer token for the store and for callers (default $EXA_TOKEN)')
-    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string }) => {
+    .option('--dma-listen <host:port>', 'TCP address of the DMA data path between agents (RDMA remoting; default: the --listen host, any port)')
+    .option('--no-dma', 'run without a DMA backend (jobs cannot use exa_dma_*)')
+    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dma: boolean }) => {
       const stateDir = o.stateDir ?? join(tmpdir(), `exa-agent-${o.host}`);
       const token = o.token ?? process.env.EXA_TOKEN;
-      const ckpt = new NativeCheckpointer({ socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}) });
+      const dmaListen = o.dma ? o.dmaListen ?? `${splitHostPort(o.listen)[0]}:0` : false;
+      if (typeof dmaListen === 'string') splitHostPort(dmaListen);
+      const ckpt = new NativeCheckpointer({
+        socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}),
+        dmaListen, ...(token ? { dmaToken: token } : {}),
+      });
       const agent = new HostAgent({
         hostId: o.host, storeAddress: o.store, listen: o.listen, stateDir, stagingRoot: o.staging,
         heartbeatMs: o.heartbeatMs, ...(o.advertise ? { advertise: o.advertise } : {}), ...(token ? { token } : {}),
       }, ckpt);
       await agent.start();
-      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}\n`);
+      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${ckpt.dma.address}` : ''}\n`);
       await new Promise<void>((resolve) => {
         const stop = (): void => { void agent.close().then(resolve, resolve); };
         process.once('SIGINT', stop);

@@ -43,8 +43,8 @@ export class CoordinatorClient {
   private md() { return callMetadata(this.opts); }
   private deadline(ms = 10_000) { return { deadline: Date.now() + ms }; }
 
-  register(hostId: string, agentAddress: string, jobs: RunningJob[]): Promise<{ heartbeat_ms: number }> {
-    return callUnary(`register host ${hostId} at ${this.address}`, (cb) => this.c.RegisterHost({ host_id: hostId, agent_address: agentAddress, jobs }, this.md(), this.deadline(), cb));
+  register(hostId: string, agentAddress: string, jobs: RunningJob[], dmaAddress = ''): Promise<{ heartbeat_ms: number }> {
+    return callUnary(`register host ${hostId} at ${this.address}`, (cb) => this.c.RegisterHost({ host_id: hostId, agent_address: agentAddress, jobs, dma_address: dmaAddress }, this.md(), this.deadline(), cb));
   }
 
   async heartbeat(hostId: string, jobs: RunningJob[]): Promise<boolean> {

@@ -19,6 +19,8 @@ export type HostState = 'UP' | 'DOWN';
 export interface HostInfo {
   hostId: string;
   address: string;
+  /** The agent's DMA data address (RDMA remoting), '' when it has none. */
+  dmaAddress: string;
   state: HostState;
   lastSeenMs: number;
   registeredAtMs: number;
@@ -67,14 +69,17 @@ export class Registry {
   get heartbeatMs(): number { return this.opts.heartbeatMs; }
 
   /** Register (or re-register) an agent with the jobs it currently runs. */
-  register(hostId: string, address: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): HostInfo {
+  register(hostId: string, address: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>, dmaAddress = ''): HostInfo {
     checkId('host', hostId);
     if (typeof address !== 'string' || address.length === 0 || address.length > 255) {
       throw new ExaError('INVALID_ARGUMENT', `agent address for host ${hostId} is missing or too long`);
     }
+    if (typeof dmaAddress !== 'string' || dmaAddress.length > 255 || (dmaAddress !== '' && !/^\[?[^\s\]]+\]?:\d{1,5}$/.test(dmaAddress))) {
+      throw new ExaError('INVALID_ARGUMENT', `DMA address ${JSON.stringify(dmaAddress)} of host ${hostId} is not HOST:PORT`);
+    }
     const t = this.now();
     const prev = this.hosts.get(hostId);
-    const info: HostInfo = { hostId, address, state: 'UP', lastSeenMs: t, registeredAtMs: prev?.registeredAtMs ?? t, jobs: [] };
+    const info: HostInfo = { hostId, address, dmaAddress, state: 'UP', lastSeenMs: t, registeredAtMs: prev?.registeredAtMs ?? t, jobs: [] };
     this.hosts.set(hostId, info);
     this.syncJobs(hostId, running);
     return this.describeHost(hostId);

@@ -100,16 +100,18 @@ export class Coordinator {
   private placementMsg(p: JobPlacement): JobPlacementMsg {
     let hostState = 'DOWN';
     let address = '';
+    let dmaAddress = '';
     try {
       const h = this.registry.describeHost(p.host);
       hostState = h.state;
       address = h.address;
+      dmaAddress = h.dmaAddress;
     } catch {
       // host unknown since a coordinator restart: reported as DOWN
     }
     return {
       job: p.job, host_id: p.host, state: p.state, epoch: String(p.epoch), pid: p.pid,
-      last_checkpoint: p.lastCheckpoint, host_state: hostState, agent_address: address,
+      last_checkpoint: p.lastCheckpoint, host_state: hostState, agent_address: address, dma_address: dmaAddress,
     };
   }
 
@@ -122,7 +124,7 @@ export class Coordinator {
     };
     return {
       RegisterHost: unary(auth, async (req) => {
-        r.register(req.host_id, req.agent_address, req.jobs.map((j) => ({ job: j.job, pid: j.pid, lastCheckpoint: j.last_checkpoint })));
+        r.register(req.host_id, req.agent_address, req.jobs.map((j) => ({ job: j.job, pid: j.pid, lastCheckpoint: j.last_checkpoint })), req.dma_address);
         return { heartbeat_ms: r.heartbeatMs };
       }),
       Heartbeat: unary(auth, async (req) => ({
@@ -130,7 +132,7 @@ export class Coordinator {
       })),
       ListHosts: unary(auth, async () => ({
         hosts: r.listHosts().map((h) => ({
-          host_id: h.hostId, agent_address: h.address, state: h.state,
+          host_id: h.hostId, agent_address: h.address, dma_address: h.dmaAddress, state: h.state,
           last_seen_ms_ago: String(Math.max(0, Date.now() - h.lastSeenMs)), jobs: h.jobs,
         })),
       })),

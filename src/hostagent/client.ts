@@ -6,6 +6,7 @@ import type { AgentClient as GenClient } from '../gen/exa/v1/Agent.js';
 import type { AgentJob__Output } from '../gen/exa/v1/AgentJob.js';
 import type { AgentProgress__Output } from '../gen/exa/v1/AgentProgress.js';
 import type { CheckpointStats__Output } from '../gen/exa/v1/CheckpointStats.js';
+import type { DmaGrant } from './port.js';
 import { specToMsg, type JobSpecRecord } from '../coordinator/service.js';
 import type { ProgressEvent } from '../cli/common.js';
 
@@ -55,10 +56,16 @@ export class AgentClient {
     return Number(r.progress?.done ?? 0);
   }
 
-  async restore(job: string, checkpoint: number, spec: JobSpecRecord, epoch: string, onProgress?: (p: ProgressEvent) => void): Promise<AgentJobInfo> {
-    const r = await this.stream(`restore job ${job} on agent ${this.address}`, this.c.Restore({ job, checkpoint, spec: specToMsg(spec), epoch }, this.md()), onProgress);
+  /** `dmaGrants`: the job's DMA grants from the source's final checkpoint, re-installed here. */
+  async restore(job: string, checkpoint: number, spec: JobSpecRecord, epoch: string, onProgress?: (p: ProgressEvent) => void, dmaGrants: DmaGrant[] = []): Promise<AgentJobInfo> {
+    const r = await this.stream(`restore job ${job} on agent ${this.address}`, this.c.Restore({ job, checkpoint, spec: specToMsg(spec), epoch, dma_grants: dmaGrants }, this.md()), onProgress);
     if (!r.job) throw fromGrpcError({ code: 13, details: 'the agent ended the restore call without a result' }, `restore job ${job}`);
     return r.job;
+  }
+
+  /** Migration source: the job now runs on `toHost`; its DMA transfers go to `dmaAddress`. */
+  async jobMoved(job: string, toHost: string, dmaAddress: string): Promise<void> {
+    await callUnary(`tell agent ${this.address} that job ${job} moved to ${toHost}`, (cb) => this.c.JobMoved({ job, to_host: toHost, dma_address: dmaAddress }, this.md(), cb));
   }
 
   /** Drain a server stream of AgentProgress; returns the last message. */

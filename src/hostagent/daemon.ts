@@ -8,6 +8,10 @@
  *    running: the agent records the gap and retries with exponential backoff,
  *    and the first checkpoint after a failed upload is a full one (the native
  *    dirty set of the failed one is gone; dedup makes the full one cheap).
+ *  - routes DMA transfers (RDMA remoting) of its jobs to the hosts of their
+ *    peers, from the coordinator's placements, and carries a job's DMA
+ *    sessions through a migration (fence, grants, expect, moved: see
+ *    DmaControlPort in port.ts).
  */
 import { basename, join } from 'node:path';
 import { mkdirSync } from 'node:fs';
@@ -23,7 +27,7 @@ import { specFromMsg, type JobSpecRecord } from '../coordinator/service.js';
 import { checkId } from '../coordinator/registry.js';
 import { checkCwd, checkSpec, launch, resolveCommand, tailLog, type RunningProcess } from './runner.js';
 import { advanceImage, discardStaged, stageImage, type StagedImage } from './staging.js';
-import type { CheckpointerPort, CheckpointRun, NativeCkptStats } from './port.js';
+import type { CheckpointerPort, CheckpointRun, DmaGrant, NativeCkptStats } from './port.js';
 
 export type JobState = 'STARTING' | 'RUNNING' | 'STOPPED' | 'FINISHED' | 'FAILED';
 
@@ -67,7 +71,12 @@ export interface CheckpointResult {
   summary: CheckpointSummary;
   stats: NativeCkptStats;
   totalMs: number;
+  /** Final checkpoint of a migration: the job's DMA grants at the fence. */
+  dmaGrants?: DmaGrant[];
 }
+
+/** How long transfers aimed at a restored job wait for it to register its buffers. */
+const DMA_EXPECT_MS = 60_000;
 
 const MAX_BACKOFF_MS = 30_000;
 
@@ -104,6 +113,27 @@ export class HostAgent {
         await p;
       },
     );
+    ckpt.dma?.onRouteMiss((job) => void this.resolveRoute(job));
+  }
+
+  /**
+   * The DMA backend needs to know where a peer job's buffers are: the DMA
+   * address of the host the coordinator places it on. Unknown job, host down
+   * or coordinator unreachable: no route (the transfer fails with a reason).
+   */
+  private async resolveRoute(job: string): Promise<void> {
+    const dma = this.ckpt.dma;
+    if (!dma) return;
+    try {
+      const p = await this.coord!.getPlacement(job);
+      const usable = p.dma_address && p.host_state === 'UP' && p.host_id !== this.opts.hostId
+        && (p.state === 'RUNNING' || p.state === 'MIGRATING');
+      dma.setRoute(job, usable ? p.dma_address : null);
+    } catch (e) {
+      const err = toExaError(e);
+      if (err.code !== 'NOT_FOUND') this.log(`no DMA route for job ${job}: ${err.message}`);
+      dma.setRoute(job, null);
+    }
   }
 
   /** Bind the gRPC service, connect to store and coordinator (lazily: they may be down), start heartbeats. */
@@ -157,7 +187,7 @@ export class HostAgent {
     if (!this.coord) return;
     try {
       const known = await this.coord.heartbeat(this.opts.hostId, this.running());
-      if (!known) await this.coord.register(this.opts.hostId, this.address, this.running());
+      if (!known) await this.coord.register(this.opts.hostId, this.address, this.running(), this.ckpt.dma?.address ?? '');
       if (this.coordDownSince) this.log(`coordinator at ${this.opts.storeAddress} reachable again`);
       this.coordDownSince = 0;
     } catch (e) {
@@ -402,21 +432,46 @@ export class HostAgent {
     await Promise.race([gone, new Promise((r) => setTimeout(r, 3000))]);
   }
 
-  /** Migration source: final checkpoint with the job left stopped; the process is ended after commit. */
+  /**
+   * Migration source: final checkpoint with the job left stopped; the process
+   * is ended after commit. DMA transfers aimed at the job are fenced first:
+   * none is applied after the image instant (they are held, and complete on
+   * the target once it runs the job); its grants travel with the result.
+   */
   async finalCheckpoint(job: string, onProgress?: (done: number) => void, full = false): Promise<CheckpointResult> {
     const rec = this.rec(job);
     rec.leaving = true;
+    const dma = this.ckpt.dma;
+    let fenced = false;
     try {
+      const dmaGrants = dma ? await dma.fence(job) : [];
+      fenced = dma !== null;
       const r = await this.checkpoint(job, { leaveStopped: true, full, ...(onProgress ? { onProgress } : {}) });
       await this.kill(rec);
       rec.state = 'STOPPED';
-      return r;
+      return { ...r, dmaGrants };
     } catch (e) {
       rec.leaving = false;
+      if (fenced) dma!.unfence(job);
       // The job must not stay stopped when the final checkpoint failed.
       if (rec.proc) try { process.kill(rec.proc.pid, 'SIGCONT'); } catch { /* gone */ }
       throw e;
     }
+  }
+
+  /** Migration source, after the target runs the job: its DMA transfers go there. */
+  jobMoved(job: string, toHost: string, dmaAddress: string): void {
+    checkId('job', job);
+    checkId('host', toHost);
+    const rec = this.jobs.get(job);
+    if (rec && (rec.state === 'RUNNING' || rec.state === 'STARTING')) {
+      throw new ExaError('FAILED_PRECONDITION', `job ${job} still runs on host ${this.opts.hostId}; it cannot have moved to ${toHost}`);
+    }
+    if (this.ckpt.dma && dmaAddress) {
+      splitHostPort(dmaAddress);
+      this.ckpt.dma.moved(job, dmaAddress);
+    }
+    this.log(`job ${job} moved to host ${toHost}`);
   }
 
   /**
@@ -448,8 +503,13 @@ export class HostAgent {
     return staged;
   }
 
-  /** Restore a job from checkpoint N (0 = latest) and relaunch it here with EXA_RESTORE. */
-  async restore(job: string, checkpoint: number, spec: JobSpecRecord, onProgress?: (d: number, t: number) => void): Promise<JobRec> {
+  /**
+   * Restore a job from checkpoint N (0 = latest) and relaunch it here with
+   * EXA_RESTORE. DMA transfers aimed at the job wait for it to register its
+   * buffers here (instead of failing), and `dmaGrants` (from the source's
+   * fence) are re-installed as it does.
+   */
+  async restore(job: string, checkpoint: number, spec: JobSpecRecord, onProgress?: (d: number, t: number) => void, dmaGrants: DmaGrant[] = []): Promise<JobRec> {
     checkId('job', job);
     const existing = this.jobs.get(job);
     if (existing && (existing.state === 'RUNNING' || existing.state === 'STARTING')) {
@@ -464,6 +524,10 @@ export class HostAgent {
       // Brings a pre-staged image forward by the final increment, or stages it whole.
       staged = await this.prestage(job, checkpoint, onProgress);
       this.staged.delete(job);
+      if (this.ckpt.dma) {
+        this.ckpt.dma.expect(job, dmaGrants, DMA_EXPECT_MS);
+        this.ckpt.dma.unfence(job); // a rolled-back migration restarts the job on its source
+      }
       const rec = await this.runJob(spec, { staged });
       rec.lastCommitted = staged.checkpoint;
       // libexa takes (and unlinks) each staged file as the job allocates its
@@ -525,8 +589,13 @@ export class HostAgent {
       }),
       Restore: serverStream(auth, async (req, emit) => {
         if (!req.spec) throw new ExaError('INVALID_ARGUMENT', 'Restore needs the job spec');
-        const rec = await this.restore(req.job, req.checkpoint, specFromMsg({ ...req.spec, job: req.job }));
+        const grants = req.dma_grants.map((g) => checkGrant(g));
+        const rec = await this.restore(req.job, req.checkpoint, specFromMsg({ ...req.spec, job: req.job }), undefined, grants);
         await emit({ job: this.describe(rec) });
+      }),
+      JobMoved: unary(auth, async (req) => {
+        this.jobMoved(req.job, req.to_host, req.dma_address);
+        return {};
       }),
     };
   }
@@ -544,7 +613,20 @@ function statsMsg(r: CheckpointResult) {
     pages_saved: String(r.stats.pagesSaved), zero_pages: String(r.stats.zeroPages),
     bytes_sent: String(r.summary.newPages * 4096), total_ms: r.totalMs,
     shadow_copies: String(r.stats.shadowCopies), shadow_peak_bytes: String(r.stats.shadowPeakBytes),
+    dma_grants: r.dmaGrants ?? [],
   };
+}
+
+/** A grant from the wire: names checked, perms 1..3. */
+function checkGrant(g: { buffer: string; peer: string; perms: number }): DmaGrant {
+  checkId('job', g.peer);
+  if (typeof g.buffer !== 'string' || g.buffer.length === 0 || g.buffer.length > 63 || /[\0/]/.test(g.buffer)) {
+    throw new ExaError('INVALID_ARGUMENT', `DMA grant buffer name ${JSON.stringify(g.buffer)} is not valid`);
+  }
+  if (!Number.isInteger(g.perms) || g.perms < 1 || g.perms > 3) {
+    throw new ExaError('INVALID_ARGUMENT', `DMA grant of ${g.buffer} to ${g.peer}: perms ${g.perms} is not 1 (read), 2 (write) or 3 (both)`);
+  }
+  return { buffer: g.buffer, peer: g.peer, perms: g.perms };
 }
 
 async function* countPages(src: AsyncIterable<PageBatch>, add: (n: number) => void): AsyncGenerator<PageBatch> {

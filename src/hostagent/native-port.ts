@@ -6,12 +6,17 @@
 import { LocalAgent, type Checkpoint, type PageBatch as NativeBatch } from '../agent/local-agent.js';
 import type { PageBatch } from '../store/client.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
-import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, NativeCkptStats } from './port.js';
+import * as native from '../native.js';
+import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, DmaControlPort, DmaGrant, NativeCkptStats } from './port.js';
 
 export interface NativePortOptions {
   socketPath: string;
   allowUids?: number[];
   shadowBudgetBytes?: number;
+  /** The DMA backend's TCP data address (host:port, port 0 = ephemeral); false = no DMA backend. */
+  dmaListen?: string | false;
+  /** Shared secret agents present to each other on the DMA data path. */
+  dmaToken?: string;
 }
 
 export class NativeCheckpointer implements CheckpointerPort {
@@ -20,9 +25,18 @@ export class NativeCheckpointer implements CheckpointerPort {
   private appConsumer: ((job: string, run: CheckpointRun) => Promise<void>) | null = null;
   /** `full` as decided for each job's pending app-initiated checkpoint. */
   private readonly appFull = new Map<string, boolean>();
+  private routeMiss: (job: string) => void = () => undefined;
+  readonly dma: DmaControlPort | null;
 
   constructor(opts: NativePortOptions) {
     this.agent = LocalAgent.listen({
+      ...(opts.dmaListen === false ? { dmaSocketPath: false as const } : {
+        dma: {
+          listen: opts.dmaListen ?? '127.0.0.1:0',
+          ...(opts.dmaToken ? { token: opts.dmaToken } : {}),
+          onRouteMiss: (job: string) => this.routeMiss(job),
+        },
+      }),
       socketPath: opts.socketPath,
       ...(opts.allowUids ? { allowUids: opts.allowUids } : {}),
       ...(opts.shadowBudgetBytes ? { shadowBudgetBytes: opts.shadowBudgetBytes } : {}),
@@ -39,6 +53,19 @@ export class NativeCheckpointer implements CheckpointerPort {
         await this.appConsumer(c.job, this.toRun(c, this.addresses(c.job), this.appFull.get(c.job) ?? true));
       },
     });
+    this.dma = this.agent.dmaBackend ? this.dmaPort(this.agent.dmaBackend, this.agent.dmaAddress ?? '') : null;
+  }
+
+  private dmaPort(h: native.DmaBackendHandle, address: string): DmaControlPort {
+    return {
+      address,
+      setRoute: (job, addr) => native.dmaSetRoute(h, job, addr),
+      onRouteMiss: (fn) => { this.routeMiss = fn; },
+      fence: async (job) => (await native.dmaFence(h, job)).grants.map((g): DmaGrant => ({ buffer: g.buffer, peer: g.peer, perms: g.perms })),
+      unfence: (job) => native.dmaUnfence(h, job),
+      moved: (job, addr) => native.dmaMoved(h, job, addr),
+      expect: (job, grants, timeoutMs) => native.dmaExpect(h, job, grants, timeoutMs),
+    };
   }
 
   serveAppCheckpoints(options: (job: string) => CheckpointOptions, consume: (job: string, run: CheckpointRun) => Promise<void>): void {

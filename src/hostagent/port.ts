@@ -52,5 +52,39 @@ export interface CheckpointerPort {
    * hands each run here to be drained; a rejection fails the job's call.
    */
   serveAppCheckpoints(options: (job: string) => CheckpointOptions, consume: (job: string, run: CheckpointRun) => Promise<void>): void;
+  /** The DMA backend's control side, or null when this agent has no DMA backend. */
+  readonly dma: DmaControlPort | null;
   close(): Promise<void>;
+}
+
+/** A DMA grant of a job's buffer to a peer job (perms: 1 read, 2 write, 3 both). */
+export interface DmaGrant {
+  buffer: string;
+  peer: string;
+  perms: number;
+}
+
+/**
+ * What the host agent needs from the local DMA backend (RDMA API remoting)
+ * to keep DMA sessions working across hosts and migrations. The backend owns
+ * the data path; the agent owns routing (from the coordinator) and the
+ * migration steps:
+ *   source: fence(job) before the final checkpoint (transfers to the job are
+ *           held, none is applied after the image instant), moved(job, addr)
+ *           once the target runs it (held transfers go there), unfence(job)
+ *           when the migration is rolled back;
+ *   target: expect(job, grants) before relaunching it (transfers wait for its
+ *           buffers instead of failing; its grants are re-installed).
+ */
+export interface DmaControlPort {
+  /** host:port of this agent's DMA data path. */
+  readonly address: string;
+  /** Where a job's buffers are reached when it is not local (null: unknown). */
+  setRoute(job: string, address: string | null): void;
+  /** The backend needs a route it lacks; answer with setRoute(). */
+  onRouteMiss(fn: (job: string) => void): void;
+  fence(job: string): Promise<DmaGrant[]>;
+  unfence(job: string): void;
+  moved(job: string, address: string): void;
+  expect(job: string, grants: DmaGrant[], timeoutMs: number): void;
 }

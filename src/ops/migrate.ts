@@ -9,6 +9,12 @@
  *      (downtime starts at that pause).
  *   4. B advances its staged image by the final increment only, relaunches
  *      the job with EXA_RESTORE, and FinishMove records B.
+ *   5. A is told the job moved: DMA transfers aimed at it go to B.
+ * DMA sessions (RDMA remoting) follow the job: A fences transfers to the job
+ * before the final checkpoint (none is applied after the image instant; peers
+ * are held, not failed), the job's grants travel to B, which re-installs them
+ * and holds transfers until the job registered its buffers; then the held
+ * transfers complete on B, in order, each exactly once.
  * If anything fails before B runs the job, A resumes it (or it is restarted
  * from the final checkpoint on A) and AbortMove restores the placement: the
  * job is never running on two hosts, and never silently lost.
@@ -21,6 +27,7 @@ import type { ProgressEvent } from '../cli/common.js';
 import type { ClientOptions } from '../grpc.js';
 import type { StoreClient } from '../store/client.js';
 import type { JobSpecRecord } from '../coordinator/service.js';
+import type { DmaGrant } from '../hostagent/port.js';
 
 export interface MigrateOptions extends ClientOptions {
   job: string;
@@ -98,18 +105,24 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       let stopped = false;
       let finalCkpt = 0;
       let tStop = 0;
+      let grants: DmaGrant[] = [];
       try {
         // Pre-copy: stage the newest committed image on the target while the job runs.
         if (!o.at && !o.stopAndCopy) await precopy(sourceAgent, targetAgent, o, placement.host_id, step);
         step(`final checkpoint of ${o.job} on ${placement.host_id} (job stopped)`);
         tStop = performance.now();
         const fin = await sourceAgent.checkpoint(o.job, true, o.onProgress, o.stopAndCopy ?? false);
+        grants = fin.dma_grants.map((g) => ({ buffer: g.buffer, peer: g.peer, perms: g.perms }));
         stopped = true;
         finalCkpt = o.at || fin.checkpoint;
         step(`checkpoint ${fin.checkpoint} committed (${Number(fin.pages_saved)} pages, pause ${fin.pause_ms.toFixed(1)} ms); restoring on ${o.to}`);
-        const job = await targetAgent.restore(o.job, finalCkpt, spec, moving.epoch, o.onProgress);
+        const job = await targetAgent.restore(o.job, finalCkpt, spec, moving.epoch, o.onProgress, grants);
         const downtimeMs = performance.now() - tStop;
         await coord.finishMove(o.job, moving.epoch, o.to, job.pid);
+        await sourceAgent.jobMoved(o.job, o.to, target.dma_address).catch((e: unknown) => {
+          // Peers still find the job through the coordinator's new placement.
+          step(`could not tell ${placement.host_id} that ${o.job} moved: ${toExaError(e).message}`);
+        });
         step(`${o.job} runs on ${o.to} (pid ${job.pid}); downtime ${downtimeMs.toFixed(0)} ms`);
         return { job: o.job, from: placement.host_id, to: o.to, checkpoint: finalCkpt, live: true, downtimeMs, totalMs: performance.now() - t0, pid: job.pid };
       } catch (e) {
@@ -117,7 +130,7 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
         step(`migration failed: ${err.message}; keeping ${o.job} on ${placement.host_id}`);
         if (stopped) {
           // The source process is gone: bring the job back on the source from the final checkpoint.
-          await sourceAgent.restore(o.job, finalCkpt, spec, moving.epoch).catch((e2: unknown) => {
+          await sourceAgent.restore(o.job, finalCkpt, spec, moving.epoch, undefined, grants).catch((e2: unknown) => {
             step(`could not restart ${o.job} on ${placement.host_id}: ${toExaError(e2).message}`);
           });
         }

@@ -10,22 +10,14 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { isExaError } from '../../src/errors.js';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import { Workload } from '../../src/workload/index.js';
-import { WORKLOAD_BIN, WorkloadProc, drain, killAll, openDir, pattern, removeTempDirs, startAgent, tempDir, until } from './helpers.js';
+import { WORKLOAD_BIN, WorkloadProc, cleanup, drain, openDir, pattern, startAgent, tempDir, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe('bad input', () => {
   it('region sizes: zero, beyond the limit, beyond host memory; duplicate names; then the job still works', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'sizes');
     await w.ok('attach');
     expect(await w.cmd('allocbytes r 0')).toMatch(/^err EINVAL .*"r": size 0/);
@@ -43,7 +35,6 @@ describe('bad input', () => {
 
   it('unknown job, duplicate job id, attach with no agent, uid not allowed', async () => {
     const a = startAgent({ socketMode: 0o666 });
-    agent = a.agent;
     await expect(a.agent.checkpoint('no-such-job')).rejects.toSatisfy(
       (e: unknown) => isExaError(e, 'NOT_FOUND') && /no job "no-such-job"/.test((e as Error).message),
     );
@@ -79,7 +70,6 @@ describe('bad input', () => {
 
   it('a second checkpoint of a busy job is refused (CONFLICT); freeing a region mid-save keeps its image whole', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'busy');
     await w.ok('attach');
     await w.ok('alloc r 8');
@@ -102,7 +92,6 @@ describe('bad input', () => {
 
   it('garbage on the socket: each peer gets a protocol error and is disconnected; the agent keeps serving', async () => {
     const a = startAgent();
-    agent = a.agent;
     const logs: string[] = [];
     a.agent.on('log', (l: string) => logs.push(l));
     const r = spawnSync(WORKLOAD_BIN, ['--garbage', a.socketPath], { encoding: 'utf8', timeout: 20_000 });
@@ -121,5 +110,21 @@ describe('bad input', () => {
     await w.ok('alloc r 2');
     await w.ok('fill r 9');
     expect((await drain(await a.agent.checkpoint('after-garbage'))).size).toBe(2);
+  });
+
+  it('a region memfd that could shrink under the agent is refused, and libexa regions cannot be shrunk', async () => {
+    // The agent maps every region; a job shrinking one under that mapping would make the
+    // agent's next access raise SIGBUS. So region memfds must be sealed (F_SEAL_SHRINK).
+    const a = startAgent();
+    const w = WorkloadProc.start(a.socketPath, 'hostile');
+    await w.ok('attach');
+    await w.ok('alloc r 4');
+    await w.ok('fill r 3');
+    expect(await w.cmd('unsealed evil 4')).toMatch(/^err EPERM .*region "evil": its memfd is not sealed against shrinking/);
+    expect(await w.cmd('shrink r')).toMatch(/^err EPERM ftruncate/);
+    const img = await drain(await a.agent.checkpoint('hostile'));
+    expect(img.size).toBe(4);
+    for (let p = 0; p < 4; p++) expect(img.get(`r:${p}`)!.bytes!.equals(pattern(3, p))).toBe(true);
+    expect(a.agent.job('hostile')!.regions.map((r) => r.name)).toEqual(['r']);
   });
 });

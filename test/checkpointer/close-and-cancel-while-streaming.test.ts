@@ -9,21 +9,13 @@
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { isExaError } from '../../src/errors.js';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { PAGE, WorkloadProc, drain, killAll, pattern, removeTempDirs, startAgent, until } from './helpers.js';
+import { PAGE, WorkloadProc, cleanup, drain, pattern, startAgent, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
-});
+afterEach(cleanup);
 
 describe('a checkpoint that is streaming', () => {
   it('stops the saver when the consumer stops reading, and close() cancels it while the job keeps running', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'closing');
     await w.ok('attach');
     await w.ok('alloc r 256');
@@ -39,7 +31,6 @@ describe('a checkpoint that is streaming', () => {
     const pending = c.next(); // resolves from the queue
     expect((await pending)!.count).toBe(4);
     await a.agent.close();
-    agent = null;
     // whatever is still queued or coming ends in CANCELLED
     let err: unknown = null;
     try { for (;;) { if ((await c.next()) === null) break; } } catch (e) { err = e; }
@@ -53,7 +44,6 @@ describe('a checkpoint that is streaming', () => {
 
   it('cancel() carries the unsaved set over to the next checkpoint', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'cancel');
     await w.ok('attach');
     await w.ok('alloc r 32');
@@ -74,7 +64,6 @@ describe('a checkpoint that is streaming', () => {
 
   it('bounds shadow memory: case-3 writers wait for the saver instead of growing the shadow', async () => {
     const a = startAgent({ shadowBudgetBytes: 4 * PAGE });
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'shadow');
     await w.ok('attach');
     await w.ok('alloc r 64');

@@ -9,22 +9,16 @@
  *    image, and the job is detached.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { WorkloadProc, drain, killAll, pattern, removeTempDirs, startAgent, until } from './helpers.js';
+import { WorkloadProc, cleanup, drain, pattern, startAgent, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
 afterEach(async () => {
   delete process.env.EXA_AGENT_NO_DEVUFFD;
-  await agent?.close();
-  agent = null;
-  await killAll();
-  removeTempDirs();
+  await cleanup();
 });
 
 describe('degraded situations', () => {
   it('without /dev/userfaultfd from the agent: user-mode-only fallback with a warning; images exact; read() into a pending page fails with EFAULT', async () => {
     const a = startAgent();
-    agent = a.agent;
     process.env.EXA_AGENT_NO_DEVUFFD = '1'; // read by the agent (this process) at HELLO
     const w = WorkloadProc.start(a.socketPath, 'fallback');
     await w.ok('attach');
@@ -47,7 +41,6 @@ describe('degraded situations', () => {
 
   it('a workload that dies mid-save: the checkpoint completes with the pause-time image and the job is detached', async () => {
     const a = startAgent();
-    agent = a.agent;
     const detached: string[] = [];
     a.agent.on('detached', (j: string) => detached.push(j));
     const w = WorkloadProc.start(a.socketPath, 'mortal');
