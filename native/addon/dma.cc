@@ -102,48 +102,59 @@ Napi::Value BackendOpen(const Napi::CallbackInfo &info) {
   std::string path = str_arg(info, 1, "socketPath");
   unsigned mode = info.Length() > 2 && info[2].IsNumber() ? info[2].As<Napi::Number>().Uint32Value() : 0600;
   exa::dma::BackendOptions opts;
-  auto *w = new BackendWrap();
+  Napi::Function route_miss;
+  /* Every option is checked before anything is created, so a bad one leaks nothing. */
   if (info.Length() > 3 && info[3].IsObject()) {
     Napi::Object o = info[3].As<Napi::Object>();
-    if (o.Has("listen") && !o.Get("listen").IsUndefined()) {
-      if (!o.Get("listen").IsString()) throw Napi::TypeError::New(env, "dma.listen must be a string (ip:port)");
-      opts.listen = o.Get("listen").As<Napi::String>().Utf8Value();
+    Napi::Value v = o.Get("listen");
+    if (!v.IsUndefined()) {
+      if (!v.IsString()) throw Napi::TypeError::New(env, "dma.listen must be a string (ip:port)");
+      opts.listen = v.As<Napi::String>().Utf8Value();
     }
-    if (o.Has("token") && !o.Get("token").IsUndefined()) {
-      if (!o.Get("token").IsString()) throw Napi::TypeError::New(env, "dma.token must be a string");
-      opts.token = o.Get("token").As<Napi::String>().Utf8Value();
+    v = o.Get("token");
+    if (!v.IsUndefined()) {
+      if (!v.IsString()) throw Napi::TypeError::New(env, "dma.token must be a string");
+      opts.token = v.As<Napi::String>().Utf8Value();
       if (opts.token.size() >= EXA_DMA_NET_TEXT) throw_errno(env, -EINVAL, "dma.token is longer than 255 bytes");
     }
-    if (o.Has("holdTimeoutMs") && !o.Get("holdTimeoutMs").IsUndefined()) {
-      double d = o.Get("holdTimeoutMs").ToNumber().DoubleValue();
-      if (!(d >= 1) || d > 86400000) throw_errno(env, -EINVAL, "dma.holdTimeoutMs must be between 1 and 86400000");
+    v = o.Get("holdTimeoutMs");
+    if (!v.IsUndefined()) {
+      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 1) || d > 86400000) throw_errno(env, -EINVAL, "dma.holdTimeoutMs must be a number between 1 and 86400000");
       opts.hold_timeout_ms = (uint64_t)d;
     }
-    if (o.Has("onRouteMiss") && o.Get("onRouteMiss").IsFunction()) {
-      w->on_route_miss = Napi::ThreadSafeFunction::New(env, o.Get("onRouteMiss").As<Napi::Function>(), "exa-dma-route-miss", 0, 1);
-      w->on_route_miss.Unref(env); /* a pending route question must not keep the process alive */
-      w->has_route_miss = true;
-      Napi::ThreadSafeFunction tsfn = w->on_route_miss;
-      opts.on_route_miss = [tsfn](const std::string &job) mutable {
-        auto *s = new std::string(job);
-        napi_status st = tsfn.NonBlockingCall(s, [](Napi::Env env, Napi::Function cb, std::string *s) {
-          std::string j = *s;
-          delete s;
-          cb.Call({Napi::String::New(env, j)});
-        });
-        if (st != napi_ok) delete s;
-      };
+    v = o.Get("onRouteMiss");
+    if (!v.IsUndefined()) {
+      if (!v.IsFunction()) throw Napi::TypeError::New(env, "dma.onRouteMiss must be a function");
+      route_miss = v.As<Napi::Function>();
     }
+  }
+  auto w = std::make_unique<BackendWrap>();
+  if (!route_miss.IsEmpty()) {
+    w->on_route_miss = Napi::ThreadSafeFunction::New(env, route_miss, "exa-dma-route-miss", 0, 1);
+    w->on_route_miss.Unref(env); /* a pending route question must not keep the process alive */
+    w->has_route_miss = true;
+    Napi::ThreadSafeFunction tsfn = w->on_route_miss;
+    /* Called on backend threads, which close() joins before the function is released. */
+    opts.on_route_miss = [tsfn](const std::string &job) mutable {
+      auto *s = new std::string(job);
+      napi_status st = tsfn.NonBlockingCall(s, [](Napi::Env env, Napi::Function cb, std::string *s) {
+        std::string j = *s;
+        delete s;
+        cb.Call({Napi::String::New(env, j)});
+      });
+      if (st != napi_ok) delete s;
+    };
   }
   try {
     w->be = std::make_shared<exa::dma::Backend>(agent, path, mode, opts);
   } catch (const exa::Error &e) {
     if (w->has_route_miss) w->on_route_miss.Release();
-    delete w;
+    w->has_route_miss = false;
     throw_errno(env, e.err, e.what());
   }
   w->agent_ref = Napi::Persistent(info[0]);
-  return Napi::External<BackendWrap>::New(env, w, [](Napi::Env, BackendWrap *w) {
+  return Napi::External<BackendWrap>::New(env, w.release(), [](Napi::Env, BackendWrap *w) {
     w->shut();
     delete w;
   });
@@ -223,8 +234,17 @@ class FenceWorker : public Napi::AsyncWorker {
 
 /* dmaFence(h, job) -> Promise<{ grants }> */
 Napi::Value Fence(const Napi::CallbackInfo &info) {
-  auto *w = unwrap_backend(info);
-  auto *wk = new FenceWorker(info.Env(), w->be, job_arg(info, 1));
+  std::string job;
+  BackendWrap *w;
+  try {
+    w = unwrap_backend(info);
+    job = job_arg(info, 1);
+  } catch (const Napi::Error &e) { /* a promise API: bad input rejects */
+    auto d = Napi::Promise::Deferred::New(info.Env());
+    d.Reject(e.Value());
+    return d.Promise();
+  }
+  auto *wk = new FenceWorker(info.Env(), w->be, job);
   auto p = wk->Promise();
   wk->Queue();
   return p;

@@ -39,7 +39,7 @@ constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long befo
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
-constexpr size_t kChunk = 1u << 20;        /* incoming payloads are received and written in chunks */
+constexpr size_t kChunk = 1u << 17;        /* incoming payloads are received and written in chunks */
 
 uint64_t now_ns() {
   struct timespec ts;
@@ -283,8 +283,7 @@ struct Pending {
     if (issuer_js) issuer_js->active.fetch_sub(1);
   }
   std::string what() const {
-    return std::string(op_name(op.r.op)) + " of " + std::to_string(op.r.len) + " bytes to buffer \"" + name + "\" of job " + job +
-           " at agent " + addr;
+    return std::string(op_name(op.r.op)) + (op.r.op == EXA_DMA_OP_READ ? " of" : " to") + " buffer \"" + name + "\" of job " + job;
   }
 };
 
@@ -344,7 +343,7 @@ class Link {
       }
       be_->n_errors_++;
       p.inbox->push({p.queue, p.op, Inbox::FAILED, -ECONNRESET,
-                     p.what() + ": " + why + " (the operation's outcome is unknown; it is not retried)", p.job, ""});
+                     p.what() + ": " + why + " (outcome unknown, not retried)", p.job, ""});
     }
   }
 
@@ -540,7 +539,16 @@ class Client {
     uint64_t next_seq = 0;
     std::deque<Op> backlog;               /* consumed, not executed yet (held, waiting for a route or replies) */
     std::map<std::string, Flight> flight; /* remote operations in flight, per peer job */
+    bool away = false;                    /* published in the ring header */
   };
+
+  static void publish_away(Queue &q) {
+    bool away = !q.flight.empty() || !q.backlog.empty();
+    if (away != q.away) {
+      q.away = away;
+      __atomic_store_n(&q.hdr->away, away ? 1u : 0u, __ATOMIC_RELAXED);
+    }
+  }
 
   /* A peer's buffer as looked up: resolved again at every operation. */
   struct Handle {
@@ -605,6 +613,7 @@ class Client {
   }
 
   static bool gone(const std::shared_ptr<Buffer> &b, std::string *why = nullptr) {
+    if (!b->dead.load(std::memory_order_acquire)) return false;
     std::lock_guard<std::mutex> g(b->mu);
     if (why) *why = b->gone;
     return !b->gone.empty();
@@ -840,6 +849,7 @@ class Client {
           break;
       }
       if (!q.backlog.empty() && q.backlog.front().wait_flight) q.backlog.front().not_before = 0;
+      publish_away(q);
     }
     if (woke)
       for (auto &kv : queues_)
@@ -893,6 +903,7 @@ class Client {
       if (q.broken || !q.ring) continue;
       int w = serve_queue(q);
       if (w < 0) return -1;
+      publish_away(q);
       work += w;
     }
     return work;
@@ -1157,6 +1168,7 @@ class Client {
         t->name = b->name;
         t->js = b->js;
         t->gone = "freed by its owner";
+        t->dead = true;
         local_[m.id - 1] = t;
         reply(m, 0, "");
         return true;
@@ -1232,6 +1244,7 @@ class Client {
     {
       std::lock_guard<std::mutex> g(b->mu);
       if (b->gone.empty()) b->gone = why;
+      b->dead.store(true, std::memory_order_release);
     }
     std::lock_guard<std::mutex> g(be_->mu_);
     auto it = be_->registry_.find(b->owner + "/" + b->name);

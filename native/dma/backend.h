@@ -88,6 +88,7 @@ struct Buffer {
   std::mutex mu;                            /* grants, gone */
   std::map<std::string, unsigned> grants;   /* peer job -> EXA_DMA_READ | EXA_DMA_WRITE */
   std::string gone;                         /* non-empty once freed / owner disconnected: the reason */
+  std::atomic<bool> dead{false};            /* gone is set (checked without the lock on the hot path) */
   ~Buffer();
 };
 

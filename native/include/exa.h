@@ -108,6 +108,16 @@ const char *exa_strerror(int err);
  * (EXA_DMA_CALLBACK, interrupt mode). A queue holds at most
  * EXA_DMA_QUEUE_DEPTH outstanding operations: posting more fails with -EAGAIN.
  *
+ * Across hosts: a peer job may run on another host. Its agent's backend is
+ * reached over TCP (one connection per pair of agents, shared); a remote
+ * handle names (peer job, buffer) and is resolved again at every operation,
+ * so it keeps working when the peer migrates: operations aimed at a job
+ * being migrated are held (the caller sees only a delay) and complete on
+ * its new host, in posting order, each applied exactly once. An operation
+ * whose outcome cannot be known (the connection to the other agent broke
+ * while it was in flight) completes with an error, it is never re-sent;
+ * one held longer than the agent's hold timeout (default 60 s) fails.
+ *
  * Socket: $EXA_DMA_SOCKET, else the agent socket path + ".dma".
  * Threading: every call is thread-safe; a callback must not destroy its own queue.
  * Errors: as above (negative errno, exa_last_error()). A failed operation

@@ -44,7 +44,10 @@
  *      backend completing:      store cq_tail; fence; if fe_armed: write(completion eventfd).
  *    Either the sleeper's re-check sees the new tail, or the producer's load
  *    sees the flag and rings: no wake-up is lost. Both sides spin briefly
- *    before arming, which is what keeps small round trips in microseconds.
+ *    before arming, which is what keeps small round trips in microseconds;
+ *    the frontend spins longer while a long operation is outstanding, unless
+ *    the backend set `away` (operations crossing to another host take far
+ *    longer than a wake-up, and the spinning would steal their CPU).
  *    One waiter per queue at a time (the frontend serializes waiters).
  */
 #ifndef EXA_DMA_WIRE_H
@@ -113,7 +116,8 @@ struct exa_dma_ring_hdr {
   uint32_t magic;
   uint32_t version;
   uint32_t depth;
-  uint32_t pad0;
+  uint32_t away; /* backend: some operations of this queue are on the network or held (a hint: the
+                    frontend then does not spin long for them, it sleeps on its doorbell) */
   uint64_t sq_tail __attribute__((aligned(64))); /* frontend */
   uint64_t sq_head __attribute__((aligned(64))); /* backend */
   uint32_t be_sleeping __attribute__((aligned(64)));

@@ -363,7 +363,8 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
     /* Spin longer while a long operation is outstanding: waking a sleeping thread costs tens of
      * microseconds on virtual machines (an idle vCPU is halted), more than the copy of a few
      * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
-    uint64_t budget = SPIN_NS + __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
+    uint64_t budget = SPIN_NS;
+    if (!__atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED)) budget += __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
     if (t - t0 < budget) {
       cpu_relax();
       /* On an oversubscribed machine the backend thread may be waiting for this very CPU. */

@@ -19,6 +19,13 @@
  * posting more throws RESOURCE_EXHAUSTED. A failed operation completes with
  * `error` set (an ExaError naming the buffer, job and bounds), never silently.
  *
+ * Across hosts: a peer job on another host is reached through its agent
+ * (the agents' TCP data path); a RemoteBuffer names (job, buffer) and is
+ * resolved at every operation, so it keeps working while the peer migrates
+ * (held operations complete on the new host, in order, exactly once). An
+ * operation whose outcome is unknown (connection lost) fails UNAVAILABLE and
+ * is never re-sent.
+ *
  * Ownership: the session borrows the Workload's libexa context and is closed
  * automatically before the workload detaches. A callback-mode queue (and the
  * one behind write()/read()) keeps the event loop alive until close(), like a socket. close() destroys the queues;
