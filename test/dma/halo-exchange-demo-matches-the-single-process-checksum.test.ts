@@ -37,7 +37,8 @@ function rank(socketPath: string, r: number): { done: Promise<string> } {
   return {
     done: new Promise((resolve, reject) => {
       p.once('error', reject);
-      p.once('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`rank ${r} exited ${code}: ${err}`))));
+      // 'close', not 'exit': at 'exit' the checksum line may still be unread in the pipe
+      p.once('close', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`rank ${r} exited ${code}: ${err}`))));
     }),
   };
 }
