@@ -22,7 +22,7 @@ describe('Node workload API', () => {
     p.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
     const steps: Record<string, unknown>[] = [];
     createInterface({ input: p.stdout! }).on('line', (l) => steps.push(JSON.parse(l) as Record<string, unknown>));
-    const code = await new Promise((r) => p.once('exit', r));
+    const code = await new Promise((r) => p.once('close', r)); // 'close': every output line read
     expect(code, stderr).toBe(0);
     await until(() => images.length === 2, 'two checkpoints');
     const [img1, img2] = await Promise.all(images);
