@@ -1130,6 +1130,13 @@ class Client {
           reply(m, -EINVAL, "job " + job_ + ": the memfd of buffer \"" + m.name + "\" is smaller than " + std::to_string(m.size));
           return true;
         }
+        /* This process maps it: a memfd that could shrink under that mapping would let the job crash the
+         * agent (SIGBUS). libexa seals every region memfd; the checkpointer refuses unsealed ones too. */
+        int seals = fcntl(fds[0], F_GET_SEALS);
+        if (seals < 0 || !(seals & F_SEAL_SHRINK)) {
+          reply(m, -EPERM, "job " + job_ + ": the memfd of buffer \"" + m.name + "\" is not sealed against shrinking (F_SEAL_SHRINK)");
+          return true;
+        }
         void *map = mmap(nullptr, m.size, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
         if (map == MAP_FAILED) {
           reply(m, -errno, "job " + job_ + ": cannot map buffer \"" + m.name + "\": " + errstr(errno));
