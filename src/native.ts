@@ -206,6 +206,9 @@ export interface NativeDmaBackendOptions {
   onRouteMiss?: (job: string) => void;
 }
 
+/** A DMA buffer registered with a backend, with its grants. */
+export interface NativeDmaBuffer { job: string; name: string; size: number; grants: { peer: string; perms: number }[] }
+
 /** A grant of one of a job's DMA buffers (perms: 1 read, 2 write, 3 both). */
 export interface NativeDmaGrant { buffer: string; peer: string; perms: number }
 
@@ -249,6 +252,8 @@ interface NativeAddon {
   dmaFence(h: DmaBackendHandle, job: string): Promise<{ grants: NativeDmaGrant[] }>;
   /** Rollback of a fence: held operations proceed. */
   dmaUnfence(h: DmaBackendHandle, job: string): void;
+  /** The live DMA buffers registered with this backend and their grants (reported to the coordinator). */
+  dmaBuffers(h: DmaBackendHandle): NativeDmaBuffer[];
   /** `job` now lives at `addr`: operations for it are answered MOVED(addr) / re-routed there. */
   dmaMoved(h: DmaBackendHandle, job: string, addr: string): void;
   /**
@@ -344,6 +349,7 @@ export const dmaBackendAddress = wrap(addon.dmaBackendAddress);
 export const dmaSetRoute = wrap(addon.dmaSetRoute);
 export const dmaFence = wrap(addon.dmaFence);
 export const dmaUnfence = wrap(addon.dmaUnfence);
+export const dmaBuffers = wrap(addon.dmaBuffers);
 export const dmaMoved = wrap(addon.dmaMoved);
 export const dmaExpect = wrap(addon.dmaExpect);
 export const dmaTcpBaseline = wrap(addon.dmaTcpBaseline);

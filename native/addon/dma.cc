@@ -250,6 +250,30 @@ Napi::Value Fence(const Napi::CallbackInfo &info) {
   return p;
 }
 
+/* dmaBuffers(h) -> [{ job, name, size, grants: [{ peer, perms }] }] */
+Napi::Value Buffers(const Napi::CallbackInfo &info) {
+  auto *w = unwrap_backend(info);
+  Napi::Env env = info.Env();
+  auto list = w->be->buffers();
+  auto arr = Napi::Array::New(env, list.size());
+  for (size_t i = 0; i < list.size(); i++) {
+    auto o = Napi::Object::New(env);
+    o.Set("job", list[i].owner);
+    o.Set("name", list[i].name);
+    o.Set("size", Napi::Number::New(env, (double)list[i].size));
+    auto gs = Napi::Array::New(env, list[i].grants.size());
+    for (size_t k = 0; k < list[i].grants.size(); k++) {
+      auto go = Napi::Object::New(env);
+      go.Set("peer", list[i].grants[k].first);
+      go.Set("perms", Napi::Number::New(env, list[i].grants[k].second));
+      gs.Set((uint32_t)k, go);
+    }
+    o.Set("grants", gs);
+    arr.Set((uint32_t)i, o);
+  }
+  return arr;
+}
+
 Napi::Value Unfence(const Napi::CallbackInfo &info) {
   auto *w = unwrap_backend(info);
   w->be->unfence(job_arg(info, 1));
@@ -628,6 +652,7 @@ void exa_addon_register_dma(Napi::Env env, Napi::Object exports) {
   exports.Set("dmaSetRoute", Napi::Function::New(env, SetRoute));
   exports.Set("dmaFence", Napi::Function::New(env, Fence));
   exports.Set("dmaUnfence", Napi::Function::New(env, Unfence));
+  exports.Set("dmaBuffers", Napi::Function::New(env, Buffers));
   exports.Set("dmaMoved", Napi::Function::New(env, Moved));
   exports.Set("dmaExpect", Napi::Function::New(env, Expect));
   exports.Set("dmaTcpBaseline", Napi::Function::New(env, TcpBaseline));

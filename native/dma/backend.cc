@@ -1811,6 +1811,20 @@ std::vector<Grant> Backend::fence(const std::string &job) {
   return out;
 }
 
+std::vector<Backend::BufferInfo> Backend::buffers() {
+  std::vector<BufferInfo> out;
+  std::lock_guard<std::mutex> g(mu_);
+  for (auto &kv : registry_) {
+    auto &b = kv.second;
+    if (b->dead.load()) continue;
+    BufferInfo bi{b->owner, b->name, b->size, {}};
+    std::lock_guard<std::mutex> bg(b->mu);
+    for (auto &gr : b->grants) bi.grants.emplace_back(gr.first, gr.second);
+    out.push_back(std::move(bi));
+  }
+  return out;
+}
+
 void Backend::unfence(const std::string &job) {
   job_state(job)->state.fetch_and(~JobState::FENCED);
   wake_clients();

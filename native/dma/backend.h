@@ -155,6 +155,15 @@ class Backend {
   void moved(const std::string &job, const std::string &addr);
   void expect(const std::string &job, const std::vector<Grant> &grants, uint64_t timeout_ms);
 
+  /* The DMA buffers registered here (live ones), with their grants: what the agent reports to the
+   * coordinator (sessions, grants and the host of every buffer). */
+  struct BufferInfo {
+    std::string owner, name;
+    uint64_t size;
+    std::vector<std::pair<std::string, unsigned>> grants; /* peer job, perms */
+  };
+  std::vector<BufferInfo> buffers();
+
  private:
   friend class Client;
   friend class Link;

@@ -9,7 +9,7 @@
  *   exackpt hosts
  */
 import { Command } from 'commander';
-import { ExaError } from '../errors.js';
+import { ExaError, toExaError } from '../errors.js';
 import { CoordinatorClient } from '../coordinator/client.js';
 import { StoreClient } from '../store/client.js';
 import { agentFor, agentOfJob } from '../ops/migrate.js';
@@ -91,7 +91,11 @@ export function buildProgram(): Command {
         const placements = (await coord.listPlacements()).filter((p) => !job || p.job === job);
         const store = await StoreClient.connect(o.store, { token: o.token ?? process.env.EXA_TOKEN, timeoutMs: 5000 });
         try {
-          const stat = await store.stat(job);
+          // A job that runs but has no checkpoint yet is listed too (the store does not know it).
+          const stat = await store.stat(job).catch((e: unknown) => {
+            if (job && toExaError(e).code === 'NOT_FOUND' && placements.length > 0) return { jobs: [] };
+            throw e;
+          });
           const jobs = new Map(stat.jobs.map((s) => [s.job, s]));
           const names = [...new Set([...placements.map((p) => p.job), ...jobs.keys()])].filter((n) => !job || n === job).sort();
           if (job && names.length === 0) throw new ExaError('NOT_FOUND', `job ${job} does not exist`);
@@ -102,11 +106,16 @@ export function buildProgram(): Command {
               job: n, host: p?.host_id ?? '', state: p ? p.state : 'ARCHIVED', hostState: p?.host_state ?? '',
               lastCheckpoint: p?.last_checkpoint ?? 0, checkpoints: s?.checkpoints ?? 0,
               logicalBytes: s?.logicalBytes ?? 0, storedBytes: s?.storedBytes ?? 0, dedupRatio: s?.dedupRatio ?? 0,
+              dmaBuffers: (p?.dma_buffers ?? []).map((b) => ({ name: b.name, size: Number(b.size), grants: b.grants.map((g) => ({ peer: g.peer, perms: g.perms })) })),
             };
           });
           out(o.json, { jobs: rows }, () => rows.length === 0 ? 'no jobs' : [
             'JOB                  HOST        STATE      CKPTS  IMAGE       STORED      DEDUP',
-            ...rows.map((r) => `${r.job.padEnd(20)} ${(r.host + (r.hostState === 'DOWN' ? '!' : '')).padEnd(11)} ${r.state.padEnd(10)} ${String(r.checkpoints).padStart(5)}  ${fmtBytes(r.logicalBytes).padEnd(11)} ${fmtBytes(r.storedBytes).padEnd(11)} ${r.dedupRatio.toFixed(2)}x`),
+            ...rows.flatMap((r) => [
+              `${r.job.padEnd(20)} ${(r.host + (r.hostState === 'DOWN' ? '!' : '')).padEnd(11)} ${r.state.padEnd(10)} ${String(r.checkpoints).padStart(5)}  ${fmtBytes(r.logicalBytes).padEnd(11)} ${fmtBytes(r.storedBytes).padEnd(11)} ${r.dedupRatio.toFixed(2)}x`,
+              // its DMA session: buffers on that host and who may write (w) / read (r) them
+              ...r.dmaBuffers.map((b) => `  dma ${b.name} (${fmtBytes(b.size)})${b.grants.length ? ': ' + b.grants.map((g) => `${g.peer}:${g.perms & 1 ? 'r' : ''}${g.perms & 2 ? 'w' : ''}`).join(' ') : ''}`),
+            ]),
           ].join('\n'));
         } finally { store.close(); }
       });

@@ -29,6 +29,39 @@ export interface HostInfo {
 
 export type JobState = 'RUNNING' | 'STOPPED' | 'FINISHED' | 'FAILED' | 'MIGRATING' | 'LOST';
 
+/** A job's DMA buffer and the peers it is granted to (perms: 1 read, 2 write, 3 both). */
+export interface DmaBufferRec {
+  name: string;
+  size: number;
+  grants: Array<{ peer: string; perms: number }>;
+}
+
+/** What an agent reports of a job it runs. */
+export interface RunningReport {
+  job: string;
+  pid: number;
+  lastCheckpoint: number;
+  dmaBuffers?: DmaBufferRec[];
+}
+
+const MAX_DMA_BUFFERS = 4096;
+const MAX_DMA_GRANTS = 1024;
+
+/** Validate what an agent reports of a job's DMA buffers (names as region names, perms 1..3, bounded counts). */
+export function checkDmaBuffers(job: string, bufs: DmaBufferRec[]): DmaBufferRec[] {
+  if (bufs.length > MAX_DMA_BUFFERS) throw new ExaError('INVALID_ARGUMENT', `job ${job} reports ${bufs.length} DMA buffers, more than ${MAX_DMA_BUFFERS}`);
+  for (const b of bufs) {
+    if (typeof b.name !== 'string' || !/^[A-Za-z0-9._-]{1,63}$/.test(b.name)) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer name ${JSON.stringify(b.name)} is not valid`);
+    if (!Number.isSafeInteger(b.size) || b.size <= 0) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer ${b.name} has size ${String(b.size)}`);
+    if (b.grants.length > MAX_DMA_GRANTS) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer ${b.name} has more than ${MAX_DMA_GRANTS} grants`);
+    for (const g of b.grants) {
+      checkId('job', g.peer);
+      if (!Number.isInteger(g.perms) || g.perms < 1 || g.perms > 3) throw new ExaError('INVALID_ARGUMENT', `job ${job}: grant of DMA buffer ${b.name} to ${g.peer} has perms ${g.perms}, not 1..3`);
+    }
+  }
+  return bufs;
+}
+
 export interface JobPlacement {
   job: string;
   host: string;
@@ -37,6 +70,8 @@ export interface JobPlacement {
   updatedAtMs: number;
   pid: number;
   lastCheckpoint: number;
+  /** The job's DMA buffers and grants, as its host last reported them. */
+  dmaBuffers: DmaBufferRec[];
 }
 
 export interface RegistryOptions {
@@ -69,7 +104,7 @@ export class Registry {
   get heartbeatMs(): number { return this.opts.heartbeatMs; }
 
   /** Register (or re-register) an agent with the jobs it currently runs. */
-  register(hostId: string, address: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>, dmaAddress = ''): HostInfo {
+  register(hostId: string, address: string, running: RunningReport[], dmaAddress = ''): HostInfo {
     checkId('host', hostId);
     if (typeof address !== 'string' || address.length === 0 || address.length > 255) {
       throw new ExaError('INVALID_ARGUMENT', `agent address for host ${hostId} is missing or too long`);
@@ -86,7 +121,7 @@ export class Registry {
   }
 
   /** Record a heartbeat; false when the host is unknown (the agent must re-register). */
-  heartbeat(hostId: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): boolean {
+  heartbeat(hostId: string, running: RunningReport[]): boolean {
     const h = this.hosts.get(hostId);
     if (!h) return false;
     h.lastSeenMs = this.now();
@@ -95,16 +130,18 @@ export class Registry {
     return true;
   }
 
-  private syncJobs(hostId: string, running: Array<{ job: string; pid: number; lastCheckpoint: number }>): void {
+  private syncJobs(hostId: string, running: RunningReport[]): void {
     const t = this.now();
     for (const r of running) {
       checkId('job', r.job);
+      const dmaBuffers = checkDmaBuffers(r.job, r.dmaBuffers ?? []);
       const j = this.jobs.get(r.job);
       if (!j) {
-        this.jobs.set(r.job, { job: r.job, host: hostId, state: 'RUNNING', epoch: 1, updatedAtMs: t, pid: r.pid, lastCheckpoint: r.lastCheckpoint });
+        this.jobs.set(r.job, { job: r.job, host: hostId, state: 'RUNNING', epoch: 1, updatedAtMs: t, pid: r.pid, lastCheckpoint: r.lastCheckpoint, dmaBuffers });
       } else if (j.host === hostId) {
         j.pid = r.pid;
         j.lastCheckpoint = Math.max(j.lastCheckpoint, r.lastCheckpoint);
+        j.dmaBuffers = dmaBuffers;
         if (j.state !== 'MIGRATING') j.state = 'RUNNING';
       }
       // A job reported by a host that is not its placement is a stale copy; the
@@ -172,7 +209,8 @@ export class Registry {
         throw new ExaError('ALREADY_EXISTS', `job ${job} is already ${j.state === 'RUNNING' ? 'running' : 'migrating'} on host ${j.host}`);
       }
     }
-    const placed: JobPlacement = { job, host: hostId, state: 'RUNNING', epoch: (j?.epoch ?? 0) + 1, updatedAtMs: t, pid, lastCheckpoint: j?.lastCheckpoint ?? 0 };
+    // A job placed on a new host has no DMA buffers there until that host reports them.
+    const placed: JobPlacement = { job, host: hostId, state: 'RUNNING', epoch: (j?.epoch ?? 0) + 1, updatedAtMs: t, pid, lastCheckpoint: j?.lastCheckpoint ?? 0, dmaBuffers: [] };
     this.jobs.set(job, placed);
     return { ...placed };
   }
@@ -193,6 +231,7 @@ export class Registry {
     j.host = toHost;
     j.state = 'RUNNING';
     j.pid = pid;
+    j.dmaBuffers = []; // until the new host reports the job's buffers (re-registered with their grants)
     j.epoch += 1;
     j.updatedAtMs = this.now();
     return { ...j };

@@ -11,7 +11,8 @@ import type { ProtoGrpcType } from '../gen/exa_coordinator.js';
 import type { CoordinatorHandlers } from '../gen/exa/v1/Coordinator.js';
 import type { JobPlacement as JobPlacementMsg } from '../gen/exa/v1/JobPlacement.js';
 import type { JobSpec, JobSpec__Output } from '../gen/exa/v1/JobSpec.js';
-import { checkId, Registry, type JobPlacement, type JobState } from './registry.js';
+import type { RunningJob__Output } from '../gen/exa/v1/RunningJob.js';
+import { checkId, Registry, type JobPlacement, type JobState, type RunningReport } from './registry.js';
 
 export interface JobSpecRecord {
   job: string;
@@ -69,6 +70,14 @@ export class SpecStore {
   }
 }
 
+/** An agent's report of a running job, from the wire (sizes arrive as strings). */
+function runningReport(j: RunningJob__Output): RunningReport {
+  return {
+    job: j.job, pid: j.pid, lastCheckpoint: j.last_checkpoint,
+    dmaBuffers: j.dma_buffers.map((b) => ({ name: b.name, size: Number(b.size), grants: b.grants.map((g) => ({ peer: g.peer, perms: g.perms })) })),
+  };
+}
+
 export function specFromMsg(m: JobSpec__Output): JobSpecRecord {
   checkId('job', m.job);
   if (!Array.isArray(m.argv) || m.argv.length === 0) throw new ExaError('INVALID_ARGUMENT', `job ${m.job}: the spec has no command`);
@@ -112,6 +121,7 @@ export class Coordinator {
     return {
       job: p.job, host_id: p.host, state: p.state, epoch: String(p.epoch), pid: p.pid,
       last_checkpoint: p.lastCheckpoint, host_state: hostState, agent_address: address, dma_address: dmaAddress,
+      dma_buffers: p.dmaBuffers.map((b) => ({ name: b.name, size: String(b.size), grants: b.grants })),
     };
   }
 
@@ -124,11 +134,11 @@ export class Coordinator {
     };
     return {
       RegisterHost: unary(auth, async (req) => {
-        r.register(req.host_id, req.agent_address, req.jobs.map((j) => ({ job: j.job, pid: j.pid, lastCheckpoint: j.last_checkpoint })), req.dma_address);
+        r.register(req.host_id, req.agent_address, req.jobs.map(runningReport), req.dma_address);
         return { heartbeat_ms: r.heartbeatMs };
       }),
       Heartbeat: unary(auth, async (req) => ({
-        known: r.heartbeat(checkId('host', req.host_id), req.jobs.map((j) => ({ job: j.job, pid: j.pid, lastCheckpoint: j.last_checkpoint }))),
+        known: r.heartbeat(checkId('host', req.host_id), req.jobs.map(runningReport)),
       })),
       ListHosts: unary(auth, async () => ({
         hosts: r.listHosts().map((h) => ({

@@ -177,10 +177,17 @@ export class HostAgent {
 
   // ---- coordinator ----
 
+  /** The jobs this agent runs, with their DMA sessions (buffers, grants), as the coordinator records them. */
   private running() {
+    const bufs = new Map<string, Array<{ name: string; size: string; grants: Array<{ peer: string; perms: number }> }>>();
+    for (const b of this.ckpt.dma?.buffers() ?? []) {
+      const l = bufs.get(b.job) ?? [];
+      l.push({ name: b.name, size: String(b.size), grants: b.grants });
+      bufs.set(b.job, l);
+    }
     return [...this.jobs.values()]
       .filter((j) => j.state === 'RUNNING' || j.state === 'STARTING')
-      .map((j) => ({ job: j.spec.job, pid: j.proc?.pid ?? 0, last_checkpoint: j.lastCommitted }));
+      .map((j) => ({ job: j.spec.job, pid: j.proc?.pid ?? 0, last_checkpoint: j.lastCommitted, dma_buffers: bufs.get(j.spec.job) ?? [] }));
   }
 
   private async beat(): Promise<void> {

@@ -65,6 +65,7 @@ export class NativeCheckpointer implements CheckpointerPort {
       unfence: (job) => native.dmaUnfence(h, job),
       moved: (job, addr) => native.dmaMoved(h, job, addr),
       expect: (job, grants, timeoutMs) => native.dmaExpect(h, job, grants, timeoutMs),
+      buffers: () => native.dmaBuffers(h),
     };
   }
 

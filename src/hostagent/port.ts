@@ -87,4 +87,6 @@ export interface DmaControlPort {
   unfence(job: string): void;
   moved(job: string, address: string): void;
   expect(job: string, grants: DmaGrant[], timeoutMs: number): void;
+  /** The DMA buffers registered now, per job, with their grants (reported to the coordinator). */
+  buffers(): Array<{ job: string; name: string; size: number; grants: Array<{ peer: string; perms: number }> }>;
 }

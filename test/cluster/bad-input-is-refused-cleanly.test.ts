@@ -3,6 +3,8 @@
  * half-done: --to an unknown host (the error lists the known hosts), a job
  * already running on the target, a job id that does not exist, a command that
  * does not exist on the target, a second workload claiming a running job's id.
+ * An agent reporting a bad DMA address or bad DMA sessions to the coordinator
+ * is refused with the offending field named, and the coordinator keeps serving.
  */
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { HEAT, cli, coordinator, jobOn, startAgent, startStore, stopAll, until, type AgentHandle, type StoreHandle } from './helpers.js';
@@ -77,5 +79,24 @@ describe('cluster commands refuse bad input', () => {
     const dur = await cli('exackpt', ['run', '--store', store.address, '--agent', 'host-a', '--every', 'soon', '--', HEAT]);
     expect(dur.code).not.toBe(0);
     expect(dur.stderr).toMatch(/--every must be a duration/);
+  });
+
+  it('refuses an agent reporting a bad DMA address or bad DMA buffers, naming them, and keeps serving', async () => {
+    const c = await coordinator(store.address);
+    try {
+      await expect(c.register('host-x', '127.0.0.1:1', [], 'not an address')).rejects.toThrow(/DMA address "not an address" of host host-x is not HOST:PORT/);
+      await c.register('host-x', '127.0.0.1:1', [], '127.0.0.1:2');
+      const bad = (dma_buffers: unknown) => c.heartbeat('host-x', [{ job: 'dma-x', pid: 1, last_checkpoint: 0, dma_buffers } as never]);
+      await expect(bad([{ name: '../etc', size: '4096', grants: [] }])).rejects.toThrow(/job dma-x: DMA buffer name "..\/etc" is not valid/);
+      await expect(bad([{ name: 'halo', size: '4096', grants: [{ peer: 'b', perms: 7 }] }])).rejects.toThrow(/grant of DMA buffer halo to b has perms 7, not 1..3/);
+      await expect(bad([{ name: 'halo', size: '4096', grants: [{ peer: 'no/such', perms: 2 }] }])).rejects.toThrow(/job id "no\/such" is not valid/);
+      await expect(bad([{ name: 'halo', size: '0', grants: [] }])).rejects.toThrow(/DMA buffer halo has size 0/);
+      // still serving, and a good report is recorded
+      await bad([{ name: 'halo', size: '4096', grants: [{ peer: 'dma-y', perms: 2 }] }]);
+      const p = await c.getPlacement('dma-x');
+      expect(p.dma_buffers).toEqual([{ name: 'halo', size: '4096', grants: [{ peer: 'dma-y', perms: 2 }] }]);
+      expect(p.dma_address).toBe('127.0.0.1:2');
+      expect((await c.listHosts()).map((h) => h.host_id)).toContain('host-a');
+    } finally { c.close(); }
   });
 });

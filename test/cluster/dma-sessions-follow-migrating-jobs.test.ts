@@ -50,6 +50,17 @@ async function migrate(store: string, job: string, to: string): Promise<void> {
   expect(res).toMatchObject({ live: true, to });
 }
 
+/** Wait until the coordinator shows the job on `host` with its "halo" DMA buffer granted to its peer for writing. */
+async function sessionOn(store: string, job: string, peer: string, host: string): Promise<void> {
+  await until(`${job}'s DMA session on ${host} in exackpt ls`, async () => {
+    const r = await cli('exackpt', ['ls', job, '--store', store, '--json']);
+    if (r.code !== 0) throw new Error(r.stderr);
+    const row = (JSON.parse(r.stdout) as { jobs: Array<{ host: string; dmaBuffers: Array<{ name: string; size: number; grants: Array<{ peer: string; perms: number }> }> }> }).jobs[0];
+    const halo = row?.dmaBuffers.find((b) => b.name === 'halo');
+    return row?.host === host && halo?.size === 4096 && halo.grants.some((g) => g.peer === peer && g.perms === 2) ? true : undefined;
+  }, 20_000);
+}
+
 /** The rank's "checksum R HEX" line once it finished on `agent` (fails at once if it failed). */
 async function checksum(agent: AgentHandle, job: string): Promise<string> {
   return until(`${job} to finish on ${agent.host}`, async () => {
@@ -72,6 +83,9 @@ it('two ranks on two agents exchange halos over the DMA data path and print the 
   for (const h of listed) expect(h.dma_address).toMatch(/^127\.0\.0\.1:\d+$/);
   await runRank(store, 'host-a', 0);
   await runRank(store, 'host-b', 1);
+  // the coordinator knows each rank's DMA session: its buffer, its grant, its host
+  await sessionOn(store, 'halo0', 'halo1', 'host-a');
+  await sessionOn(store, 'halo1', 'halo0', 'host-b');
   expect([await checksum(agents.get('host-a')!, 'halo0'), await checksum(agents.get('host-b')!, 'halo1')]).toEqual(want);
 });
 
@@ -82,6 +96,7 @@ it('the reference checksums survive migrating one rank mid-run, then the other',
   await runRank(store, 'host-b', 1);
   await running(agents.get('host-a')!, 'halo0');
   await migrate(store, 'halo0', 'host-c'); // still across hosts, the peer's route changes
+  await sessionOn(store, 'halo0', 'halo1', 'host-c'); // its buffer and grant moved with it
   await running(agents.get('host-c')!, 'halo0');
   await migrate(store, 'halo1', 'host-c'); // now both on one agent: the local engine
   const a = await checksum(agents.get('host-c')!, 'halo0');
