@@ -89,7 +89,9 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       const moving = await coord.claim(o.job, o.to).catch((e: unknown) => { throw toExaError(e, `place job ${o.job} on ${o.to}`); });
       let job: AgentJobInfo;
       try {
-        job = await targetAgent.restore(o.job, o.at ?? 0, spec, moving.epoch, o.onProgress);
+        // The source cannot hand over the job's DMA grants: the coordinator's last record of them does.
+        const grants = placement.dma_buffers.flatMap((b) => b.grants.map((g) => ({ buffer: b.name, peer: g.peer, perms: g.perms })));
+        job = await targetAgent.restore(o.job, o.at ?? 0, spec, moving.epoch, o.onProgress, grants);
       } catch (e) {
         await coord.release(o.job, o.to, 'FAILED').catch(() => undefined);
         throw e;
