@@ -3,6 +3,7 @@
  * exarestore: restore a job on a host, migrating it live when it runs.
  *
  *   exarestore JOB --to HOST [--at N] [--json]
+ *   exarestore JOB --to HOST --resume-interrupted          (finish a migration whose exarestore died)
  *   exarestore JOB --from s3://bucket/prefix --to HOST [--at N]   (a job archived with exastore archive)
  */
 import { Command } from 'commander';
@@ -24,8 +25,9 @@ export function buildProgram(): Command {
     .option('--at <n>', 'restore checkpoint N instead of the newest', intArg('--at', 1))
     .option('--store <addr>', 'store/coordinator address (host:port)', DEFAULT_STORE)
     .option('--token <token>', 'bearer token (default $EXA_TOKEN)')
+    .option('--resume-interrupted', 'finish a migration whose exarestore died (the job shows MIGRATING); never next to a live exarestore of the job')
     .option('--json', 'print one JSON object')
-    .action(async (job: string, o: S3Flags & { to: string; at?: number; from?: string; store: string; token?: string; json?: boolean }) => {
+    .action(async (job: string, o: S3Flags & { to: string; at?: number; from?: string; store: string; token?: string; json?: boolean; resumeInterrupted?: boolean }) => {
       checkId('job', job);
       checkId('host', o.to);
       const token = o.token ?? process.env.EXA_TOKEN;
@@ -48,7 +50,7 @@ export function buildProgram(): Command {
           return;
         }
         const r = await migrate(coord, {
-          job, to: o.to, ...(o.at ? { at: o.at } : {}), ...(token ? { token } : {}),
+          job, to: o.to, ...(o.at ? { at: o.at } : {}), ...(token ? { token } : {}), ...(o.resumeInterrupted ? { resumeInterrupted: true } : {}),
           onStep: (l) => { bar.stop(); say(o.json, l); }, onProgress: bar.onProgress,
         });
         bar.stop();

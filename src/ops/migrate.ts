@@ -39,6 +39,14 @@ export interface MigrateOptions extends ClientOptions {
    * every page, so the whole image crosses while the job is stopped.
    */
   stopAndCopy?: boolean;
+  /**
+   * The exarestore that was migrating this job died (the coordinator still shows it MIGRATING):
+   * finish its work. If the job still runs on its source, the move is called off and done again;
+   * if the source already ended it after the final checkpoint, or is down, the job is restored on
+   * the target from its last committed checkpoint. Only for a migration whose caller is gone:
+   * running it next to a live exarestore of the same job could start the job twice.
+   */
+  resumeInterrupted?: boolean;
   /** Pre-copy catch-up rounds before the job is stopped (default 4). */
   precopyRounds?: number;
   /** Stop iterating once a catch-up round moved at most this many pages (default 4096 = 16 MiB). */
@@ -79,7 +87,12 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
   const spec = await coord.getSpec(o.job);
   const runningOnSource = placement.state === 'RUNNING' && placement.host_state === 'UP';
   if (placement.host_id === o.to && runningOnSource) throw new ExaError('ALREADY_EXISTS', `job ${o.job} is already running on host ${o.to}`);
-  if (placement.state === 'MIGRATING') throw new ExaError('CONFLICT', `job ${o.job} is being migrated already`);
+  if (placement.state === 'MIGRATING') {
+    if (!o.resumeInterrupted) {
+      throw new ExaError('CONFLICT', `job ${o.job} is being migrated already (from host ${placement.host_id}); if the exarestore doing it died, run exarestore ${o.job} --to HOST --resume-interrupted`);
+    }
+    return resumeInterrupted(coord, o, placement, hosts, spec, target, t0);
+  }
 
   const targetAgent = await AgentClient.connect(target.agent_address, o);
   try {
@@ -144,6 +157,39 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
     }
   } finally {
     targetAgent.close();
+  }
+}
+
+/** Finish a migration whose caller died (see MigrateOptions.resumeInterrupted). */
+async function resumeInterrupted(
+  coord: CoordinatorClient, o: MigrateOptions, placement: Placement, hosts: HostRecord[], spec: JobSpecRecord, target: HostRecord, t0: number,
+): Promise<MigrateResult> {
+  const step = o.onStep ?? (() => undefined);
+  const source = hosts.find((h) => h.host_id === placement.host_id);
+  const sourceAgent = source && source.state === 'UP' ? await AgentClient.connect(source.agent_address, o).catch(() => null) : null;
+  try {
+    const onSource = sourceAgent ? (await sourceAgent.list()).find((j) => j.job === o.job) : undefined;
+    if (onSource && (onSource.state === 'RUNNING' || onSource.state === 'STARTING')) {
+      // Interrupted before the final checkpoint: the job still runs there. Call the move off, then do it again.
+      step(`${o.job} still runs on ${placement.host_id}: the interrupted migration is called off and started again`);
+      await coord.abortMove(o.job, placement.epoch);
+      return await migrate(coord, { ...o, resumeInterrupted: false });
+    }
+    // The source ended the job after its final checkpoint (or is down): restore the last committed one.
+    step(`${o.job} no longer runs on ${placement.host_id}: restoring it on ${o.to} from its last committed checkpoint`);
+    const grants = placement.dma_buffers.flatMap((b) => b.grants.map((g) => ({ buffer: b.name, peer: g.peer, perms: g.perms })));
+    const targetAgent = await AgentClient.connect(target.agent_address, o);
+    try {
+      const job = await targetAgent.restore(o.job, o.at ?? 0, spec, placement.epoch, o.onProgress, grants);
+      await coord.finishMove(o.job, placement.epoch, o.to, job.pid);
+      if (sourceAgent) await sourceAgent.jobMoved(o.job, o.to, target.dma_address).catch(() => undefined);
+      step(`${o.job} runs on ${o.to} (pid ${job.pid}) from checkpoint ${job.last_checkpoint}`);
+      return { job: o.job, from: placement.host_id, to: o.to, checkpoint: job.last_checkpoint, live: false, downtimeMs: 0, totalMs: performance.now() - t0, pid: job.pid };
+    } finally {
+      targetAgent.close();
+    }
+  } finally {
+    sourceAgent?.close();
   }
 }
 

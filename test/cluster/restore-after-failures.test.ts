@@ -4,9 +4,14 @@
  *    another host from its last committed checkpoint, and it finishes with the
  *    uninterrupted checksum;
  *  - the store is restarted during a run: the job is not disturbed, the agent
- *    reports the gap, and checkpoints resume once the store is back.
+ *    reports the gap, and checkpoints resume once the store is back;
+ *  - the exarestore migrating a job dies (after the source's final checkpoint,
+ *    or before it): the job shows MIGRATING, a plain exarestore refuses and
+ *    says how to recover, and --resume-interrupted finishes the move; the job
+ *    ends with the uninterrupted checksum.
  */
 import { afterEach, describe, expect, it } from 'vitest';
+import { AgentClient } from '../../src/hostagent/client.js';
 import { HEAT, cli, coordinator, finalChecksum, jobOn, killJobsOf, referenceChecksum, startAgent, startStore, stopAll, until } from './helpers.js';
 
 afterEach(stopAll);
@@ -65,5 +70,42 @@ describe('restore after failures', () => {
     }, 30_000);
     expect(resumed).toBeGreaterThan(first);
     expect(await finalChecksum(a.address, 'heat-sr')).toBe(expected);
+  });
+
+  it.each([
+    ['after the final checkpoint (the source ended the job)', true],
+    ['before the final checkpoint (the job still runs on the source)', false],
+  ])('finishes a migration whose exarestore died %s with --resume-interrupted', async (_what, finalTaken) => {
+    const expected = referenceChecksum(argv);
+    const store = await startStore();
+    const a = await startAgent('host-a', store.address, { heartbeatMs: 200 });
+    const b = await startAgent('host-b', store.address, { heartbeatMs: 200 });
+    const job = 'heat-orphan';
+    const run = await cli('exackpt', ['run', '--store', store.address, '--agent', 'host-a', '--job', job, '--', ...argv]);
+    expect(run.code, run.stderr).toBe(0);
+    await until('running', async () => ((await jobOn(a.address, job))?.state === 'RUNNING' ? true : undefined));
+    // What a dying exarestore leaves behind: the move begun, and maybe the source's final checkpoint taken.
+    const c = await coordinator(store.address);
+    try {
+      await c.beginMove(job, (await c.getPlacement(job)).epoch);
+      if (finalTaken) {
+        const src = await AgentClient.connect(a.address);
+        try { await src.checkpoint(job, true); } finally { src.close(); }
+        expect((await jobOn(a.address, job))?.state).toBe('STOPPED');
+      }
+    } finally { c.close(); }
+    const refused = await cli('exarestore', [job, '--to', 'host-b', '--store', store.address]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(/being migrated already \(from host host-a\).*--resume-interrupted/);
+    const r = await cli('exarestore', [job, '--to', 'host-b', '--store', store.address, '--resume-interrupted', '--json']);
+    expect(r.code, r.stderr).toBe(0);
+    const res = JSON.parse(r.stdout.trim().split('\n').pop()!) as { to: string; live: boolean };
+    expect(res).toMatchObject({ to: 'host-b', live: !finalTaken });
+    expect(await finalChecksum(b.address, job)).toBe(expected);
+    const c2 = await coordinator(store.address);
+    try {
+      const p = await c2.getPlacement(job);
+      expect(p.host_id).toBe('host-b');
+    } finally { c2.close(); }
   });
 });
