@@ -4,6 +4,9 @@
  * never touched before (they were unpopulated when protected:
  * UFFD_FEATURE_WP_UNPOPULATED), the next checkpoint holds exactly those K
  * pages with their new bytes, on both the copy-at-pause and the live sync path.
+ * A region freed and allocated again under the same name is new memory: the
+ * next increment holds all of its pages (zeros flagged), so a store that
+ * inherits pages by region name never restores the old region's bytes.
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { WorkloadProc, cleanup, drain, pattern, startAgent } from './helpers.js';
@@ -77,5 +80,26 @@ describe('async tracking edge', () => {
     const img2 = await drain(await a.agent.checkpoint('zap'));
     expect([...img2.keys()]).toEqual(['r:6']);
     expect(img2.get('r:6')!.bytes!.equals(pattern(3, 6))).toBe(true);
+  });
+});
+
+describe('a region freed and allocated again under the same name', () => {
+  it('is saved whole by the next increment (unwritten pages as zero pages), not inherited from the old region', async () => {
+    const a = startAgent();
+    const w = WorkloadProc.start(a.socketPath, 'realloc');
+    await w.ok('attach');
+    await w.ok('alloc r 8');
+    await w.ok('fill r 1');
+    const img1 = await drain(await a.agent.checkpoint('realloc'));
+    expect(img1.size).toBe(8);
+    await w.ok('free r');
+    await w.ok('alloc r 8');
+    await w.ok('write r 3 2');
+    const img2 = await drain(await a.agent.checkpoint('realloc'));
+    expect(img2.size).toBe(8);
+    for (let p = 0; p < 8; p++) {
+      if (p === 3) expect(img2.get('r:3')!.bytes!.equals(pattern(2, 3))).toBe(true);
+      else expect(img2.get(`r:${p}`)!.zero).toBe(true);
+    }
   });
 });
