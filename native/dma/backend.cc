@@ -243,6 +243,7 @@ struct Inbox {
   int efd = -1;
   bool alive = true;
   std::atomic<bool> has{false};
+  std::atomic<bool> sleeping{false}; /* the client thread is about to sleep / sleeps (Dekker with push) */
   void ring() {
     uint64_t one = 1;
     if (write(efd, &one, sizeof one) < 0) { /* overflow only: already readable */ }
@@ -252,7 +253,7 @@ struct Inbox {
     if (!alive) return;
     ev.push_back(std::move(e));
     has.store(true);
-    ring();
+    if (sleeping.load()) ring(); /* a spinning client sees `has` by itself */
   }
   void wake() {
     std::lock_guard<std::mutex> g(mu);
@@ -1299,6 +1300,7 @@ class Client {
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */
       for (auto &kv : queues_)
         if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_sleeping, 1, __ATOMIC_SEQ_CST);
+      inbox_->sleeping.store(true);
       __atomic_thread_fence(__ATOMIC_SEQ_CST);
       int timeout = -1;
       bool pending = pending_work(&timeout);
@@ -1307,6 +1309,7 @@ class Client {
       pr = poll(p, sq_efd_ >= 0 ? 4 : 3, pending ? 0 : timeout); /* pending: still serve control and stop */
       for (auto &kv : queues_)
         if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_sleeping, 0, __ATOMIC_SEQ_CST);
+      inbox_->sleeping.store(false);
       if (pr < 0 && errno != EINTR) break;
       if (pr > 0) {
         if (p[1].revents) break;
@@ -1891,8 +1894,10 @@ uint64_t Backend::engine_direct(const std::string &src_job, const std::string &s
   return now_ns() - t0;
 }
 
-uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
-  if (!msg || msg > EXA_DMA_NET_MAX_PAYLOAD || total < msg || !window) throw Error(-EINVAL, "tcp_baseline: bad sizes");
+uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window, uint64_t span) {
+  if (!msg || msg > EXA_DMA_NET_MAX_PAYLOAD || total < msg || !window || span < msg || span > (4ull << 30))
+    throw Error(-EINVAL, "tcp_baseline: bad sizes");
+  span -= span % msg;
   int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_in in;
   parse_addr("127.0.0.1:0", &in);
@@ -1903,16 +1908,29 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
     throw Error(-e, "tcp_baseline: listen: " + errstr(e));
   }
   uint64_t frames = total / msg;
-  /* The sink: the receive loop of serve_peer (header, payload in chunks), one reply per frame. */
-  std::thread sink([ls, frames] {
+  void *src = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void *dst = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (src == MAP_FAILED || dst == MAP_FAILED) {
+    if (src != MAP_FAILED) munmap(src, span);
+    if (dst != MAP_FAILED) munmap(dst, span);
+    ::close(ls);
+    throw Error(-ENOMEM, "tcp_baseline: cannot map the buffers");
+  }
+  memset(src, 7, span);
+  memset(dst, 0, span);
+  /* The sink: the receive loop of serve_peer (header, then the payload in kChunk receives), one
+   * reply per frame; a plain TCP receiver puts the bytes straight into the destination buffer. */
+  std::thread sink([ls, frames, dst, span, msg] {
     int fd = accept4(ls, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) return;
     tune(fd);
-    std::vector<uint8_t> buf(kChunk);
     exa_dma_net_hdr h, rep;
     for (uint64_t i = 0; i < frames; i++) {
-      if (!recv_all(fd, &h, sizeof h)) break;
-      if (!recv_payload(fd, h.len, buf, [](const uint8_t *, uint64_t, size_t) {})) break;
+      if (!recv_all(fd, &h, sizeof h) || h.len != msg) break;
+      uint8_t *d = (uint8_t *)dst + (i * msg) % span;
+      bool ok = true;
+      for (uint64_t done = 0; ok && done < h.len; done += kChunk) ok = recv_all(fd, d + done, (size_t)std::min<uint64_t>(kChunk, h.len - done));
+      if (!ok) break;
       hdr_init(rep, EXA_DMA_NET_REPLY);
       rep.id = h.id;
       if (!send_frame(fd, rep, nullptr, 0)) break;
@@ -1927,10 +1945,10 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
     shutdown(ls, SHUT_RDWR);
     ::close(ls);
     sink.join();
+    munmap(src, span);
+    munmap(dst, span);
     throw Error(fd, "tcp_baseline: " + err);
   }
-  void *src = mmap(nullptr, msg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  memset(src, 7, msg);
   std::atomic<uint64_t> acked{0};
   /* Replies are read on their own thread, as a link's reader does. */
   std::thread reader([&] {
@@ -1947,14 +1965,15 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
   for (uint64_t i = 0; i < frames; i++) {
     while (i - acked.load() >= window) sched_yield();
     h.id = i + 1;
-    if (!send_frame(fd, h, src, msg)) break;
+    if (!send_frame(fd, h, (uint8_t *)src + (i * msg) % span, msg)) break;
   }
   reader.join();
   uint64_t ns = now_ns() - t0;
   ::close(fd);
   sink.join();
   ::close(ls);
-  munmap(src, msg);
+  munmap(src, span);
+  munmap(dst, span);
   if (acked.load() != frames) throw Error(-EIO, "tcp_baseline: the transfer broke off");
   return ns;
 }
