@@ -37,7 +37,8 @@ function rank(socketPath: string, r: number): { done: Promise<string> } {
   return {
     done: new Promise((resolve, reject) => {
       p.once('error', reject);
-      p.once('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`rank ${r} exited ${code}: ${err}`))));
+      // 'close', not 'exit': only then has all of its stdout been read (on a loaded machine 'exit' can come first)
+      p.once('close', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`rank ${r} exited ${code}: ${err}`))));
     }),
   };
 }
