@@ -1732,6 +1732,9 @@ std::string Backend::route(const std::string &job) {
 void Backend::set_route_quiet(const std::string &job, const std::string &addr) {
   std::lock_guard<std::mutex> g(fence_mu_);
   routes_[job] = addr;
+  /* A job that moved on again from where we sent it: follow it (else we would bounce forever). */
+  auto it = jobs_.find(job);
+  if (it != jobs_.end() && (it->second->state.load() & JobState::MOVED)) it->second->moved_to = addr;
 }
 
 std::string Backend::moved_to(const std::string &job) {

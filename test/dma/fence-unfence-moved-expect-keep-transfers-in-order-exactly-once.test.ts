@@ -117,6 +117,31 @@ describe('fence, unfence, moved and expect', () => {
     });
   }
 
+  it('a job that moves twice (B -> C -> D): a writer left behind on B follows it to D; the last value wins, each write applied once', async () => {
+    const [B, C, D] = startAgents(3);
+    const [w, t1] = await writerAndTarget(B!.socketPath, B!.socketPath);
+    const run = sequence(w, 'jb', 16);
+    run.catch(() => undefined);
+    const applied = () => native.dmaBackendStats(B!.be).ops + native.dmaBackendStats(C!.be).servedOps + native.dmaBackendStats(D!.be).servedOps;
+    const move = async (from: typeof B, to: typeof B, old: DmaPeer): Promise<DmaPeer> => {
+      const { grants } = await native.dmaFence(from!.be, 'jb');
+      native.dmaExpect(to!.be, 'jb', grants, 30000);
+      const t = await DmaPeer.start(to!.socketPath, 'jb');
+      await t.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+      native.dmaMoved(from!.be, 'jb', to!.addr);
+      old.proc.kill('SIGKILL');
+      return t;
+    };
+    await until(() => applied() > 200, 'writes under way on B');
+    const t2 = await move(B, C, t1);
+    await until(() => native.dmaBackendStats(C!.be).servedOps > 200, 'writes under way on C');
+    const t3 = await move(C, D, t2);
+    expect(await run).toMatchObject({ n: N, ok: N, distinctTags: N });
+    expect(await value(t3)).toBe(N - 1);
+    expect(applied()).toBe(N);
+    expect(native.dmaBackendStats(D!.be).servedOps).toBeGreaterThan(0);
+  });
+
   it('an operation held longer than the hold timeout fails with a reason naming the job; after unfence the next one passes', async () => {
     const [B] = startAgents(1);
     const [A] = startAgents(1, { dma: { holdTimeoutMs: 300 } });
