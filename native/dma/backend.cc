@@ -661,7 +661,9 @@ class Client {
 
   /* Validate op, resolve its peer buffer (moved -> local -> expected -> route) and execute it
    * (local), send it (remote) or keep it (WAIT: it stays at the head of the queue's backlog). */
-  Act dispatch(Queue &q, Op &op, uint64_t now) {
+  Act dispatch(Queue &q, Op &op, uint64_t now_hint) {
+    /* the clock is read only on the slow paths (holds, route waits) */
+    auto now = [&]() { return now_hint ? now_hint : (now_hint = now_ns()); };
     const exa_dma_req &r = op.r;
     auto no = [&](int err, const std::string &why) { return refuse(q, op, err, why); };
     op.wait_flight = false;
@@ -681,14 +683,14 @@ class Client {
       return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                             std::to_string(r.local_off) + " is outside local buffer \"" + lb->name + "\" (" +
                             std::to_string(lb->size) + " bytes)");
-    if (js_->state.load() & JobState::FENCED) return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now);
+    if (js_->state.load() & JobState::FENCED) return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now());
 
     unsigned st = h.js->state.load();
     std::string addr;
     std::shared_ptr<Buffer> rb;
     if (st & JobState::MOVED) addr = be_->moved_to(h.job);
     if (addr.empty()) {
-      if (st & JobState::FENCED) return hold(q, op, "job " + h.job + " is fenced for migration", now);
+      if (st & JobState::FENCED) return hold(q, op, "job " + h.job + " is fenced for migration", now());
       rb = h.local;
       if (!rb || gone(rb)) {
         auto b = be_->find(h.job, h.name);
@@ -697,25 +699,25 @@ class Client {
       std::string why;
       if (rb && gone(rb, &why)) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
-          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now);
+          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) /* the owner freed it or went away, and lives nowhere else: as before */
           return no(why.find("exited") != std::string::npos ? ECONNRESET : ENOENT, "buffer \"" + rb->name + "\" of job " + rb->owner + ": " + why);
         rb = nullptr;
       } else if (!rb) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
-          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now);
+          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) {
           if (!be_->opts_.on_route_miss) return no(ENOENT, "job " + h.job + " is not known on any host (no route)");
           if (!op.route_wait) {
-            op.route_wait = now;
+            op.route_wait = now();
             op.route_seq = be_->route_refused_seq("");
             be_->ask_route(h.job);
           }
-          if (be_->route_refused_seq(h.job) > op.route_seq || now - op.route_wait > kRouteWaitNs)
+          if (be_->route_refused_seq(h.job) > op.route_seq || now() - op.route_wait > kRouteWaitNs)
             return no(ENOENT, "job " + h.job + " is not known on any host");
-          op.not_before = now + kRecheckNs;
+          op.not_before = now() + kRecheckNs;
           return WAIT;
         }
       }
@@ -725,7 +727,7 @@ class Client {
       auto f = q.flight.find(h.job);
       if (f != q.flight.end()) { /* earlier operations to this job are still on their way elsewhere */
         op.wait_flight = true;
-        op.not_before = now + kRecheckNs;
+        op.not_before = now() + kRecheckNs;
         return WAIT;
       }
       /* Dekker with fence(): count the operation as started, then re-check the states. */
@@ -753,7 +755,7 @@ class Client {
     auto f = q.flight.find(h.job);
     if (f != q.flight.end() && f->second.n > 0 && (f->second.addr != addr || op.retry)) {
       op.wait_flight = true;
-      op.not_before = now + kRecheckNs;
+      op.not_before = now() + kRecheckNs;
       return WAIT;
     }
     std::string err;
@@ -762,7 +764,7 @@ class Client {
     js_->active.fetch_add(1);
     if (js_->state.load() & JobState::FENCED) {
       js_->active.fetch_sub(1);
-      return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now);
+      return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now());
     }
     auto p = std::make_unique<Pending>();
     p->inbox = inbox_;
@@ -860,7 +862,7 @@ class Client {
 
   int serve_queue(Queue &q) {
     int work = 0;
-    uint64_t now = now_ns();
+    uint64_t now = q.backlog.empty() ? 0 : now_ns(); /* 0: dispatch reads the clock only if it must */
     while (!q.backlog.empty()) {
       Op &op = q.backlog.front();
       if (op.not_before > now) return work;
