@@ -39,6 +39,7 @@ constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long befo
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
+constexpr size_t kMaxPeers = 256;          /* accepted agent connections at once */
 constexpr size_t kChunk = 1u << 17;        /* incoming payloads are received and written in chunks */
 
 uint64_t now_ns() {
@@ -1503,6 +1504,13 @@ void Backend::accept_loop() {
         PeerConn *raw = pc.get();
         std::lock_guard<std::mutex> g(links_mu_);
         if (stopping_) return; /* pc closes fd */
+        if (peers_.size() >= kMaxPeers) {
+          /* a thread each: bounded (a real cluster has one connection per other agent) */
+          n_dropped_++;
+          last_drop_ = "refused a connection from " + pc->who + ": already " + std::to_string(kMaxPeers) + " agent connections";
+          fprintf(stderr, "exaagent: DMA: %s\n", last_drop_.c_str());
+          continue; /* pc closes fd */
+        }
         peers_.push_back(std::move(pc));
         raw->th = std::thread([this, raw] {
           serve_peer(raw);
@@ -1549,7 +1557,15 @@ void Backend::serve_peer(PeerConn *pc) {
     shutdown(fd, SHUT_RDWR);
   };
   exa_dma_net_hdr h;
-  if (!recv_all(fd, &h, sizeof h)) return;
+  struct timeval tv = {10, 0}; /* a connection that never says HELLO does not keep a thread */
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  errno = 0;
+  if (!recv_all(fd, &h, sizeof h)) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) drop("no HELLO within 10 s");
+    return; /* closed before saying anything: not worth a log line */
+  }
+  tv = {0, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   if (h.magic != EXA_DMA_NET_MAGIC || h.version != EXA_DMA_NET_VERSION || h.type != EXA_DMA_NET_HELLO || h.len)
     return drop("bad magic, version or first frame (expected HELLO)");
   h.text[EXA_DMA_NET_TEXT - 1] = 0;
