@@ -117,6 +117,7 @@ async function interhost(rounds: number, log: (line: string) => void): Promise<R
     if (st.remoteOps < rounds * ITERS) throw new Error(`only ${st.remoteOps} writes went over TCP`);
     const out = {
       interhost_vs_tcp: r2(median(ratios)),
+      interhost_ratios: ratios.map(r2),
       interhost_gbps: r2(median(dmaGbps)),
       raw_tcp_gbps: r2(median(tcpGbps)),
       interhost_msg_bytes: LEN,
