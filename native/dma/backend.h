@@ -47,6 +47,16 @@
  * returns once the ops already started have finished, with the grants),
  * unfence, moved (answer MOVED(addr), re-route), expect (hold ops for
  * buffers not registered yet; install the grants when they are).
+ *
+ * Known limits: one serving thread per incoming connection applies requests
+ * in order, so a write waiting for a checkpoint's saver delays the later
+ * requests of every job behind it on that connection (the same wait a local
+ * write has); a client thread sends on the shared link itself, so a peer that
+ * stops reading stalls that client until the connection breaks or the backend
+ * closes; a LOOKUP that needs a route blocks its client's thread (up to 5 s)
+ * like any control request; IPv4 "ip:port" only; without a cluster token any
+ * process that can reach the port may act as any job of the sending agent
+ * (the default listen address is loopback).
  */
 #pragma once
 
