@@ -1695,17 +1695,20 @@ void Backend::serve_peer(PeerConn *pc) {
 }
 
 std::shared_ptr<Link> Backend::link(const std::string &addr, std::string *err) {
-  std::lock_guard<std::mutex> g(links_mu_);
-  if (stopping_) {
-    *err = "the DMA backend is closing";
-    return nullptr;
+  {
+    std::lock_guard<std::mutex> g(links_mu_);
+    if (stopping_) {
+      *err = "the DMA backend is closing";
+      return nullptr;
+    }
+    auto it = links_.find(addr);
+    if (it != links_.end()) {
+      if (!it->second->dead()) return it->second;
+      dead_links_.push_back(it->second);
+      links_.erase(it);
+    }
   }
-  auto it = links_.find(addr);
-  if (it != links_.end()) {
-    if (!it->second->dead()) return it->second;
-    dead_links_.push_back(it->second);
-    links_.erase(it);
-  }
+  /* Connect and shake hands without the lock (up to a few seconds for an unreachable agent). */
   int fd = connect_to(addr, err);
   if (fd < 0) return nullptr;
   exa_dma_net_hdr h;
@@ -1727,6 +1730,21 @@ std::shared_ptr<Link> Backend::link(const std::string &addr, std::string *err) {
   }
   tv = {0, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::lock_guard<std::mutex> g(links_mu_);
+  if (stopping_) {
+    ::close(fd);
+    *err = "the DMA backend is closing";
+    return nullptr;
+  }
+  auto it = links_.find(addr);
+  if (it != links_.end() && !it->second->dead()) { /* another client connected meanwhile: one link per peer */
+    ::close(fd);
+    return it->second;
+  }
+  if (it != links_.end()) {
+    dead_links_.push_back(it->second);
+    links_.erase(it);
+  }
   auto l = std::make_shared<Link>(this, addr, fd);
   l->start();
   links_[addr] = l;
