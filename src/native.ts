@@ -262,8 +262,11 @@ interface NativeAddon {
    * grants are installed at once.
    */
   dmaExpect(h: DmaBackendHandle, job: string, grants: NativeDmaGrant[], timeoutMs: number): void;
-  /** Benchmark baseline: raw loopback TCP, same frames and receive loop as the agent data path; ns. */
-  dmaTcpBaseline(h: DmaBackendHandle, msgBytes: number, totalBytes: number, window: number): number;
+  /**
+   * Benchmark baseline: raw loopback TCP with the agent data path's frames, send (writev) and receive loop,
+   * from a spanBytes source to a spanBytes destination at sweeping offsets, at most `window` frames unanswered; ns.
+   */
+  dmaTcpBaseline(h: DmaBackendHandle, msgBytes: number, totalBytes: number, window: number, spanBytes: number): number;
   dmaBackendClose(h: DmaBackendHandle): void;
   dmaBackendStats(h: DmaBackendHandle): NativeDmaBackendStats;
   dmaEngineDirect(h: DmaBackendHandle, srcJob: string, srcBuf: string, dstJob: string, dstBuf: string, len: number, iters: number, span: number): number;

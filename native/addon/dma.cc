@@ -313,11 +313,12 @@ Napi::Value Expect(const Napi::CallbackInfo &info) {
   return env.Undefined();
 }
 
-/* dmaTcpBaseline(h, msgBytes, totalBytes, window) -> ns (benchmark baseline; blocks the JS thread) */
+/* dmaTcpBaseline(h, msgBytes, totalBytes, window, spanBytes) -> ns (benchmark baseline; blocks the JS thread) */
 Napi::Value TcpBaseline(const Napi::CallbackInfo &info) {
   auto *w = unwrap_backend(info);
   try {
-    uint64_t ns = w->be->tcp_baseline(u64_arg(info, 1, "msgBytes"), u64_arg(info, 2, "totalBytes"), (uint32_t)u64_arg(info, 3, "window"));
+    uint64_t ns = w->be->tcp_baseline(u64_arg(info, 1, "msgBytes"), u64_arg(info, 2, "totalBytes"), (uint32_t)u64_arg(info, 3, "window"),
+                                     u64_arg(info, 4, "spanBytes"));
     return Napi::Number::New(info.Env(), (double)ns);
   } catch (const exa::Error &e) {
     throw_errno(info.Env(), e.err, e.what());

@@ -39,6 +39,7 @@ constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long befo
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
+constexpr size_t kMaxPeers = 256;          /* accepted agent connections at once */
 constexpr size_t kChunk = 1u << 17;        /* incoming payloads are received and written in chunks */
 
 uint64_t now_ns() {
@@ -243,6 +244,7 @@ struct Inbox {
   int efd = -1;
   bool alive = true;
   std::atomic<bool> has{false};
+  std::atomic<bool> sleeping{false}; /* the client thread is about to sleep / sleeps (Dekker with push) */
   void ring() {
     uint64_t one = 1;
     if (write(efd, &one, sizeof one) < 0) { /* overflow only: already readable */ }
@@ -252,7 +254,7 @@ struct Inbox {
     if (!alive) return;
     ev.push_back(std::move(e));
     has.store(true);
-    ring();
+    if (sleeping.load()) ring(); /* a spinning client sees `has` by itself */
   }
   void wake() {
     std::lock_guard<std::mutex> g(mu);
@@ -535,6 +537,7 @@ class Client {
     int cq_efd = -1;
     uint64_t sq_head = 0; /* ours; the shared copy is only published */
     uint64_t cq_tail = 0;
+    uint64_t cq_head_seen = 0; /* the frontend's cq_head as last read */
     bool broken = false;
     uint64_t next_seq = 0;
     std::deque<Op> backlog;               /* consumed, not executed yet (held, waiting for a route or replies) */
@@ -570,9 +573,11 @@ class Client {
    * completion ring full. Returns false when the client must go away. Client thread only. */
   bool complete(Queue &q, uint64_t tag, uint16_t op, int32_t status, uint64_t len, const std::string &why) {
     if (status < 0) be_->n_errors_++;
-    for (;;) {
-      uint64_t head = __atomic_load_n(&q.hdr->cq_head, __ATOMIC_ACQUIRE);
-      if (q.cq_tail - head < EXA_DMA_RING_DEPTH) break;
+    /* The frontend's cq_head is read only when our last view of it says the ring is full: one
+     * cache line less crossing cores per operation. */
+    while (q.cq_tail - q.cq_head_seen >= EXA_DMA_RING_DEPTH) {
+      q.cq_head_seen = __atomic_load_n(&q.hdr->cq_head, __ATOMIC_ACQUIRE);
+      if (q.cq_tail - q.cq_head_seen < EXA_DMA_RING_DEPTH) break;
       struct pollfd p[2] = {{be_->stop_fd_, POLLIN, 0}, {sock_, 0, 0}};
       if (poll(p, 2, 1) != 0 && (p[0].revents || p[1].revents)) return false;
     }
@@ -582,8 +587,10 @@ class Client {
     e->status = status;
     e->op = op;
     e->pad = 0;
-    memset(e->reason, 0, sizeof e->reason);
-    if (!why.empty()) snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
+    /* A success touches only the entry's first cache line (the frontend reads the reason of
+     * failures only). */
+    if (why.empty()) e->reason[0] = 0;
+    else snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
     q.cq_tail++;
     __atomic_store_n(&q.hdr->cq_tail, q.cq_tail, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -660,7 +667,9 @@ class Client {
 
   /* Validate op, resolve its peer buffer (moved -> local -> expected -> route) and execute it
    * (local), send it (remote) or keep it (WAIT: it stays at the head of the queue's backlog). */
-  Act dispatch(Queue &q, Op &op, uint64_t now) {
+  Act dispatch(Queue &q, Op &op, uint64_t now_hint) {
+    /* the clock is read only on the slow paths (holds, route waits) */
+    auto now = [&]() { return now_hint ? now_hint : (now_hint = now_ns()); };
     const exa_dma_req &r = op.r;
     auto no = [&](int err, const std::string &why) { return refuse(q, op, err, why); };
     op.wait_flight = false;
@@ -680,14 +689,14 @@ class Client {
       return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                             std::to_string(r.local_off) + " is outside local buffer \"" + lb->name + "\" (" +
                             std::to_string(lb->size) + " bytes)");
-    if (js_->state.load() & JobState::FENCED) return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now);
+    if (js_->state.load() & JobState::FENCED) return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now());
 
     unsigned st = h.js->state.load();
     std::string addr;
     std::shared_ptr<Buffer> rb;
     if (st & JobState::MOVED) addr = be_->moved_to(h.job);
     if (addr.empty()) {
-      if (st & JobState::FENCED) return hold(q, op, "job " + h.job + " is fenced for migration", now);
+      if (st & JobState::FENCED) return hold(q, op, "job " + h.job + " is fenced for migration", now());
       rb = h.local;
       if (!rb || gone(rb)) {
         auto b = be_->find(h.job, h.name);
@@ -696,25 +705,25 @@ class Client {
       std::string why;
       if (rb && gone(rb, &why)) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
-          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now);
+          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) /* the owner freed it or went away, and lives nowhere else: as before */
           return no(why.find("exited") != std::string::npos ? ECONNRESET : ENOENT, "buffer \"" + rb->name + "\" of job " + rb->owner + ": " + why);
         rb = nullptr;
       } else if (!rb) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
-          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now);
+          return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) {
           if (!be_->opts_.on_route_miss) return no(ENOENT, "job " + h.job + " is not known on any host (no route)");
           if (!op.route_wait) {
-            op.route_wait = now;
+            op.route_wait = now();
             op.route_seq = be_->route_refused_seq("");
             be_->ask_route(h.job);
           }
-          if (be_->route_refused_seq(h.job) > op.route_seq || now - op.route_wait > kRouteWaitNs)
+          if (be_->route_refused_seq(h.job) > op.route_seq || now() - op.route_wait > kRouteWaitNs)
             return no(ENOENT, "job " + h.job + " is not known on any host");
-          op.not_before = now + kRecheckNs;
+          op.not_before = now() + kRecheckNs;
           return WAIT;
         }
       }
@@ -724,7 +733,7 @@ class Client {
       auto f = q.flight.find(h.job);
       if (f != q.flight.end()) { /* earlier operations to this job are still on their way elsewhere */
         op.wait_flight = true;
-        op.not_before = now + kRecheckNs;
+        op.not_before = now() + kRecheckNs;
         return WAIT;
       }
       /* Dekker with fence(): count the operation as started, then re-check the states. */
@@ -752,7 +761,7 @@ class Client {
     auto f = q.flight.find(h.job);
     if (f != q.flight.end() && f->second.n > 0 && (f->second.addr != addr || op.retry)) {
       op.wait_flight = true;
-      op.not_before = now + kRecheckNs;
+      op.not_before = now() + kRecheckNs;
       return WAIT;
     }
     std::string err;
@@ -761,7 +770,7 @@ class Client {
     js_->active.fetch_add(1);
     if (js_->state.load() & JobState::FENCED) {
       js_->active.fetch_sub(1);
-      return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now);
+      return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now());
     }
     auto p = std::make_unique<Pending>();
     p->inbox = inbox_;
@@ -859,7 +868,7 @@ class Client {
 
   int serve_queue(Queue &q) {
     int work = 0;
-    uint64_t now = now_ns();
+    uint64_t now = q.backlog.empty() ? 0 : now_ns(); /* 0: dispatch reads the clock only if it must */
     while (!q.backlog.empty()) {
       Op &op = q.backlog.front();
       if (op.not_before > now) return work;
@@ -1098,6 +1107,7 @@ class Client {
         /* Start from where the frontend says it is (a fresh ring: 0), never trusted afterwards. */
         q.sq_head = __atomic_load_n(&q.hdr->sq_head, __ATOMIC_ACQUIRE);
         q.cq_tail = __atomic_load_n(&q.hdr->cq_tail, __ATOMIC_ACQUIRE);
+        q.cq_head_seen = __atomic_load_n(&q.hdr->cq_head, __ATOMIC_ACQUIRE);
         queues_[q.id] = std::move(q);
         reply(m, 0, "", next_queue_ - 1);
         return true;
@@ -1306,6 +1316,7 @@ class Client {
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */
       for (auto &kv : queues_)
         if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_sleeping, 1, __ATOMIC_SEQ_CST);
+      inbox_->sleeping.store(true);
       __atomic_thread_fence(__ATOMIC_SEQ_CST);
       int timeout = -1;
       bool pending = pending_work(&timeout);
@@ -1314,6 +1325,7 @@ class Client {
       pr = poll(p, sq_efd_ >= 0 ? 4 : 3, pending ? 0 : timeout); /* pending: still serve control and stop */
       for (auto &kv : queues_)
         if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_sleeping, 0, __ATOMIC_SEQ_CST);
+      inbox_->sleeping.store(false);
       if (pr < 0 && errno != EINTR) break;
       if (pr > 0) {
         if (p[1].revents) break;
@@ -1499,6 +1511,13 @@ void Backend::accept_loop() {
         PeerConn *raw = pc.get();
         std::lock_guard<std::mutex> g(links_mu_);
         if (stopping_) return; /* pc closes fd */
+        if (peers_.size() >= kMaxPeers) {
+          /* a thread each: bounded (a real cluster has one connection per other agent) */
+          n_dropped_++;
+          last_drop_ = "refused a connection from " + pc->who + ": already " + std::to_string(kMaxPeers) + " agent connections";
+          fprintf(stderr, "exaagent: DMA: %s\n", last_drop_.c_str());
+          continue; /* pc closes fd */
+        }
         peers_.push_back(std::move(pc));
         raw->th = std::thread([this, raw] {
           serve_peer(raw);
@@ -1545,7 +1564,15 @@ void Backend::serve_peer(PeerConn *pc) {
     shutdown(fd, SHUT_RDWR);
   };
   exa_dma_net_hdr h;
-  if (!recv_all(fd, &h, sizeof h)) return;
+  struct timeval tv = {10, 0}; /* a connection that never says HELLO does not keep a thread */
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  errno = 0;
+  if (!recv_all(fd, &h, sizeof h)) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) drop("no HELLO within 10 s");
+    return; /* closed before saying anything: not worth a log line */
+  }
+  tv = {0, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   if (h.magic != EXA_DMA_NET_MAGIC || h.version != EXA_DMA_NET_VERSION || h.type != EXA_DMA_NET_HELLO || h.len)
     return drop("bad magic, version or first frame (expected HELLO)");
   h.text[EXA_DMA_NET_TEXT - 1] = 0;
@@ -1675,17 +1702,20 @@ void Backend::serve_peer(PeerConn *pc) {
 }
 
 std::shared_ptr<Link> Backend::link(const std::string &addr, std::string *err) {
-  std::lock_guard<std::mutex> g(links_mu_);
-  if (stopping_) {
-    *err = "the DMA backend is closing";
-    return nullptr;
+  {
+    std::lock_guard<std::mutex> g(links_mu_);
+    if (stopping_) {
+      *err = "the DMA backend is closing";
+      return nullptr;
+    }
+    auto it = links_.find(addr);
+    if (it != links_.end()) {
+      if (!it->second->dead()) return it->second;
+      dead_links_.push_back(it->second);
+      links_.erase(it);
+    }
   }
-  auto it = links_.find(addr);
-  if (it != links_.end()) {
-    if (!it->second->dead()) return it->second;
-    dead_links_.push_back(it->second);
-    links_.erase(it);
-  }
+  /* Connect and shake hands without the lock (up to a few seconds for an unreachable agent). */
   int fd = connect_to(addr, err);
   if (fd < 0) return nullptr;
   exa_dma_net_hdr h;
@@ -1707,6 +1737,21 @@ std::shared_ptr<Link> Backend::link(const std::string &addr, std::string *err) {
   }
   tv = {0, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::lock_guard<std::mutex> g(links_mu_);
+  if (stopping_) {
+    ::close(fd);
+    *err = "the DMA backend is closing";
+    return nullptr;
+  }
+  auto it = links_.find(addr);
+  if (it != links_.end() && !it->second->dead()) { /* another client connected meanwhile: one link per peer */
+    ::close(fd);
+    return it->second;
+  }
+  if (it != links_.end()) {
+    dead_links_.push_back(it->second);
+    links_.erase(it);
+  }
   auto l = std::make_shared<Link>(this, addr, fd);
   l->start();
   links_[addr] = l;
@@ -1736,6 +1781,9 @@ std::string Backend::route(const std::string &job) {
 void Backend::set_route_quiet(const std::string &job, const std::string &addr) {
   std::lock_guard<std::mutex> g(fence_mu_);
   routes_[job] = addr;
+  /* A job that moved on again from where we sent it: follow it (else we would bounce forever). */
+  auto it = jobs_.find(job);
+  if (it != jobs_.end() && (it->second->state.load() & JobState::MOVED)) it->second->moved_to = addr;
 }
 
 std::string Backend::moved_to(const std::string &job) {
@@ -1912,8 +1960,10 @@ uint64_t Backend::engine_direct(const std::string &src_job, const std::string &s
   return now_ns() - t0;
 }
 
-uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
-  if (!msg || msg > EXA_DMA_NET_MAX_PAYLOAD || total < msg || !window) throw Error(-EINVAL, "tcp_baseline: bad sizes");
+uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window, uint64_t span) {
+  if (!msg || msg > EXA_DMA_NET_MAX_PAYLOAD || total < msg || !window || span < msg || span > (4ull << 30))
+    throw Error(-EINVAL, "tcp_baseline: bad sizes");
+  span -= span % msg;
   int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   struct sockaddr_in in;
   parse_addr("127.0.0.1:0", &in);
@@ -1924,16 +1974,29 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
     throw Error(-e, "tcp_baseline: listen: " + errstr(e));
   }
   uint64_t frames = total / msg;
-  /* The sink: the receive loop of serve_peer (header, payload in chunks), one reply per frame. */
-  std::thread sink([ls, frames] {
+  void *src = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void *dst = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (src == MAP_FAILED || dst == MAP_FAILED) {
+    if (src != MAP_FAILED) munmap(src, span);
+    if (dst != MAP_FAILED) munmap(dst, span);
+    ::close(ls);
+    throw Error(-ENOMEM, "tcp_baseline: cannot map the buffers");
+  }
+  memset(src, 7, span);
+  memset(dst, 0, span);
+  /* The sink: the receive loop of serve_peer (header, then the payload in kChunk receives), one
+   * reply per frame; a plain TCP receiver puts the bytes straight into the destination buffer. */
+  std::thread sink([ls, frames, dst, span, msg] {
     int fd = accept4(ls, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) return;
     tune(fd);
-    std::vector<uint8_t> buf(kChunk);
     exa_dma_net_hdr h, rep;
     for (uint64_t i = 0; i < frames; i++) {
-      if (!recv_all(fd, &h, sizeof h)) break;
-      if (!recv_payload(fd, h.len, buf, [](const uint8_t *, uint64_t, size_t) {})) break;
+      if (!recv_all(fd, &h, sizeof h) || h.len != msg) break;
+      uint8_t *d = (uint8_t *)dst + (i * msg) % span;
+      bool ok = true;
+      for (uint64_t done = 0; ok && done < h.len; done += kChunk) ok = recv_all(fd, d + done, (size_t)std::min<uint64_t>(kChunk, h.len - done));
+      if (!ok) break;
       hdr_init(rep, EXA_DMA_NET_REPLY);
       rep.id = h.id;
       if (!send_frame(fd, rep, nullptr, 0)) break;
@@ -1948,10 +2011,10 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
     shutdown(ls, SHUT_RDWR);
     ::close(ls);
     sink.join();
+    munmap(src, span);
+    munmap(dst, span);
     throw Error(fd, "tcp_baseline: " + err);
   }
-  void *src = mmap(nullptr, msg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  memset(src, 7, msg);
   std::atomic<uint64_t> acked{0};
   /* Replies are read on their own thread, as a link's reader does. */
   std::thread reader([&] {
@@ -1968,14 +2031,15 @@ uint64_t Backend::tcp_baseline(uint64_t msg, uint64_t total, uint32_t window) {
   for (uint64_t i = 0; i < frames; i++) {
     while (i - acked.load() >= window) sched_yield();
     h.id = i + 1;
-    if (!send_frame(fd, h, src, msg)) break;
+    if (!send_frame(fd, h, (uint8_t *)src + (i * msg) % span, msg)) break;
   }
   reader.join();
   uint64_t ns = now_ns() - t0;
   ::close(fd);
   sink.join();
   ::close(ls);
-  munmap(src, msg);
+  munmap(src, span);
+  munmap(dst, span);
   if (acked.load() != frames) throw Error(-EIO, "tcp_baseline: the transfer broke off");
   return ns;
 }

@@ -47,6 +47,16 @@
  * returns once the ops already started have finished, with the grants),
  * unfence, moved (answer MOVED(addr), re-route), expect (hold ops for
  * buffers not registered yet; install the grants when they are).
+ *
+ * Known limits: one serving thread per incoming connection applies requests
+ * in order, so a write waiting for a checkpoint's saver delays the later
+ * requests of every job behind it on that connection (the same wait a local
+ * write has); a client thread sends on the shared link itself, so a peer that
+ * stops reading stalls that client until the connection breaks or the backend
+ * closes; a LOOKUP that needs a route blocks its client's thread (up to 5 s)
+ * like any control request; IPv4 "ip:port" only; without a cluster token any
+ * process that can reach the port may act as any job of the sending agent
+ * (the default listen address is loopback).
  */
 #pragma once
 
@@ -143,10 +153,12 @@ class Backend {
   uint64_t engine_direct(const std::string &src_job, const std::string &src_buf, const std::string &dst_job,
                          const std::string &dst_buf, uint64_t len, uint32_t iters, uint64_t span);
   /* Benchmark baseline: `total` bytes in frames of msg bytes (an exa_dma_net_hdr then msg payload
-   * bytes, writev) over a fresh loopback TCP connection to a sink thread that receives them with
-   * the same receive loop the backend uses, which answers each frame; at most `window` frames
-   * unanswered (as a queue's depth bounds the remoted path); returns ns. */
-  uint64_t tcp_baseline(uint64_t msg, uint64_t total, uint32_t window);
+   * bytes, writev) from a span-byte source at sweeping offsets, over a fresh loopback TCP
+   * connection to a sink thread that receives them with the backend's receive loop (header, then
+   * kChunk-sized receives) straight into a span-byte destination at the same offsets, and answers
+   * each frame; at most `window` frames unanswered (as a queue's depth bounds the remoted path);
+   * returns ns. */
+  uint64_t tcp_baseline(uint64_t msg, uint64_t total, uint32_t window, uint64_t span);
 
   /* Migration primitives (see the top of this file). */
   void set_route(const std::string &job, const std::string *addr);

@@ -309,8 +309,12 @@ static int reap_locked(struct exa_dma_queue *q, struct exa_dma_completion *out, 
     out[n].len = e->len;
     out[n].status = e->status > 0 ? -EPROTO : e->status;
     out[n].op = e->op;
-    memcpy(out[n].reason, e->reason, EXA_DMA_REASON);
-    out[n].reason[EXA_DMA_REASON - 1] = 0;
+    /* The reason (the entry's second cache line) is read for failures only. */
+    if (out[n].status < 0) {
+      memcpy(out[n].reason, e->reason, EXA_DMA_REASON);
+      out[n].reason[EXA_DMA_REASON - 1] = 0;
+    } else
+      out[n].reason[0] = 0;
     head++;
     n++;
   }

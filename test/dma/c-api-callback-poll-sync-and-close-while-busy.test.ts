@@ -33,7 +33,7 @@ describe('the C DMA API', () => {
     p.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
     p.stderr!.on('data', (d: Buffer) => { out += d.toString(); });
     const code = await new Promise<number | null>((resolve, reject) => {
-      p.once('exit', (c) => resolve(c));
+      p.once('close', (c) => resolve(c)); // 'close': all output read
       p.once('error', reject); // e.g. not built: fail at once, not at the test timeout
     });
     expect(out).toMatch(/^ok delivered-before-close=\d+/);

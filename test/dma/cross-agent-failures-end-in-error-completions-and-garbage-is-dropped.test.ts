@@ -165,6 +165,52 @@ describe('faults on the agent-to-agent data path', () => {
     expect((await pb.ok({ cmd: 'hash', name: 'win', len: 16 })).ok).toBe(true);
   });
 
+  it('a peer "agent" answering with garbage (bad magic, unknown request id, wrong payload length): the connection is dropped, the waiting call fails with the reason, the sender keeps working', async () => {
+    const [A, B] = startAgents(2);
+    const modes = ['magic', 'id', 'len'] as const;
+    let mode: (typeof modes)[number] = 'magic';
+    // a fake agent: completes the handshake, then answers every request in the current broken way
+    const fake = createServer((c) => {
+      let buf = Buffer.alloc(0);
+      let hello = false;
+      c.on('error', () => undefined);
+      c.on('data', (d) => {
+        buf = Buffer.concat([buf, d]);
+        while (buf.length >= 512) {
+          const req = buf.subarray(0, 512);
+          buf = buf.subarray(512);
+          if (!hello) { hello = true; c.write(frame(2)); continue; }
+          const rep = frame(7);
+          req.copy(rep, 16, 16, 24); // the request id
+          if (mode === 'magic') rep.writeUInt32LE(0xdeadbeef, 0);
+          if (mode === 'id') rep.writeBigUInt64LE(999n, 16);
+          if (mode === 'len') rep.writeBigUInt64LE(5n, 40); // a LOOKUP reply with a payload
+          c.write(rep);
+        }
+      });
+    });
+    servers.push(fake);
+    await new Promise<void>((r) => fake.listen(0, '127.0.0.1', r));
+    native.dmaSetRoute(A!.be, 'fake', `127.0.0.1:${(fake.address() as { port: number }).port}`);
+    native.dmaSetRoute(A!.be, 'jb', B!.addr);
+    const [pa, pb] = await Promise.all([DmaPeer.start(A!.socketPath, 'ja'), DmaPeer.start(B!.socketPath, 'jb')]);
+    const why = { magic: /sent a malformed reply; connection dropped/, id: /replied to an unknown request 999; connection dropped/, len: /LOOKUP reply with a payload; connection dropped/ };
+    for (const m of modes) {
+      mode = m;
+      const r = await pa.cmd({ cmd: 'lookup', peer: 'fake', name: 'win' });
+      expect(r).toMatchObject({ ok: false, code: 'UNAVAILABLE' });
+      expect(r.message).toMatch(why[m]);
+    }
+    expect(native.dmaBackendStats(A!.be).links).toBe(3); // a new connection each time
+    // the sender still serves its job's real peers
+    await pa.ok({ cmd: 'alloc', name: 'src', size: SIZE, seed: 2 });
+    await pb.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+    await pb.ok({ cmd: 'grant', name: 'win', peer: 'ja', perm: 'write' });
+    await pa.ok({ cmd: 'lookup', peer: 'jb', name: 'win' });
+    await pa.ok({ cmd: 'sync', op: 'write', local: 'src', peer: 'jb', name: 'win', len: SIZE });
+    expect((await pb.ok({ cmd: 'hash', name: 'win' })).sha).toBe((await pa.ok({ cmd: 'hash', name: 'src' })).sha);
+  });
+
   it('closing the sending agent with remote operations in flight returns promptly; its job sees the backend go away', async () => {
     const { A, B, pa, pb } = await crossPair();
     await pa.ok({ cmd: 'queue', q: 1, mode: 'poll' });

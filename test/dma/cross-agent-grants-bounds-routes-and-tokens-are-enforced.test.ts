@@ -91,6 +91,35 @@ describe('cross-agent DMA refuses what was not granted, and finds jobs through r
     expect(misses).toEqual(['owner', 'ghost']);
   });
 
+  it('an operation whose route was withdrawn waits for the control plane: its answer routes it, null fails it naming the job', async () => {
+    let answer: string | null = null;
+    const asked: string[] = [];
+    const [B] = startAgents(1);
+    const [A] = startAgents(1, { dma: { onRouteMiss: (job) => {
+      asked.push(job);
+      setTimeout(() => native.dmaSetRoute(A!.be, job, answer), 100);
+    } } });
+    native.dmaSetRoute(A!.be, 'owner', B!.addr);
+    const [pa, pb] = await Promise.all([DmaPeer.start(A!.socketPath, 'asker'), DmaPeer.start(B!.socketPath, 'owner')]);
+    await pa.ok({ cmd: 'alloc', name: 'src', size: SIZE, seed: 6 });
+    await pb.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+    await pb.ok({ cmd: 'grant', name: 'win', peer: 'asker', perm: 'rw' });
+    await pa.ok({ cmd: 'lookup', peer: 'owner', name: 'win' });
+    // withdrawn, and the control plane will say "unknown": the operation fails with NOT_FOUND
+    native.dmaSetRoute(A!.be, 'owner', null);
+    const failed = await pa.cmd({ cmd: 'sync', op: 'write', local: 'src', peer: 'owner', name: 'win', len: 64 });
+    expect(failed).toMatchObject({ ok: false, code: 'NOT_FOUND' });
+    expect(failed.message).toMatch(/job owner is not known on any host/);
+    expect(asked).toEqual(['owner']);
+    // withdrawn again; this time the answer names the agent: the operation proceeds there
+    answer = B!.addr;
+    await new Promise((r) => setTimeout(r, 1100)); // the backend asks again for a job at most once a second
+    native.dmaSetRoute(A!.be, 'owner', null);
+    await pa.ok({ cmd: 'sync', op: 'write', local: 'src', peer: 'owner', name: 'win', len: SIZE });
+    expect((await pb.ok({ cmd: 'hash', name: 'win' })).sha).toBe((await pa.ok({ cmd: 'hash', name: 'src' })).sha);
+    expect(asked).toEqual(['owner', 'owner']);
+  });
+
   it('a route naming an agent that does not listen: the lookup fails UNAVAILABLE naming the address', async () => {
     const [A] = startAgents(1);
     native.dmaSetRoute(A!.be, 'far', '127.0.0.1:1');

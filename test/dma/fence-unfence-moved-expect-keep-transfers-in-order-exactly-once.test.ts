@@ -117,6 +117,67 @@ describe('fence, unfence, moved and expect', () => {
     });
   }
 
+  it('a job that moves twice (B -> C -> D): a writer left behind on B follows it to D; the last value wins, each write applied once', async () => {
+    const [B, C, D] = startAgents(3);
+    const [w, t1] = await writerAndTarget(B!.socketPath, B!.socketPath);
+    const run = sequence(w, 'jb', 16);
+    run.catch(() => undefined);
+    const applied = () => native.dmaBackendStats(B!.be).ops + native.dmaBackendStats(C!.be).servedOps + native.dmaBackendStats(D!.be).servedOps;
+    const move = async (from: typeof B, to: typeof B, old: DmaPeer): Promise<DmaPeer> => {
+      const { grants } = await native.dmaFence(from!.be, 'jb');
+      native.dmaExpect(to!.be, 'jb', grants, 30000);
+      const t = await DmaPeer.start(to!.socketPath, 'jb');
+      await t.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+      native.dmaMoved(from!.be, 'jb', to!.addr);
+      old.proc.kill('SIGKILL');
+      return t;
+    };
+    await until(() => applied() > 200, 'writes under way on B');
+    const t2 = await move(B, C, t1);
+    await until(() => native.dmaBackendStats(C!.be).servedOps > 200, 'writes under way on C');
+    const t3 = await move(C, D, t2);
+    expect(await run).toMatchObject({ n: N, ok: N, distinctTags: N });
+    expect(await value(t3)).toBe(N - 1);
+    expect(applied()).toBe(N);
+    expect(native.dmaBackendStats(D!.be).servedOps).toBeGreaterThan(0);
+  });
+
+  it('closing either agent while operations are held returns promptly; nothing hangs', async () => {
+    const [A, B] = startAgents(2);
+    native.dmaSetRoute(A!.be, 'jb', B!.addr);
+    const [w] = await writerAndTarget(A!.socketPath, B!.socketPath);
+    const pl = await DmaPeer.start(A!.socketPath, 'jl');
+    await pl.ok({ cmd: 'alloc', name: 'win', size: SIZE });
+    await pl.ok({ cmd: 'grant', name: 'win', peer: 'ja', perm: 'rw' });
+    await w.ok({ cmd: 'lookup', peer: 'jl', name: 'win' });
+    await w.ok({ cmd: 'queue', q: 2, mode: 'callback' });
+    await native.dmaFence(B!.be, 'jb');
+    await native.dmaFence(A!.be, 'jl');
+    // (the fixture runs one command at a time: the remote burst first, then the local one)
+    const remote = w.cmd({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: 'jb', name: 'win', n: N, len: 4, span: 4, lspan: 4 * N, depth: 32 });
+    const local = w.cmd({ cmd: 'burst', q: 2, op: 'write', local: 'src', peer: 'jl', name: 'win', n: 100, len: 4, span: 4, lspan: 400 });
+    await until(() => native.dmaBackendStats(A!.be).heldOps > 0, 'remote operations held');
+    // the owner's agent goes away: the held remote operations fail (they cannot be re-sent anywhere)
+    let t0 = Date.now();
+    await B!.agent.close();
+    expect(Date.now() - t0).toBeLessThan(5000);
+    const r = (await remote) as unknown as { n: number; ok: number; errors: { error: { code: string; message: string } }[] };
+    expect(r).toMatchObject({ n: N, ok: 0 }); // every one completed, as a failure
+    expect(r.errors.length).toBeGreaterThan(0);
+    for (const { error } of r.errors) expect(error.message).toMatch(/job jb/);
+    await new Promise((r) => setTimeout(r, 300)); // the local burst is posted now, and held
+    expect(await value(pl)).toBe(0);
+    expect(native.dmaBackendStats(A!.be).ops).toBe(0);
+    // the sender's agent goes away with local operations held: the job sees its backend leave
+    t0 = Date.now();
+    await A!.agent.close();
+    expect(Date.now() - t0).toBeLessThan(5000);
+    // (callback mode: libexa completes every operation left with the reason)
+    const l = (await local) as unknown as { n: number; ok: number; errors: { error: { code: string; message: string } }[] };
+    expect(l).toMatchObject({ n: 100, ok: 0 });
+    for (const { error } of l.errors) expect(error).toMatchObject({ code: 'UNAVAILABLE', message: expect.stringMatching(/DMA backend \(agent\) went away/) });
+  });
+
   it('an operation held longer than the hold timeout fails with a reason naming the job; after unfence the next one passes', async () => {
     const [B] = startAgents(1);
     const [A] = startAgents(1, { dma: { holdTimeoutMs: 300 } });

@@ -37,7 +37,7 @@ function rank(socketPath: string, r: number): { done: Promise<string> } {
   return {
     done: new Promise((resolve, reject) => {
       p.once('error', reject);
-      // 'close', not 'exit': at 'exit' the checksum line may still be unread in the pipe
+      // 'close', not 'exit': only then has all of its stdout been read (on a loaded machine 'exit' can come first)
       p.once('close', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`rank ${r} exited ${code}: ${err}`))));
     }),
   };
