@@ -3,7 +3,10 @@
  * (server = a separate `exastore serve` process), side by side with restic
  * on the same data.
  *
- *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic]
+ *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic] [--profile DIR]
+ *
+ * --profile DIR: the store servers run with --cpu-prof into DIR (profile the
+ * client with `node --cpu-prof dist/bench/run.js store ...`).
  *
  * Figures:
  *  - ingest_unique_mbps: a full checkpoint of never-seen pages. The producer
@@ -88,8 +91,11 @@ async function stopServer(proc: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+/** Extra node options for the servers (--profile). */
+let serverNodeArgs: string[] = [];
+
 async function startServer(dir: string, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
-  const proc = spawn(process.execPath, [EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(process.execPath, [...serverNodeArgs, EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.add(proc);
   let out = '';
   proc.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
@@ -162,6 +168,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
   const chainMib = arg(args, '--chain-mib', 128);
   const noRestic = args.includes('--no-restic');
   const batchPages = arg(args, '--batch-pages', 2048);
+  const pi = args.indexOf('--profile');
+  serverNodeArgs = pi >= 0 && args[pi + 1] ? ['--cpu-prof', '--cpu-prof-dir', args[pi + 1]!] : [];
   const pages = (mib * 1024 * 1024) / PAGE;
   const work = mkdtempSync(join(tmpdir(), 'exa-bench-store-'));
   const figures: Record<string, unknown> = { image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };

@@ -7,8 +7,8 @@
  * order, form chunks; up to `concurrency` chunks are read at once (each
  * chunk becomes one or a few range GETs on S3) and every page is written to
  * the sink as soon as its chunk arrives, in whatever order chunks finish.
- * Every page is checked against its SHA-256 (in worker threads, see
- * ./hashpool.ts); a page whose ref no longer
+ * Every page is checked against its SHA-256 (in batches on the libuv pool,
+ * see ../hash.ts); a page whose ref no longer
  * resolves is looked up by hash; when no good copy exists the restore fails
  * with CORRUPT naming job, checkpoint, region and page. Zero pages are not
  * read or written: a sink starts zeroed.
@@ -16,7 +16,7 @@
 import { ExaError } from '../../src/errors.js';
 import type { Backend, ManifestHeader, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
-import { hashPool } from './hashpool.js';
+import { checkPages } from '../hash.js';
 
 /** Where restored pages go. write() may be called in any order, concurrently with reads. */
 export interface PageSink {
@@ -85,8 +85,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
       const pages = await backend.readPages(chunk.map((e) => e.ref));
-      // Hash checks in worker threads, so reading goes on meanwhile.
-      const good = await hashPool().check(pages, chunk.map((e) => e.hash));
+      // Hash checks on pool threads, so reading goes on meanwhile.
+      const good = await checkPages(pages, chunk.map((e) => e.hash));
       for (let k = 0; k < chunk.length; k++) {
         const e = chunk[k]!;
         let page = pages[k];
