@@ -176,6 +176,9 @@ export class LevelBackend implements Backend {
       cacheSize: opts.cacheSize ?? 64 * 1024 * 1024,
       writeBufferSize: 16 * 1024 * 1024,
       maxFileSize: 8 * 1024 * 1024,
+      // Hashes, refs and page maps are random bytes: Snappy only spent CPU on them
+      // (~1% of ingest CPU in a perf profile). LevelDB reads blocks written either way.
+      compression: false,
     });
     let pages: DB;
     try {
