@@ -20,11 +20,14 @@
  *  - ingest_mbps, ordered_restore_mbps (the engine's in-order readImage,
  *    what GetImage streams) and page_hash_mbps_one_thread (SHA-256 of 4 KiB
  *    pages on one thread: the CPU cost the restore pays and raw GETs do not)
- *    for context.
+ *    for context;
+ *  - *_cpu_s_per_gb: CPU seconds of the benchmark process (client) and of
+ *    s3rver (server) per GB restored / fetched raw (medians over rounds):
+ *    far steadier than MB/s on a shared machine.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -101,13 +104,26 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     // that neither side always runs first on this shared, noisy machine; medians reported.
     const rounds = arg(args, '--rounds', 3);
     const restoreRuns: number[] = [], rawRuns: number[] = [];
+    // CPU seconds of this process and of s3rver per phase: on a shared 2-core machine the
+    // throughput figures swing with other load, CPU per byte much less.
+    const serverCpu = (): number => {
+      try {
+        const f = readFileSync(`/proc/${server.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+        return (Number(f[11]) + Number(f[12])) / 100;
+      } catch { return NaN; }
+    };
+    const cpu = (): { client: number; server: number } => { const u = process.cpuUsage(); return { client: (u.user + u.system) / 1e6, server: serverCpu() }; };
+    const restoreCpu: { client: number; server: number }[] = [], rawCpu: { client: number; server: number }[] = [];
+    const since = (a: { client: number; server: number }): { client: number; server: number } => { const b = cpu(); return { client: b.client - a.client, server: b.server - a.server }; };
     for (let round = 0; round < rounds; round++) {
       const r = await S3Backend.open({ ...base, cacheDir: join(dir, `cache-r${round}`) });
       try {
         let check = 0;
+        const c1 = cpu();
         const t1 = performance.now();
         const res = await restoreCheckpoint(r, 'bench', 1, { write: (_r, _p, d) => { check ^= d[0]!; } }, { concurrency: 2 * concurrency, chunkPages: 2048 });
         const restoreS = (performance.now() - t1) / 1000;
+        restoreCpu.push(since(c1));
         if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
         restoreRuns.push(bytes / 1e6 / restoreS);
         const packs = (await r.io.list('packs/')).filter((o) => parsePackKey(o.key));
@@ -117,6 +133,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
           for (let off = 0; off < pageBytes; off += 2048 * PAGE_SIZE) ranges.push({ key: o.key, start: off, end: Math.min(pageBytes, off + 2048 * PAGE_SIZE) - 1 });
         }
         let next = 0, got = 0;
+        const c2 = cpu();
         const t2 = performance.now();
         await Promise.all(Array.from({ length: concurrency }, async () => {
           while (next < ranges.length) {
@@ -126,6 +143,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
           }
         }));
         const rawS = (performance.now() - t2) / 1000;
+        rawCpu.push(since(c2));
         if (got !== bytes) throw new Error(`raw GETs read ${got} bytes, expected ${bytes}`);
         rawRuns.push(got / 1e6 / rawS);
         log(`round ${round + 1}: parallel restore ${restoreRuns[round]!.toFixed(0)} MB/s (check ${check}), raw GETs ${rawRuns[round]!.toFixed(0)} MB/s (${ranges.length} ranges of ${packs.length} packs)`);
@@ -162,6 +180,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       restore_mbps_rounds: restoreRuns.map((x) => Math.round(x)), raw_get_mbps_rounds: rawRuns.map((x) => Math.round(x)),
       ordered_restore_mbps: Number((bytes / 1e6 / orderedS).toFixed(1)),
       page_hash_mbps_one_thread: Number(hashMbps.toFixed(0)),
+      // CPU seconds per GB moved (median over rounds): this process, and s3rver.
+      restore_client_cpu_s_per_gb: Number(median(restoreCpu.map((c) => c.client / (bytes / 1e9))).toFixed(2)),
+      restore_server_cpu_s_per_gb: Number(median(restoreCpu.map((c) => c.server / (bytes / 1e9))).toFixed(2)),
+      raw_client_cpu_s_per_gb: Number(median(rawCpu.map((c) => c.client / (bytes / 1e9))).toFixed(2)),
+      raw_server_cpu_s_per_gb: Number(median(rawCpu.map((c) => c.server / (bytes / 1e9))).toFixed(2)),
+      load_average: Number(loadavg()[0]!.toFixed(2)),
     };
   } finally {
     server.kill('SIGTERM');

@@ -3,7 +3,10 @@
  * (server = a separate `exastore serve` process), side by side with restic
  * on the same data.
  *
- *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic]
+ *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic] [--profile DIR]
+ *
+ * --profile DIR: the store servers run with --cpu-prof into DIR (profile the
+ * client with `node --cpu-prof dist/bench/run.js store ...`).
  *
  * Figures:
  *  - ingest_unique_mbps: a full checkpoint of never-seen pages. The producer
@@ -14,6 +17,9 @@
  *  - ingest_dedup_mbps: the same image again under another job (every page
  *    already present: only hashes travel).
  *  - restore_mbps: GetImage of the full image, consumed by the client.
+ *  - *_server_cpu_s_per_gib, *_client_cpu_s_per_gib: CPU seconds the store
+ *    server process and this process spent per GiB in that phase (steadier
+ *    than MiB/s on a shared machine); load_average_start/_end for context.
  *  - restore_chain100_vs_chain1: restore time of checkpoint 100 of a chain of
  *    1% increments over restore time of checkpoint 1 (median of 3 each).
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
@@ -24,9 +30,9 @@
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createHash, hash as oneShotHash } from 'node:crypto';
-import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readdirSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { StoreClient, type PageBatch } from '../src/store/client.js';
@@ -88,8 +94,11 @@ async function stopServer(proc: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+/** Extra node options for the servers (--profile). */
+let serverNodeArgs: string[] = [];
+
 async function startServer(dir: string, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
-  const proc = spawn(process.execPath, [EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const proc = spawn(process.execPath, [...serverNodeArgs, EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.add(proc);
   let out = '';
   proc.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
@@ -122,6 +131,26 @@ async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: 
     await fh?.close();
   }
   return bytes;
+}
+
+/** CPU seconds used so far by a process (utime + stime from /proc), NaN when unreadable. */
+function procCpu(pid: number | undefined): number {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch { return NaN; }
+}
+
+/**
+ * Time a phase and the CPU seconds it cost: this process (the client) and the
+ * store server. On a shared 2-core machine MiB/s swings with other people's
+ * load; CPU seconds per GiB much less.
+ */
+async function measured<T>(server: ChildProcess, fn: () => Promise<T>): Promise<{ s: number; v: T; clientCpu: number; serverCpu: number }> {
+  const c0 = process.cpuUsage(), s0 = procCpu(server.pid);
+  const r = await timeIt(fn);
+  const c = process.cpuUsage(c0);
+  return { ...r, clientCpu: (c.user + c.system) / 1e6, serverCpu: procCpu(server.pid) - s0 };
 }
 
 function timeIt<T>(fn: () => Promise<T>): Promise<{ s: number; v: T }> {
@@ -162,9 +191,11 @@ export async function run(args: string[], log: (line: string) => void): Promise<
   const chainMib = arg(args, '--chain-mib', 128);
   const noRestic = args.includes('--no-restic');
   const batchPages = arg(args, '--batch-pages', 2048);
+  const pi = args.indexOf('--profile');
+  serverNodeArgs = pi >= 0 && args[pi + 1] ? ['--cpu-prof', '--cpu-prof-dir', args[pi + 1]!] : [];
   const pages = (mib * 1024 * 1024) / PAGE;
   const work = mkdtempSync(join(tmpdir(), 'exa-bench-store-'));
-  const figures: Record<string, unknown> = { image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };
+  const figures: Record<string, unknown> = { load_average_start: +loadavg()[0]!.toFixed(2), image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };
   try {
     const server = await startServer(join(work, 'data'), log);
     const c = await StoreClient.connect(server.address);
@@ -175,13 +206,20 @@ export async function run(args: string[], log: (line: string) => void): Promise<
 
     // ---- ingest, unique pages ----
     let batches = makeBatches(img, all, batchPages, true);
-    const u = await timeIt(() => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
+    const gib = mib / 1024;
+    const cpuFigures = (name: string, m: { clientCpu: number; serverCpu: number }): void => {
+      figures[`${name}_server_cpu_s_per_gib`] = +(m.serverCpu / gib).toFixed(2);
+      figures[`${name}_client_cpu_s_per_gib`] = +(m.clientCpu / gib).toFixed(2);
+    };
+    const u = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
     figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
+    cpuFigures('ingest_unique', u);
     log(`ingest unique: ${mib} MiB in ${u.s.toFixed(2)} s = ${(mib / u.s).toFixed(0)} MiB/s`);
 
     // ---- ingest, everything already stored ----
-    const d = await timeIt(() => c.putCheckpoint({ job: 'bench-dedup', parent: 0, regions }, batches));
+    const d = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-dedup', parent: 0, regions }, batches));
     figures.ingest_dedup_mbps = +(mib / d.s).toFixed(1);
+    cpuFigures('ingest_dedup', d);
     if (d.v.newPages !== 0) throw new Error(`dedup ingest stored ${d.v.newPages} pages`);
     log(`ingest dedup: ${mib} MiB in ${d.s.toFixed(2)} s = ${(mib / d.s).toFixed(0)} MiB/s`);
     batches = [];
@@ -194,12 +232,15 @@ export async function run(args: string[], log: (line: string) => void): Promise<
 
     // ---- restore ----
     const rs: number[] = [];
+    const rcpu: { clientCpu: number; serverCpu: number; s: number }[] = [];
     for (let i = 0; i < 3; i++) {
-      const r = await timeIt(() => restoreTo(c, 'bench-unique', 1, null));
+      const r = await measured(server.proc, () => restoreTo(c, 'bench-unique', 1, null));
       if (r.v !== pages * PAGE) throw new Error(`restore returned ${r.v} bytes`);
       rs.push(r.s);
+      rcpu.push(r);
     }
     figures.restore_mbps = +(mib / median(rs)).toFixed(1);
+    cpuFigures('restore', rcpu.find((r) => r.s === median(rs))!);
     log(`restore: ${mib} MiB in ${median(rs).toFixed(2)} s (median of 3) = ${(mib / median(rs)).toFixed(0)} MiB/s`);
 
     // ---- chain of 100 ----
@@ -306,6 +347,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       figures.ingest_time_ratio_vs_restic = +(exaIngest / resticIngest).toFixed(3);
       figures.restore_time_ratio_vs_restic = +(er.s / rres.s).toFixed(3);
     }
+    figures.load_average_end = +loadavg()[0]!.toFixed(2);
     return figures;
   } finally {
     for (const p of [...started]) await stopServer(p);

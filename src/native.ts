@@ -283,6 +283,8 @@ interface NativeAddon {
   dmaWait(q: DmaQueueHandle, max: number, timeoutMs: number): Promise<NativeDmaCompletion[]>;
   dmaSync(d: DmaSessionHandle, op: 'write' | 'read', local: string, localOff: number, remote: number, remoteOff: number, len: number): void;
   dmaTestPostRaw(q: DmaQueueHandle, entry: Uint8Array, advance: number): void;
+  // Page hashing for the store (native/addon/hash.cc): SHA-256 on the libuv pool.
+  sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[], pageSize?: number): Promise<Buffer>;
 }
 
 const require = createRequire(import.meta.url);
@@ -369,3 +371,4 @@ export const dmaPoll = wrap(addon.dmaPoll);
 export const dmaWait = wrap(addon.dmaWait);
 export const dmaSync = wrap(addon.dmaSync);
 export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);
+export const sha256Pages = wrap(addon.sha256Pages);

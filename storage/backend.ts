@@ -40,6 +40,13 @@ export type PageRef = Buffer;
 export interface NewPage {
   hash: Buffer;   // 32 bytes, already verified by the engine
   data: Buffer;   // 4096 bytes
+  /**
+   * Locality hint: this page is the image successor of the previous page of
+   * the same putPages() call (same region, next index), so a restore will
+   * read the two together. A backend may store such runs side by side
+   * (LevelDB: one value per run of up to 16 pages); ignoring it is correct.
+   */
+  follows?: boolean;
 }
 
 export interface StoredPage {

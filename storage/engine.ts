@@ -29,6 +29,7 @@
 import { ExaError } from '../src/errors.js';
 import type { Backend, ManifestHeader, PageMaps, PageRef, RegionSpec, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
+import { checkPages, hashPages } from './hash.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, hashKey, isZeroHash, sha256 } from './pages.js';
 
 export interface EngineOptions {
@@ -297,14 +298,24 @@ export class CheckpointStore {
       }
     }
     const pages = await this.backend.readPages(refs);
+    // The piece's bytes, then every page of them checked against its hash in
+    // one batch off the JS thread (storage/hash.ts); a page that fails is
+    // looked up again by hash (refetch) or named in a CORRUPT error.
     const data = Buffer.allocUnsafe(refs.length * PAGE_SIZE);
+    const bad: number[] = [];
+    for (let k = 0; k < refs.length; k++) {
+      const page = pages[k];
+      if (page && page.length === PAGE_SIZE) page.copy(data, k * PAGE_SIZE);
+      else bad.push(k);
+    }
+    const got = await hashPages(data);
     for (let k = 0; k < refs.length; k++) {
       const off = pos[k]! * ENTRY_BYTES;
-      const want = map.subarray(off, off + HASH_BYTES);
-      let page = pages[k];
-      if (!page || page.length !== PAGE_SIZE || !sha256(page).equals(want)) {
-        page = await this.refetch(want, page ?? null, header, region, pos[k]!);
-      }
+      if (got.compare(map, off, off + HASH_BYTES, k * HASH_BYTES, (k + 1) * HASH_BYTES) !== 0 && (bad.length === 0 || !bad.includes(k))) bad.push(k);
+    }
+    for (const k of bad) {
+      const off = pos[k]! * ENTRY_BYTES;
+      const page = await this.refetch(map.subarray(off, off + HASH_BYTES), pages[k] ?? null, header, region, pos[k]!);
       page.copy(data, k * PAGE_SIZE);
     }
     return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
@@ -527,11 +538,12 @@ export class CheckpointStore {
             if (!verdict.has(rk)) { verdict.set(rk, 'ok'); fresh.push({ page: i, off, rk }); }
           }
           const pages = await this.backend.readPages(fresh.map((t) => map.subarray(t.off + HASH_BYTES, t.off + ENTRY_BYTES)));
+          const good = await checkPages(pages, fresh.map((t) => map.subarray(t.off, t.off + HASH_BYTES)));
           for (let k = 0; k < fresh.length; k++) {
             const t = fresh[k]!;
             const want = map.subarray(t.off, t.off + HASH_BYTES);
             const page = pages[k];
-            if (page && page.length === PAGE_SIZE && sha256(page).equals(want)) continue;
+            if (good[k]) continue;
             // The ref may be stale while the page lives elsewhere: the engine's read path would find it.
             try {
               await this.refetch(want, page ?? null, h, region, t.page);
@@ -556,9 +568,10 @@ export class CheckpointStore {
     if (opts.allPages) {
       for await (const batch of this.backend.scanPages(2048)) {
         const pages = await this.backend.readPages(batch.map((p) => p.ref));
+        const good = await checkPages(pages, batch.map((p) => p.hash));
         batch.forEach((p, i) => {
           const page = pages[i];
-          if (!page || !sha256(page).equals(p.hash)) {
+          if (!good[i]) {
             report({ job: '', checkpoint: 0, region: '', page: 0, kind: 'stored-corrupt',
               message: `stored page sha256 ${p.hash.toString('hex')} ${page ? 'does not match its hash' : 'has no data'}` });
           }
@@ -657,6 +670,8 @@ export class PutSession {
   readonly pins = new Set<string>();
   /** Batches whose data is awaited: the wanted entries' hashes and positions. */
   private readonly pending = new Map<number, { hashes: Buffer[]; region: number[]; index: number[] }>();
+  /** Batches whose data is being checked and stored now. */
+  private readonly supplying = new Set<number>();
   /** Map positions whose page bytes come with a later batch's data. */
   private readonly unresolved: { r: number; i: number }[] = [];
   /** Hashes wanted in this session: null until their data arrives, then their ref. */
@@ -762,30 +777,41 @@ export class PutSession {
     this.checkLive();
     const w = this.pending.get(batch);
     if (!w) throw new ExaError('INVALID_ARGUMENT', `data for batch ${batch}, which awaits no data`);
+    if (this.supplying.has(batch)) throw new ExaError('INVALID_ARGUMENT', `data for batch ${batch} sent twice`);
     if (data.length !== w.hashes.length * PAGE_SIZE) {
       throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: ${data.length} bytes of data, expected ${w.hashes.length * PAGE_SIZE} (${w.hashes.length} pages of 4096)`);
     }
-    const pages = w.hashes.map((hash, i) => {
-      const page = data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
-      if (!sha256(page).equals(hash)) {
-        const reg = this.regions[w.region[i]!]!;
-        throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: page ${w.index[i]} of region ${JSON.stringify(reg.name)}: bytes do not match hash ${hash.toString('hex')}`,
-          { region: reg.name, page: w.index[i] });
-      }
-      return { hash, data: page };
-    });
-    // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
-    for (const p of pages) this.pins.add(hashKey(p.hash));
-    const { refs, written } = await this.store.backend.putPages(pages);
-    this.checkLive();
-    pages.forEach((p, i) => {
-      const k = hashKey(p.hash);
-      this.pins.add(k);
-      this.sessionRefs.set(k, refs[i]!);
-    });
-    this.newPages += written;
-    this.pending.delete(batch);
-    return written;
+    // The batch stays pending (commit refuses) until its pages are stored.
+    this.supplying.add(batch);
+    try {
+      // Every page checked against its hash, hashed off the JS thread (storage/hash.ts).
+      const got = await hashPages(data);
+      this.checkLive();
+      const pages = w.hashes.map((hash, i) => {
+        if (got.compare(hash, 0, HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) {
+          const reg = this.regions[w.region[i]!]!;
+          throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: page ${w.index[i]} of region ${JSON.stringify(reg.name)}: bytes do not match hash ${hash.toString('hex')}`,
+            { region: reg.name, page: w.index[i] });
+        }
+        // Locality hint for the backend: the image successor of the previous page.
+        const follows = i > 0 && w.region[i] === w.region[i - 1] && w.index[i] === w.index[i - 1]! + 1;
+        return { hash, data: data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), follows };
+      });
+      // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
+      for (const p of pages) this.pins.add(hashKey(p.hash));
+      const { refs, written } = await this.store.backend.putPages(pages);
+      this.checkLive();
+      pages.forEach((p, i) => {
+        const k = hashKey(p.hash);
+        this.pins.add(k);
+        this.sessionRefs.set(k, refs[i]!);
+      });
+      this.newPages += written;
+      this.pending.delete(batch);
+      return written;
+    } finally {
+      this.supplying.delete(batch);
+    }
   }
 
   /** Record the checkpoint. Resolves with its header once it is durable. */

@@ -24,6 +24,7 @@
 #include "exa.h"
 
 void exa_addon_register_dma(Napi::Env env, Napi::Object exports); /* native/addon/dma.cc */
+void exa_addon_register_hash(Napi::Env env, Napi::Object exports); /* native/addon/hash.cc */
 
 namespace exa_addon {
 
@@ -659,6 +660,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("workloadCheckpoint", Napi::Function::New(env, WorkloadCheckpoint));
   exports.Set("workloadDetach", Napi::Function::New(env, WorkloadDetach));
   exa_addon_register_dma(env, exports); /* native/addon/dma.cc */
+  exa_addon_register_hash(env, exports); /* native/addon/hash.cc */
   return exports;
 }
 

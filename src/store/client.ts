@@ -19,7 +19,8 @@ import type { PutRequest } from '../gen/exa/v1/PutRequest.js';
 import type { PutResponse__Output } from '../gen/exa/v1/PutResponse.js';
 import type { ImageChunk__Output } from '../gen/exa/v1/ImageChunk.js';
 import type { RegionSpec } from '../../storage/backend.js';
-import { HASH_BYTES, PAGE_SIZE, isZeroPage, sha256 } from '../../storage/pages.js';
+import { hashEach, hashPages } from '../../storage/hash.js';
+import { HASH_BYTES, PAGE_SIZE, isZeroPage } from '../../storage/pages.js';
 import { infoFromProto, regionToProto, type CheckpointSummary } from './convert.js';
 import { storeProto } from './proto.js';
 
@@ -113,20 +114,24 @@ export interface StoreStat {
   jobs: JobStat[]; logicalBytes: number; storedBytes: number; storedPages: number; metadataBytes: number; dedupRatio: number; pendingGcPages: number;
 }
 
-/** Compute hashes and zero flags of a batch that came without them. */
-function completeBatch(b: PageBatch): { hashes: Buffer; zero: Uint8Array | null } {
+/**
+ * Compute hashes and zero flags of a batch that came without them: zero
+ * pages found by memcmp, the others hashed in one batch off the JS thread
+ * (storage/hash.ts).
+ */
+async function completeBatch(b: PageBatch): Promise<{ hashes: Buffer; zero: Uint8Array | null }> {
   const n = b.region.length;
   if (b.index.length !== n) throw new ExaError('INVALID_ARGUMENT', `batch has ${n} regions but ${b.index.length} indexes`);
   if (b.data.length < n * PAGE_SIZE && !(b.zero && b.hashes)) throw new ExaError('INVALID_ARGUMENT', `batch of ${n} pages has only ${b.data.length} bytes of data`);
   if (b.hashes) return { hashes: b.hashes, zero: b.zero ?? null };
-  const hashes = Buffer.alloc(n * HASH_BYTES);
   let zero: Uint8Array | null = b.zero ? Uint8Array.from(b.zero) : null;
+  const pages: (Buffer | null)[] = new Array<Buffer | null>(n);
   for (let i = 0; i < n; i++) {
-    if (zero && zero[i]) continue;
     const page = b.data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE);
-    if (isZeroPage(page)) { (zero ??= new Uint8Array(n))[i] = 1; continue; }
-    sha256(page).copy(hashes, i * HASH_BYTES);
+    if ((zero && zero[i]) || isZeroPage(page)) { (zero ??= new Uint8Array(n))[i] = 1; pages[i] = null; } else pages[i] = page;
   }
+  // A zero page's entry stays all-zero (null hashes to 32 zero bytes), as the store expects.
+  const hashes = zero ? await hashEach(pages) : await hashPages(b.data.length === n * PAGE_SIZE ? b.data : b.data.subarray(0, n * PAGE_SIZE));
   return { hashes, zero };
 }
 
@@ -227,7 +232,7 @@ export class StoreClient {
         check();
         const n = batch.region.length;
         if (n === 0) continue;
-        const { hashes, zero } = completeBatch(batch);
+        const { hashes, zero } = await completeBatch(batch);
         // Backpressure: at most `window` batches between hashes and stored.
         while (inflight.size >= window) { check(); await waitEvent(); }
         check();

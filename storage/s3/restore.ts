@@ -7,8 +7,8 @@
  * order, form chunks; up to `concurrency` chunks are read at once (each
  * chunk becomes one or a few range GETs on S3) and every page is written to
  * the sink as soon as its chunk arrives, in whatever order chunks finish.
- * Every page is checked against its SHA-256 (in worker threads, see
- * ./hashpool.ts); a page whose ref no longer
+ * Every page is checked against its SHA-256 (in batches on the libuv pool,
+ * see ../hash.ts); a page whose ref no longer
  * resolves is looked up by hash; when no good copy exists the restore fails
  * with CORRUPT naming job, checkpoint, region and page. Zero pages are not
  * read or written: a sink starts zeroed.
@@ -16,7 +16,7 @@
 import { ExaError } from '../../src/errors.js';
 import type { Backend, ManifestHeader, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
-import { hashPool } from './hashpool.js';
+import { checkPages } from '../hash.js';
 
 /** Where restored pages go. write() may be called in any order, concurrently with reads. */
 export interface PageSink {
@@ -61,52 +61,71 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   n = header.checkpoint;
   const maps = await backend.getMaps(job, n);
   if (!maps) throw new ExaError('NOT_FOUND', `checkpoint ${n} of job ${job} does not exist`, { job, checkpoint: n });
-  const entries: { r: number; i: number; ref: PageRef; hash: Buffer; hi: number; lo: number }[] = [];
-  let zeroPages = 0;
+  // Every non-zero page as numbers only (region, page, ref halves): no
+  // Buffer object per page, which would keep the major GC busy marking
+  // hundreds of thousands of live typed arrays during the whole restore.
+  let total = 0;
+  for (const m of maps) total += m.length / ENTRY_BYTES;
+  const regionOf = new Uint32Array(total), pageOf = new Uint32Array(total), hiOf = new Uint32Array(total), loOf = new Uint32Array(total);
+  let count = 0, zeroPages = 0;
   maps.forEach((m, r) => {
     for (let i = 0, off = 0; off < m.length; i++, off += ENTRY_BYTES) {
       if (isZeroHash(m, off)) { zeroPages++; continue; }
-      const ro = off + HASH_BYTES;
-      entries.push({ r, i, hash: m.subarray(off, ro), ref: m.subarray(ro, off + ENTRY_BYTES), hi: m.readUInt32BE(ro), lo: m.readUInt32BE(ro + 4) });
+      regionOf[count] = r; pageOf[count] = i;
+      hiOf[count] = m.readUInt32BE(off + HASH_BYTES); loOf[count] = m.readUInt32BE(off + HASH_BYTES + 4);
+      count++;
     }
   });
-  // By location (the ref as two 32-bit halves: numeric compares, no Buffer.compare calls).
-  entries.sort((a, b) => a.hi - b.hi || a.lo - b.lo);
+  // By location (the ref as two 32-bit halves), so pages of one pack in slot order form chunks.
+  const order = new Uint32Array(count);
+  for (let k = 0; k < count; k++) order[k] = k;
+  order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
   const chunkPages = opts.chunkPages ?? 2048;
-  const chunks: (typeof entries)[] = [];
-  for (let k = 0; k < entries.length; k += chunkPages) chunks.push(entries.slice(k, k + chunkPages));
+  const chunks: Uint32Array[] = [];
+  for (let k = 0; k < count; k += chunkPages) chunks.push(order.subarray(k, k + chunkPages));
+  const entryOff = (e: number): number => pageOf[e]! * ENTRY_BYTES;
   let next = 0, done = 0;
-  const fail = (e: (typeof entries)[number], what: string): ExaError => {
-    const region = header.regions[e.r]!.name;
-    return new ExaError('CORRUPT', `checkpoint ${n} of job ${job}: page ${e.i} of region ${JSON.stringify(region)} ${what} (sha256 ${e.hash.toString('hex')})`,
-      { job, checkpoint: n, region, page: e.i, hash: e.hash.toString('hex') });
+  const fail = (e: number, hash: Buffer, what: string): ExaError => {
+    const region = header.regions[regionOf[e]!]!.name;
+    return new ExaError('CORRUPT', `checkpoint ${n} of job ${job}: page ${pageOf[e]} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
+      { job, checkpoint: n, region, page: pageOf[e], hash: hash.toString('hex') });
   };
   const worker = async (): Promise<void> => {
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
-      const pages = await backend.readPages(chunk.map((e) => e.ref));
-      // Hash checks in worker threads, so reading goes on meanwhile.
-      const good = await hashPool().check(pages, chunk.map((e) => e.hash));
+      const refs: PageRef[] = new Array<PageRef>(chunk.length);
+      const want = Buffer.allocUnsafe(chunk.length * HASH_BYTES);
+      for (let k = 0; k < chunk.length; k++) {
+        const e = chunk[k]!;
+        const m = maps[regionOf[e]!]!;
+        const off = entryOff(e);
+        refs[k] = m.subarray(off + HASH_BYTES, off + ENTRY_BYTES);
+        m.copy(want, k * HASH_BYTES, off, off + HASH_BYTES);
+      }
+      const pages = await backend.readPages(refs);
+      // Hash checks on pool threads, so reading goes on meanwhile.
+      const good = await checkPages(pages, want);
       for (let k = 0; k < chunk.length; k++) {
         const e = chunk[k]!;
         let page = pages[k];
         if (!good[k]) {
           const bad = page;
+          const hash = Buffer.from(want.subarray(k * HASH_BYTES, (k + 1) * HASH_BYTES));
           // The ref is a hint: the page may live elsewhere now.
-          const [ref] = await backend.lookup([e.hash]);
+          const [ref] = await backend.lookup([hash]);
           const [again] = ref ? await backend.readPages([ref]) : [null];
-          if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(e.hash)) throw fail(e, bad ? 'does not match its hash' : 'is missing from the store');
+          if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
           page = again;
         }
-        const w = sink.write(e.r, e.i, page!);
+        const w = sink.write(regionOf[e]!, pageOf[e]!, page!);
         if (w) await w;
       }
       done += chunk.length;
-      opts.onProgress?.({ pages: done, total: entries.length });
+      opts.onProgress?.({ pages: done, total: count });
     }
   };
   await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 16, chunks.length) }, worker));
-  return { header, pages: entries.length, zeroPages, bytes: entries.length * PAGE_SIZE };
+  return { header, pages: count, zeroPages, bytes: count * PAGE_SIZE };
 }
 
 /** A sink into one zeroed Buffer per region (fine for tests and modest images). */

@@ -26,15 +26,18 @@ describe('store corruption', () => {
     c.close();
     await server.kill('SIGTERM');
 
-    // Flip one byte of the stored copy of halo page 123, straight in LevelDB.
+    // Flip one byte of the stored copy of halo page 123, straight in LevelDB
+    // (a value of the page log holds a group of up to 16 pages, storage/leveldb.ts).
     const target = img.page(1, 123);
     const db = new Level<Buffer, Buffer>(join(dir, 'pages'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
     await db.open();
     let flipped = false;
     for await (const [k, v] of db.iterator({ gte: Buffer.from('D'), lt: Buffer.from('E') })) {
-      if (v.equals(target)) {
+      let at = -1;
+      for (let off = 0; off + PAGE <= v.length; off += PAGE) if (v.subarray(off, off + PAGE).equals(target)) { at = off; break; }
+      if (at >= 0) {
         const bad = Buffer.from(v);
-        bad[1000] = bad[1000]! ^ 0x01;
+        bad[at + 1000] = bad[at + 1000]! ^ 0x01;
         await db.put(k, bad);
         flipped = true;
         break;
