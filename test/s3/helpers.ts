@@ -228,6 +228,7 @@ export async function runExastore(args: string[], env: Record<string, string> = 
   let stdout = '', stderr = '';
   proc.stdout!.on('data', (d: Buffer) => { stdout += d.toString(); });
   proc.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
-  const code = await new Promise<number>((r) => proc.once('exit', (c) => r(c ?? 1)));
+  // 'close' (all output read), not 'exit' (output may still be in the pipes)
+  const code = await new Promise<number>((r) => proc.once('close', (c) => r(c ?? 1)));
   return { code, stdout, stderr };
 }
