@@ -23,7 +23,7 @@ export function buildProgram(): Command {
     .option('--listen <host:port>', 'address of the Agent gRPC service', '127.0.0.1:0')
     .option('--advertise <host:port>', 'address others use to reach this agent (default: the bound --listen address)')
     .option('--state-dir <dir>', 'socket, job logs (default: $TMPDIR/exa-agent-<host>)')
-    .option('--staging <dir>', 'tmpfs directory for restore images', '/dev/shm')
+    .option('--staging <dir>', 'directory for restore tables (EXA_RESTORE; the images themselves are memfds held by the agent)', '/dev/shm')
     .option('--allow-uid <uid...>', 'uids allowed to attach besides this user and root', (v, prev: number[] = []) => [...prev, intArg('--allow-uid')(v)])
     .option('--heartbeat-ms <ms>', 'heartbeat period', intArg('--heartbeat-ms', 100), 1000)
     .option('--token <token>', 'bearer token for the store and for callers (default $EXA_TOKEN)')

@@ -482,7 +482,7 @@ export class HostAgent {
   }
 
   /**
-   * Pre-stage checkpoint N (0 = latest) of a job into tmpfs ahead of a
+   * Pre-stage checkpoint N (0 = latest) of a job into memfds ahead of a
    * restore. An image staged before is brought forward with a delta read
    * (only the pages that changed), which is what makes iterative pre-copy cheap.
    */

@@ -37,7 +37,7 @@ export interface StagedImage {
 }
 
 export interface StageOptions {
-  /** Parent directory of staging directories; must be tmpfs (default /dev/shm). */
+  /** Parent directory of staging directories (restore tables; default /dev/shm). */
   root: string;
   /** Hand the directory to the job's user (the agent may run as root). */
   uid?: number;
