@@ -28,12 +28,14 @@ export function buildProgram(): Command {
     .option('--heartbeat-ms <ms>', 'heartbeat period', intArg('--heartbeat-ms', 100), 1000)
     .option('--token <token>', 'bearer token for the store and for callers (default $EXA_TOKEN)')
     .option('--dma-listen <host:port>', 'TCP address of the DMA data path between agents (RDMA remoting; default: the --listen host, any port)')
+    .option('--dma-advertise <host:port>', 'DMA data address other agents use (default: the bound --dma-listen address; a 0.0.0.0 bind takes the --advertise host)')
     .option('--no-dma', 'run without a DMA backend (jobs cannot use exa_dma_*)')
-    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dma: boolean }) => {
+    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dmaAdvertise?: string; dma: boolean }) => {
       const stateDir = o.stateDir ?? join(tmpdir(), `exa-agent-${o.host}`);
       const token = o.token ?? process.env.EXA_TOKEN;
       const dmaListen = o.dma ? o.dmaListen ?? `${splitHostPort(o.listen)[0]}:0` : false;
       if (typeof dmaListen === 'string') splitHostPort(dmaListen);
+      if (o.dmaAdvertise) splitHostPort(o.dmaAdvertise);
       const ckpt = new NativeCheckpointer({
         socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}),
         dmaListen, ...(token ? { dmaToken: token } : {}),
@@ -41,9 +43,10 @@ export function buildProgram(): Command {
       const agent = new HostAgent({
         hostId: o.host, storeAddress: o.store, listen: o.listen, stateDir, stagingRoot: o.staging,
         heartbeatMs: o.heartbeatMs, ...(o.advertise ? { advertise: o.advertise } : {}), ...(token ? { token } : {}),
+        ...(o.dmaAdvertise ? { dmaAdvertise: o.dmaAdvertise } : {}),
       }, ckpt);
       await agent.start();
-      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${ckpt.dma.address}` : ''}\n`);
+      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${agent.dmaAddress()}` : ''}\n`);
       await new Promise<void>((resolve) => {
         const stop = (): void => { void agent.close().then(resolve, resolve); };
         process.once('SIGINT', stop);

@@ -60,6 +60,8 @@ export interface AgentOptions {
   listen: string;
   /** Address other parties use to reach this agent (default: the bound listen address). */
   advertise?: string;
+  /** Address other agents use for this agent's DMA data path (default: the backend's bound address). */
+  dmaAdvertise?: string;
   stateDir: string;
   stagingRoot: string;
   token?: string;
@@ -194,7 +196,7 @@ export class HostAgent {
     if (!this.coord) return;
     try {
       const known = await this.coord.heartbeat(this.opts.hostId, this.running());
-      if (!known) await this.coord.register(this.opts.hostId, this.address, this.running(), this.ckpt.dma?.address ?? '');
+      if (!known) await this.coord.register(this.opts.hostId, this.address, this.running(), this.dmaAddress());
       if (this.coordDownSince) this.log(`coordinator at ${this.opts.storeAddress} reachable again`);
       this.coordDownSince = 0;
     } catch (e) {
@@ -203,6 +205,16 @@ export class HostAgent {
         this.log(`coordinator unreachable: ${toExaError(e).message}`);
       }
     }
+  }
+
+  /** The DMA data address peers are told: --dma-advertise, else the bound one (a wildcard bind takes the advertised host). */
+  dmaAddress(): string {
+    const bound = this.ckpt.dma?.address ?? '';
+    if (!bound) return '';
+    if (this.opts.dmaAdvertise) return this.opts.dmaAdvertise;
+    const [host, port] = splitHostPort(bound);
+    if ((host === '0.0.0.0' || host === '::') && this.opts.advertise) return `${splitHostPort(this.opts.advertise)[0]}:${port}`;
+    return bound;
   }
 
   // ---- workload events ----

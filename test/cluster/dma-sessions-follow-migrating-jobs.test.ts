@@ -11,6 +11,7 @@
  * and at the same time).
  */
 import { execFileSync } from 'node:child_process';
+import { createServer, type AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, expect, it } from 'vitest';
 import { ROOT, cli, jobOn, startAgent, startStore, stopAll, until, type AgentHandle } from './helpers.js';
@@ -114,4 +115,19 @@ it('the reference checksums survive migrating both ranks at the same time (they 
   await running(agents.get('host-a')!, 'halo0');
   await Promise.all([migrate(store, 'halo0', 'host-b'), migrate(store, 'halo1', 'host-a')]);
   expect([await checksum(agents.get('host-b')!, 'halo0'), await checksum(agents.get('host-a')!, 'halo1')]).toEqual(want);
+});
+
+it('an agent whose DMA data path listens on all interfaces advertises a reachable address', async () => {
+  const store = await startStore();
+  const free = await new Promise<number>((res) => { const srv = createServer().listen(0, '127.0.0.1', () => { const p = (srv.address() as AddressInfo).port; srv.close(() => res(p)); }); });
+  await startAgent('host-w', store.address, { listen: `0.0.0.0:${free}`, args: ['--advertise', `127.0.0.1:${free}`, '--dma-listen', '0.0.0.0:0'] });
+  await startAgent('host-x', store.address, { args: ['--dma-advertise', '127.0.0.1:40999'] });
+  const hosts = await cli('exackpt', ['hosts', '--store', store.address, '--json']);
+  expect(hosts.code, hosts.stderr).toBe(0);
+  const byHost = new Map((JSON.parse(hosts.stdout) as { hosts: Array<{ host_id: string; dma_address: string }> }).hosts.map((h) => [h.host_id, h.dma_address]));
+  expect(byHost.get('host-w')).toMatch(/^127\.0\.0\.1:\d+$/);
+  expect(byHost.get('host-x')).toBe('127.0.0.1:40999');
+  const bad = await cli('exaagent', ['--host', 'host-y', '--store', store.address, '--dma-advertise', 'nowhere']);
+  expect(bad.code).not.toBe(0);
+  expect(bad.stderr).toMatch(/address "nowhere" is not HOST:PORT/);
 });

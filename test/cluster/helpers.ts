@@ -102,11 +102,11 @@ export async function startStore(opts: { dataDir?: string; port?: number; host?:
 
 export interface AgentHandle { proc: Proc; host: string; address: string; stateDir: string }
 
-export async function startAgent(host: string, store: string, opts: { listen?: string; netns?: string; heartbeatMs?: number } = {}): Promise<AgentHandle> {
+export async function startAgent(host: string, store: string, opts: { listen?: string; netns?: string; heartbeatMs?: number; args?: string[] } = {}): Promise<AgentHandle> {
   const stateDir = tempDir(`exa-cluster-agent-${host}-`);
   const p = start(`exaagent ${host}`, process.execPath, [
     BIN('exaagent'), '--host', host, '--store', store, '--listen', opts.listen ?? '127.0.0.1:0', '--state-dir', stateDir,
-    '--heartbeat-ms', String(opts.heartbeatMs ?? 200),
+    '--heartbeat-ms', String(opts.heartbeatMs ?? 200), ...(opts.args ?? []),
   ], opts.netns ? { netns: opts.netns } : {});
   // Jobs outlive a killed agent by design; stopAll() finds them by their socket path.
   onStop(() => killJobsOf(stateDir));
