@@ -99,6 +99,17 @@ static int control(exa_dma *d, struct exa_dma_msg *m, const int *fds, int nfds, 
   return 0;
 }
 
+int exa__test_dma_buf_add(struct exa_dma *d, const char *name, unsigned long long size, int fd) {
+  struct exa_dma_msg m = {0}, rep;
+  m.type = EXA_DMA_MSG_BUF_ADD;
+  snprintf(m.name, sizeof m.name, "%s", name);
+  m.size = size;
+  pthread_mutex_lock(&d->lock);
+  int r = control(d, &m, &fd, 1, &rep);
+  pthread_mutex_unlock(&d->lock);
+  return r;
+}
+
 int exa_dma_open(exa_ctx *ctx, const char *socket_path, exa_dma **out) {
   if (!ctx || !out) return fail(-EINVAL, "exa_dma_open: ctx/out is NULL");
   *out = NULL;

@@ -24,4 +24,12 @@ int exa__send_with_fds(int sock, const void *buf, size_t len, const int *fds, in
 struct exa_ctx;
 int exa__test_request(struct exa_ctx *ctx, unsigned type, const void *payload, unsigned len, const int *fds, int nfds);
 
+/*
+ * Test hook (native/test/exa_workload.c only): register buffer `name` of `size` bytes with the DMA
+ * backend passing `fd` as its memfd, bypassing libexa's own region handling (a hostile job).
+ * Returns the backend's status (0 or -errno; exa_last_error() holds its text).
+ */
+struct exa_dma;
+int exa__test_dma_buf_add(struct exa_dma *d, const char *name, unsigned long long size, int fd);
+
 #endif

@@ -27,6 +27,8 @@
  *   unsealed NAME PAGES           play a hostile job: register a region whose memfd is NOT sealed
  *                                 against shrinking (bypassing libexa); prints the agent's answer
  *   shrink NAME                   try to shrink the region's memfd (through /proc/self/map_files)
+ *   dmaunsealed NAME              register region NAME as a DMA buffer passing an unsealed memfd of
+ *                                 its size instead of the region's own (a hostile job); prints the answer
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -278,6 +280,27 @@ int main(int argc, char **argv) {
       close(fd);
       if (r < 0) say("err %s ftruncate: %s", ename(r), strerror(-r));
       else say("ok shrunk");
+    } else if (!strcmp(cmd, "dmaunsealed")) {
+      exa_region *g = region_or_fail(a);
+      if (!g) continue;
+      exa_dma *d;
+      int r = exa_dma_open(ctx, NULL, &d);
+      if (r < 0) {
+        fail(r);
+        continue;
+      }
+      int mfd = memfd_create("unsealed", MFD_CLOEXEC);
+      if (mfd < 0 || ftruncate(mfd, (off_t)exa_region_size(g)) != 0) {
+        fail(-errno);
+        if (mfd >= 0) close(mfd);
+        exa_dma_close(d);
+        continue;
+      }
+      r = exa__test_dma_buf_add((struct exa_dma *)d, a, exa_region_size(g), mfd);
+      close(mfd);
+      if (r < 0) fail(r);
+      else say("ok accepted");
+      exa_dma_close(d);
     } else if (!strcmp(cmd, "allocbytes")) {
       exa_region *g;
       int r = exa_region_alloc(ctx, a, (size_t)strtoull(b, NULL, 0), 0, &g);

@@ -5,12 +5,15 @@
  * job id: each gets a reply naming what was wrong and the connection is
  * closed, while the real jobs keep transferring. The probes come from a
  * separate process speaking the wire format directly (python3).
+ * A job registering a DMA buffer with a memfd that could shrink under the
+ * backend's mapping (which would crash the agent with SIGBUS) is refused.
  */
 import { execFileSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { LocalAgent } from '../../src/agent/local-agent.js';
+import { WorkloadProc } from '../checkpointer/helpers.js';
 import { DmaPeer, PAGE, killAll, removeTempDirs, startAgent } from './helpers.js';
 
 let agent: LocalAgent | null = null;
@@ -46,5 +49,16 @@ describe('the DMA control socket', () => {
     // the real jobs are unaffected
     await pa.ok({ cmd: 'sync', op: 'write', local: 'src', peer: 'real-b', name: 'dst', len: 4 * PAGE });
     expect((await pb.ok({ cmd: 'hash', name: 'dst' })).sha).toBe((await pa.ok({ cmd: 'hash', name: 'src' })).sha);
+  });
+
+  it('refuses a DMA buffer whose memfd is not sealed against shrinking, and the job keeps working', async () => {
+    const a = startAgent();
+    agent = a.agent;
+    const w = WorkloadProc.start(a.socketPath, 'hostile-dma');
+    await w.ok('attach');
+    await w.ok('alloc buf 4');
+    expect(await w.cmd('dmaunsealed buf')).toMatch(/^err EPERM .*memfd of buffer "buf" is not sealed against shrinking/);
+    await w.ok('fill buf 5');
+    expect(a.agent.job('hostile-dma')!.regions.map((r) => r.name)).toEqual(['buf']);
   });
 });
