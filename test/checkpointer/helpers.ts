@@ -69,12 +69,17 @@ export function startAgent(opts: Partial<LocalAgentOptions> = {}): { agent: Loca
   return { agent, socketPath, dir };
 }
 
-/** Call from afterEach: close every agent started here (close() is idempotent), kill processes, remove directories. */
-export async function cleanup(): Promise<void> {
+/**
+ * Call from afterEach: close every agent started here (close() is idempotent), kill processes,
+ * remove directories. processesFirst: kill the processes before closing the agents (the DMA tests:
+ * peers go first, so an agent never closes under live clients at teardown).
+ */
+export async function cleanup(opts: { processesFirst?: boolean } = {}): Promise<void> {
   const open = [...agents];
   agents.clear();
+  if (opts.processesFirst) await killAll();
   await Promise.all(open.map((a) => a.close()));
-  await killAll();
+  if (!opts.processesFirst) await killAll();
   removeTempDirs();
 }
 

@@ -9,15 +9,9 @@
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { DmaPeer, PAGE, fillBytes, killAll, removeTempDirs, startAgent } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, fillBytes, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 /** A raw 64-byte request entry (struct exa_dma_req, little-endian). */
 function entry(f: { op: number; flags?: number; local: number; remote: number; loff?: number; roff?: number; len: number; tag: number; reserved?: number }): string {
@@ -39,7 +33,6 @@ interface C { tag: number; op: string; len: number; error: { code: string; messa
 describe('bad DMA requests', () => {
   it('are refused with a clear reason; the backend keeps serving everyone else', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [good1, good2, m, v] = await Promise.all([
       DmaPeer.start(a.socketPath, 'g1'), DmaPeer.start(a.socketPath, 'g2'), DmaPeer.start(a.socketPath, 'mal'), DmaPeer.start(a.socketPath, 'vic'),
     ]);
@@ -133,7 +126,6 @@ describe('bad DMA requests', () => {
 
   it('a closed session refuses calls; the workload closes its DMA session before it detaches', async () => {
     const a = startAgent();
-    agent = a.agent;
     const { Workload } = await import('../../src/workload/index.js');
     const { DmaSession } = await import('../../src/dma/index.js');
     const attached = new Promise((r) => a.agent.once('attached', r));

@@ -11,23 +11,15 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import { nativeBuildDir } from '../../src/native.js';
 import { track } from '../checkpointer/helpers.js';
-import { killAll, removeTempDirs, startAgent } from './helpers.js';
+import { cleanupPeersFirst, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 describe('the C DMA API', () => {
   it('callback, polling and sync modes work and close while busy returns', async () => {
     const a = startAgent();
-    agent = a.agent;
     const p = track(spawn(join(nativeBuildDir, 'exa_dma_selftest'), [a.socketPath], { stdio: ['ignore', 'pipe', 'pipe'] }));
     let out = '';
     p.stdout!.on('data', (d: Buffer) => { out += d.toString(); });

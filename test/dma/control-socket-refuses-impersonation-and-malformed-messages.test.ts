@@ -12,17 +12,10 @@ import { execFileSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import { WorkloadProc } from '../checkpointer/helpers.js';
-import { DmaPeer, PAGE, killAll, removeTempDirs, startAgent } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 const RAW = join(dirname(fileURLToPath(import.meta.url)), 'fixtures', 'raw-control.py');
 const EACCES = -13;
@@ -31,7 +24,6 @@ const EPROTO = -71;
 describe('the DMA control socket', () => {
   it('refuses impersonation and malformed messages with a reason, and keeps serving the real jobs', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [pa, pb] = await Promise.all([DmaPeer.start(a.socketPath, 'real-a'), DmaPeer.start(a.socketPath, 'real-b')]);
     await pa.ok({ cmd: 'alloc', name: 'src', size: 4 * PAGE, seed: 4 });
     await pb.ok({ cmd: 'alloc', name: 'dst', size: 4 * PAGE });
@@ -53,7 +45,6 @@ describe('the DMA control socket', () => {
 
   it('refuses a DMA buffer whose memfd is not sealed against shrinking, and the job keeps working', async () => {
     const a = startAgent();
-    agent = a.agent;
     const w = WorkloadProc.start(a.socketPath, 'hostile-dma');
     await w.ok('attach');
     await w.ok('alloc buf 4');

@@ -7,21 +7,13 @@
  */
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
-import { DmaPeer, PAGE, drain, killAll, removeTempDirs, startAgent, until } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, drain, startAgent, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 describe('freeing a DMA buffer during a checkpoint', () => {
   it('unregisters the buffer for peers at once while the checkpoint keeps its image', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [w, t] = await Promise.all([DmaPeer.start(a.socketPath, 'fw'), DmaPeer.start(a.socketPath, 'ft')]);
     await w.ok({ cmd: 'alloc', name: 'src', size: 8 * PAGE, seed: 1 });
     await t.ok({ cmd: 'alloc', name: 'dst', size: 8 * PAGE, seed: 2 });

@@ -12,18 +12,11 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import { nativeBuildDir } from '../../src/native.js';
 import { track } from '../checkpointer/helpers.js';
-import { drain, killAll, removeTempDirs, startAgent } from './helpers.js';
+import { cleanupPeersFirst, drain, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 const BIN = join(nativeBuildDir, 'exa_halo');
 const ARGS = ['--n', '65536', '--iters', '3000'];
@@ -48,7 +41,6 @@ describe('the halo-exchange demo', () => {
     const want = execFileSync(BIN, ['--reference', ...ARGS], { encoding: 'utf8' }).trim().split('\n');
     expect(want.length).toBe(2);
     const a = startAgent();
-    agent = a.agent;
     const r0 = rank(a.socketPath, 0);
     const r1 = rank(a.socketPath, 1);
     let done = false;

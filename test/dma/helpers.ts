@@ -10,9 +10,12 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { LocalAgent, LocalAgentOptions } from '../../src/agent/local-agent.js';
 import * as native from '../../src/native.js';
-import { startAgent, track } from '../checkpointer/helpers.js';
+import { cleanup, startAgent, track } from '../checkpointer/helpers.js';
 
 export { killAll, removeTempDirs, until, drain, cleanup, PAGE } from '../checkpointer/helpers.js';
+
+/** afterEach of the tests whose peers must go before their agents: kill processes, close agents, remove directories. */
+export const cleanupPeersFirst = (): Promise<void> => cleanup({ processesFirst: true });
 export { startAgent };
 
 const PEER = join(dirname(fileURLToPath(import.meta.url)), 'fixtures', 'dma-peer.mjs');

@@ -8,21 +8,16 @@
  * error completion's reason.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import { DmaSession } from '../../src/dma/index.js';
 import { isExaError } from '../../src/errors.js';
 import { Workload } from '../../src/workload/index.js';
-import { killAll, removeTempDirs, startAgent } from './helpers.js';
+import { cleanupPeersFirst, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
 let work: Workload | null = null;
 afterEach(async () => {
   work?.detach();
   work = null;
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
+  await cleanupPeersFirst();
 });
 
 const code = (c: string) => (e: unknown): boolean => isExaError(e) && e.code === c;
@@ -30,7 +25,6 @@ const code = (c: string) => (e: unknown): boolean => isExaError(e) && e.code ===
 describe('the Node DMA binding', () => {
   it('refuses to close under a running wait, then closes; use after close is a clear error', async () => {
     const a = startAgent();
-    agent = a.agent;
     const attached = new Promise((r) => a.agent.once('attached', r));
     work = Workload.attach({ socketPath: a.socketPath, jobId: 'nodejob' });
     await attached;

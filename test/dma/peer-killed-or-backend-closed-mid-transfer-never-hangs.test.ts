@@ -7,17 +7,10 @@
  * waits failing UNAVAILABLE instead of hanging.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import * as native from '../../src/native.js';
-import { DmaPeer, PAGE, killAll, removeTempDirs, startAgent, until } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, startAgent, until } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 const SIZE = 256 * PAGE;
 
@@ -36,7 +29,6 @@ describe('a peer or the backend going away mid-transfer', () => {
   for (const mode of ['poll', 'callback'] as const) {
     it(`${mode} mode: operations aimed at a killed peer complete with an error naming it`, async () => {
       const a = startAgent();
-      agent = a.agent;
       const [pa, pb] = await setup(a.socketPath, 'issuer', 'victim');
       await pa.ok({ cmd: 'queue', q: 1, mode });
       const opsBefore = native.dmaBackendStats(a.agent.dmaBackend!).ops;
@@ -69,7 +61,6 @@ describe('a peer or the backend going away mid-transfer', () => {
 
   it('an issuer killed mid-burst leaves the backend serving the other jobs', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [pa] = await setup(a.socketPath, 'doomed', 'target');
     const [px, py] = await setup(a.socketPath, 'x', 'y');
     await pa.ok({ cmd: 'queue', q: 1, mode: 'poll' });
@@ -86,7 +77,6 @@ describe('a peer or the backend going away mid-transfer', () => {
 
   it('closing the agent while a remote write waits for a held checkpoint saver returns; the write fails or lands, never hangs', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [pa] = await setup(a.socketPath, 'w8', 't8');
     // the target's page 8 is being saved (held): a remote write into it must wait (fault case 4)
     const c = await a.agent.checkpoint('t8', { full: true, mode: 'sync', testHold: { region: 'dst', page: 8, when: 'during' } });
@@ -100,7 +90,6 @@ describe('a peer or the backend going away mid-transfer', () => {
     expect(native.dmaBackendStats(a.agent.dmaBackend!).ops).toBe(opsBefore);
     const t0 = Date.now();
     await a.agent.close();
-    agent = null;
     expect(Date.now() - t0).toBeLessThan(5000);
     await drained;
     const got = await pa.cmd({ cmd: 'wait', q: 1, n: 1, timeoutMs: 5000 });
@@ -112,7 +101,6 @@ describe('a peer or the backend going away mid-transfer', () => {
   for (const mode of ['poll', 'callback'] as const) {
     it(`closing the agent while a ${mode}-mode client is busy returns promptly; the client's operations fail, never hang`, async () => {
       const a = startAgent();
-      agent = a.agent;
       const [pa, pb] = await setup(a.socketPath, 'busy', 'sink');
       await pa.ok({ cmd: 'queue', q: 1, mode });
       const burst = pa.cmd({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: 'sink', name: 'dst', n: 1000000, len: 16 * 1024, span: SIZE });
@@ -120,7 +108,6 @@ describe('a peer or the backend going away mid-transfer', () => {
       await until(() => native.dmaBackendStats(a.agent.dmaBackend!).ops > opsBefore + 500, 'transfers under way');
       const t0 = Date.now();
       await a.agent.close();
-      agent = null;
       expect(Date.now() - t0).toBeLessThan(5000);
       // the wait (poll mode) or the next post after the callback thread saw the hang-up fails
       const r = await burst;

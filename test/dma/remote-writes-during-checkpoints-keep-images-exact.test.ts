@@ -9,17 +9,11 @@
  */
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { CheckpointOptions, LocalAgent } from '../../src/agent/local-agent.js';
+import type { CheckpointOptions } from '../../src/agent/local-agent.js';
 import { apply, firstDiff } from '../checkpointer/helpers.js';
-import { DmaPeer, PAGE, drain, killAll, removeTempDirs, startAgent } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, drain, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 const PAGES = 256;
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
@@ -27,7 +21,6 @@ const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('he
 describe('remote DMA writes while the target is checkpointed', () => {
   it('every image equals the buffer at the pause instant; the next increment holds the written pages', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [w, t] = await Promise.all([DmaPeer.start(a.socketPath, 'writer'), DmaPeer.start(a.socketPath, 'target')]);
     await w.ok({ cmd: 'alloc', name: 'src', size: 2 * PAGES * PAGE, seed: 5 });
     await t.ok({ cmd: 'alloc', name: 'win', size: PAGES * PAGE, seed: 9 });

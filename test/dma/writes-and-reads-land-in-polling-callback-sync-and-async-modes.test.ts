@@ -7,17 +7,10 @@
  */
 import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
-import type { LocalAgent } from '../../src/agent/local-agent.js';
 import * as native from '../../src/native.js';
-import { DmaPeer, PAGE, fillBytes, killAll, removeTempDirs, startAgent } from './helpers.js';
+import { DmaPeer, PAGE, cleanupPeersFirst, fillBytes, startAgent } from './helpers.js';
 
-let agent: LocalAgent | null = null;
-afterEach(async () => {
-  await killAll();
-  await agent?.close();
-  agent = null;
-  removeTempDirs();
-});
+afterEach(cleanupPeersFirst);
 
 const sha = (u8: Uint8Array): string => createHash('sha256').update(u8).digest('hex');
 function expected(size: number, seed: number, off = 0, len = size): string {
@@ -40,7 +33,6 @@ async function pair(socketPath: string, a: string, b: string, size: number): Pro
 describe('DMA writes and reads', () => {
   it('sync write and read move exactly the requested bytes', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [pa, pb] = await pair(a.socketPath, 'ja', 'jb', 16 * PAGE);
     // write src[100..100+5000) -> win[7000..12000)
     await pa.ok({ cmd: 'sync', op: 'write', local: 'src', loff: 100, peer: 'jb', name: 'win', roff: 7000, len: 5000 });
@@ -59,7 +51,6 @@ describe('DMA writes and reads', () => {
   for (const mode of ['poll', 'callback'] as const) {
     it(`async ${mode} mode: 2,000 operations with up to 256 outstanding all complete once, correctly`, async () => {
       const a = startAgent();
-      agent = a.agent;
       const [pa, pb] = await pair(a.socketPath, 'ma', 'mb', 64 * PAGE);
       await pa.ok({ cmd: 'queue', q: 1, mode });
       const w = await pa.ok({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: 'mb', name: 'win', n: 2000, len: 1024, span: 64 * PAGE });
@@ -73,7 +64,6 @@ describe('DMA writes and reads', () => {
 
   it('a queue refuses a 257th outstanding operation (RESOURCE_EXHAUSTED) until completions are reaped', async () => {
     const a = startAgent();
-    agent = a.agent;
     const [pa] = await pair(a.socketPath, 'fa', 'fb', 4 * PAGE);
     await pa.ok({ cmd: 'queue', q: 1, mode: 'poll' });
     for (let i = 0; i < 256; i++) await pa.ok({ cmd: 'post', q: 1, op: 'write', local: 'src', peer: 'fb', name: 'win', len: 64, tag: i });
@@ -86,7 +76,6 @@ describe('DMA writes and reads', () => {
 
   it('several job pairs on one agent transfer at the same time, each into its own peer', async () => {
     const a = startAgent();
-    agent = a.agent;
     const pairs = await Promise.all([0, 1, 2].map((i) => pair(a.socketPath, `sa${i}`, `sb${i}`, 32 * PAGE)));
     await Promise.all(pairs.map(([pa], i) => pa.ok({ cmd: 'queue', q: 1, mode: i % 2 ? 'callback' : 'poll' })));
     const res = await Promise.all(pairs.map(([pa], i) => pa.ok({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: `sb${i}`, name: 'win', n: 1500, len: 2048, span: 32 * PAGE })));
