@@ -54,14 +54,6 @@
 
 namespace exa {
 
-namespace {
-
-uint64_t now_us() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
 std::string errstr(int e) { return strerror(e < 0 ? -e : e); }
 
 bool valid_name(const char *s, size_t cap) {
@@ -73,6 +65,14 @@ bool valid_name(const char *s, size_t cap) {
       return false;
   }
   return true;
+}
+
+namespace {
+
+uint64_t now_us() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
 int send_reply(int fd, uint32_t seq, int status, const std::string &text, int pass_fd = -1, uint32_t flags = 0) {

@@ -33,6 +33,12 @@
 
 namespace exa {
 
+/* "No such file or directory" for ENOENT or -ENOENT. */
+std::string errstr(int e);
+/* A job, region or buffer name in a wire field of `cap` bytes: NUL-terminated inside it,
+ * 1..EXA_NAME_MAX characters of [A-Za-z0-9._-]. Shared by the checkpointer and the DMA backend. */
+bool valid_name(const char *s, size_t cap);
+
 constexpr size_t kPage = 4096;
 
 /* An event for the JS side, produced on the IO thread. */

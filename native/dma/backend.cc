@@ -48,19 +48,6 @@ uint64_t now_ns() {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-bool valid_name(const char *s, size_t cap) {
-  size_t n = strnlen(s, cap);
-  if (n == 0 || n >= cap || n > EXA_NAME_MAX) return false;
-  for (size_t i = 0; i < n; i++) {
-    char c = s[i];
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-'))
-      return false;
-  }
-  return true;
-}
-
-std::string errstr(int e) { return strerror(e < 0 ? -e : e); }
-
 const char *op_name(uint16_t op) { return op == EXA_DMA_OP_WRITE ? "write" : op == EXA_DMA_OP_READ ? "read" : "?"; }
 
 bool range_ok(uint64_t off, uint64_t len, uint64_t size) { return off <= size && len <= size - off; }

@@ -47,17 +47,27 @@ export interface RunningReport {
 const MAX_DMA_BUFFERS = 4096;
 const MAX_DMA_GRANTS = 1024;
 
+/** A DMA buffer name (a region name: 1..63 of [A-Za-z0-9._-]) of `job`. */
+export function checkDmaBufferName(job: string, name: unknown): string {
+  if (typeof name !== 'string' || !/^[A-Za-z0-9._-]{1,63}$/.test(name)) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer name ${JSON.stringify(name)} is not valid`);
+  return name;
+}
+
+/** A grant of `job`'s buffer to a peer job: the buffer name, the peer's id, perms 1 (read), 2 (write) or 3 (both). */
+export function checkDmaGrant(job: string, buffer: string, peer: string, perms: number): void {
+  checkDmaBufferName(job, buffer);
+  checkId('job', peer);
+  if (!Number.isInteger(perms) || perms < 1 || perms > 3) throw new ExaError('INVALID_ARGUMENT', `job ${job}: grant of DMA buffer ${buffer} to ${peer} has perms ${perms}, not 1..3`);
+}
+
 /** Validate what an agent reports of a job's DMA buffers (names as region names, perms 1..3, bounded counts). */
 export function checkDmaBuffers(job: string, bufs: DmaBufferRec[]): DmaBufferRec[] {
   if (bufs.length > MAX_DMA_BUFFERS) throw new ExaError('INVALID_ARGUMENT', `job ${job} reports ${bufs.length} DMA buffers, more than ${MAX_DMA_BUFFERS}`);
   for (const b of bufs) {
-    if (typeof b.name !== 'string' || !/^[A-Za-z0-9._-]{1,63}$/.test(b.name)) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer name ${JSON.stringify(b.name)} is not valid`);
+    checkDmaBufferName(job, b.name);
     if (!Number.isSafeInteger(b.size) || b.size <= 0) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer ${b.name} has size ${String(b.size)}`);
     if (b.grants.length > MAX_DMA_GRANTS) throw new ExaError('INVALID_ARGUMENT', `job ${job}: DMA buffer ${b.name} has more than ${MAX_DMA_GRANTS} grants`);
-    for (const g of b.grants) {
-      checkId('job', g.peer);
-      if (!Number.isInteger(g.perms) || g.perms < 1 || g.perms > 3) throw new ExaError('INVALID_ARGUMENT', `job ${job}: grant of DMA buffer ${b.name} to ${g.peer} has perms ${g.perms}, not 1..3`);
-    }
+    for (const g of b.grants) checkDmaGrant(job, b.name, g.peer, g.perms);
   }
   return bufs;
 }

@@ -24,7 +24,7 @@ import type { AgentProgress } from '../gen/exa/v1/AgentProgress.js';
 import { StoreClient, type CheckpointSummary, type PageBatch, type RegionSpec } from '../store/client.js';
 import { CoordinatorClient } from '../coordinator/client.js';
 import { specFromMsg, type JobSpecRecord } from '../coordinator/service.js';
-import { checkId } from '../coordinator/registry.js';
+import { checkDmaGrant, checkId } from '../coordinator/registry.js';
 import { checkCwd, checkSpec, launch, resolveCommand, tailLog, type RunningProcess } from './runner.js';
 import { advanceImage, discardStaged, stageImage, type StagedImage } from './staging.js';
 import type { CheckpointerPort, CheckpointRun, DmaGrant, NativeCkptStats } from './port.js';
@@ -608,7 +608,10 @@ export class HostAgent {
       }),
       Restore: serverStream(auth, async (req, emit) => {
         if (!req.spec) throw new ExaError('INVALID_ARGUMENT', 'Restore needs the job spec');
-        const grants = req.dma_grants.map((g) => checkGrant(g));
+        const grants = req.dma_grants.map((g): DmaGrant => {
+          checkDmaGrant(req.job, g.buffer, g.peer, g.perms);
+          return { buffer: g.buffer, peer: g.peer, perms: g.perms };
+        });
         const rec = await this.restore(req.job, req.checkpoint, specFromMsg({ ...req.spec, job: req.job }), undefined, grants);
         await emit({ job: this.describe(rec) });
       }),
@@ -634,18 +637,6 @@ function statsMsg(r: CheckpointResult) {
     shadow_copies: String(r.stats.shadowCopies), shadow_peak_bytes: String(r.stats.shadowPeakBytes),
     dma_grants: r.dmaGrants ?? [],
   };
-}
-
-/** A grant from the wire: names checked, perms 1..3. */
-function checkGrant(g: { buffer: string; peer: string; perms: number }): DmaGrant {
-  checkId('job', g.peer);
-  if (typeof g.buffer !== 'string' || g.buffer.length === 0 || g.buffer.length > 63 || /[\0/]/.test(g.buffer)) {
-    throw new ExaError('INVALID_ARGUMENT', `DMA grant buffer name ${JSON.stringify(g.buffer)} is not valid`);
-  }
-  if (!Number.isInteger(g.perms) || g.perms < 1 || g.perms > 3) {
-    throw new ExaError('INVALID_ARGUMENT', `DMA grant of ${g.buffer} to ${g.peer}: perms ${g.perms} is not 1 (read), 2 (write) or 3 (both)`);
-  }
-  return { buffer: g.buffer, peer: g.peer, perms: g.perms };
 }
 
 async function* countPages(src: AsyncIterable<PageBatch>, add: (n: number) => void): AsyncGenerator<PageBatch> {

@@ -7,7 +7,7 @@ import { LocalAgent, type Checkpoint, type PageBatch as NativeBatch } from '../a
 import type { PageBatch } from '../store/client.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import * as native from '../native.js';
-import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, DmaControlPort, DmaGrant, NativeCkptStats } from './port.js';
+import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, DmaControlPort, NativeCkptStats } from './port.js';
 
 export interface NativePortOptions {
   socketPath: string;
@@ -61,7 +61,7 @@ export class NativeCheckpointer implements CheckpointerPort {
       address,
       setRoute: (job, addr) => native.dmaSetRoute(h, job, addr),
       onRouteMiss: (fn) => { this.routeMiss = fn; },
-      fence: async (job) => (await native.dmaFence(h, job)).grants.map((g): DmaGrant => ({ buffer: g.buffer, peer: g.peer, perms: g.perms })),
+      fence: async (job) => (await native.dmaFence(h, job)).grants,
       unfence: (job) => native.dmaUnfence(h, job),
       moved: (job, addr) => native.dmaMoved(h, job, addr),
       expect: (job, grants, timeoutMs) => native.dmaExpect(h, job, grants, timeoutMs),

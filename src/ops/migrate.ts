@@ -103,8 +103,7 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
       let job: AgentJobInfo;
       try {
         // The source cannot hand over the job's DMA grants: the coordinator's last record of them does.
-        const grants = placement.dma_buffers.flatMap((b) => b.grants.map((g) => ({ buffer: b.name, peer: g.peer, perms: g.perms })));
-        job = await targetAgent.restore(o.job, o.at ?? 0, spec, moving.epoch, o.onProgress, grants);
+        job = await targetAgent.restore(o.job, o.at ?? 0, spec, moving.epoch, o.onProgress, recordedGrants(placement));
       } catch (e) {
         await coord.release(o.job, o.to, 'FAILED').catch(() => undefined);
         throw e;
@@ -160,6 +159,11 @@ export async function migrate(coord: CoordinatorClient, o: MigrateOptions): Prom
   }
 }
 
+/** A job's DMA grants as the coordinator last recorded them (when its source cannot hand them over). */
+function recordedGrants(p: Placement): DmaGrant[] {
+  return p.dma_buffers.flatMap((b) => b.grants.map((g) => ({ buffer: b.name, peer: g.peer, perms: g.perms })));
+}
+
 /** Finish a migration whose caller died (see MigrateOptions.resumeInterrupted). */
 async function resumeInterrupted(
   coord: CoordinatorClient, o: MigrateOptions, placement: Placement, hosts: HostRecord[], spec: JobSpecRecord, target: HostRecord, t0: number,
@@ -177,10 +181,9 @@ async function resumeInterrupted(
     }
     // The source ended the job after its final checkpoint (or is down): restore the last committed one.
     step(`${o.job} no longer runs on ${placement.host_id}: restoring it on ${o.to} from its last committed checkpoint`);
-    const grants = placement.dma_buffers.flatMap((b) => b.grants.map((g) => ({ buffer: b.name, peer: g.peer, perms: g.perms })));
     const targetAgent = await AgentClient.connect(target.agent_address, o);
     try {
-      const job = await targetAgent.restore(o.job, o.at ?? 0, spec, placement.epoch, o.onProgress, grants);
+      const job = await targetAgent.restore(o.job, o.at ?? 0, spec, placement.epoch, o.onProgress, recordedGrants(placement));
       await coord.finishMove(o.job, placement.epoch, o.to, job.pid);
       if (sourceAgent) await sourceAgent.jobMoved(o.job, o.to, target.dma_address).catch(() => undefined);
       step(`${o.job} runs on ${o.to} (pid ${job.pid}) from checkpoint ${job.last_checkpoint}`);
