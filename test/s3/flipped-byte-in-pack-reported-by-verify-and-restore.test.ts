@@ -12,18 +12,15 @@ import { S3Io } from '../../storage/s3/io.js';
 import { restoreCheckpoint, bufferSink } from '../../storage/s3/restore.js';
 import { sha256 } from '../../storage/pages.js';
 import { ExaError } from '../../src/errors.js';
-import { S3RVER_KEYS, makeChain, removeDir, startS3, tempDir, type TestS3 } from './helpers.js';
+import { S3RVER_KEYS, makeChain, startS3, tempDir, type TestS3, teardownS3 } from './helpers.js';
 
 let s3: TestS3 | null = null;
 const dirs: string[] = [];
 const closers: (() => Promise<unknown>)[] = [];
 
 afterEach(async () => {
-  for (const c of closers.splice(0).reverse()) await c().catch(() => undefined);
-  await s3?.stop();
-  removeDir(s3?.dir);
+  await teardownS3(s3, dirs, closers);
   s3 = null;
-  for (const d of dirs.splice(0)) removeDir(d);
 });
 
 const REGIONS = [{ name: 'state', pages: 128 }, { name: 'matrix', pages: 256 }];

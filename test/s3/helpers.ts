@@ -38,6 +38,14 @@ export function removeDir(d: string | undefined): void {
   if (d) rmSync(d, { recursive: true, force: true });
 }
 
+/** afterEach of the S3 tests: run the closers (newest first), stop the S3 server, remove its and the tests' directories. */
+export async function teardownS3(s3: TestS3 | null, dirs: string[], closers: (() => Promise<unknown>)[]): Promise<void> {
+  for (const c of closers.splice(0).reverse()) await c().catch(() => undefined);
+  await s3?.stop();
+  removeDir(s3?.dir);
+  for (const d of dirs.splice(0)) removeDir(d);
+}
+
 /** Start s3rver on 127.0.0.1 with `bucket` created. */
 export async function startS3(bucket = 'exa-test'): Promise<TestS3> {
   const dir = tempDir('s3rver');

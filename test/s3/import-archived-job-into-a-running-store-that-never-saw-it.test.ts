@@ -14,18 +14,15 @@ import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { S3Backend } from '../../storage/s3/backend.js';
 import { archiveJob } from '../../storage/s3/archive.js';
-import { S3RVER_KEYS, makeChain, putDirect, removeDir, startS3, tempDir, type TestS3 } from './helpers.js';
+import { S3RVER_KEYS, makeChain, putDirect, startS3, tempDir, type TestS3, teardownS3 } from './helpers.js';
 
 let s3: TestS3 | null = null;
 const dirs: string[] = [];
 const closers: (() => Promise<unknown>)[] = [];
 
 afterEach(async () => {
-  for (const c of closers.splice(0).reverse()) await c().catch(() => undefined);
-  await s3?.stop();
-  removeDir(s3?.dir);
+  await teardownS3(s3, dirs, closers);
   s3 = null;
-  for (const d of dirs.splice(0)) removeDir(d);
 });
 
 const REGIONS = [{ name: 'u', pages: 150 }, { name: 'v', pages: 40 }];
