@@ -3,15 +3,18 @@
  * exaagent: the per-host agent.
  *
  *   exaagent --store ADDR --host ID [--listen HOST:PORT] [--state-dir DIR] [--staging DIR]
+ *            [--metrics-listen HOST:PORT]
  *
  * Prints "exaagent <host> ready agent=<addr> socket=<path>" on stdout once it
  * serves; stops cleanly on SIGINT/SIGTERM (jobs keep running untracked).
  */
 import { Command } from 'commander';
+import { mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { HostAgent, splitHostPort } from '../hostagent/daemon.js';
 import { NativeCheckpointer } from '../hostagent/native-port.js';
+import { parseListen, startMetricsServer, type MetricsServer } from '../metrics.js';
 import { DEFAULT_STORE, intArg, runCli } from './common.js';
 
 export function buildProgram(): Command {
@@ -30,12 +33,16 @@ export function buildProgram(): Command {
     .option('--dma-listen <host:port>', 'TCP address of the DMA data path between agents (RDMA remoting; default: the --listen host, any port)')
     .option('--dma-advertise <host:port>', 'DMA data address other agents use (default: the bound --dma-listen address; a 0.0.0.0 bind takes the --advertise host)')
     .option('--no-dma', 'run without a DMA backend (jobs cannot use exa_dma_*)')
-    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dmaAdvertise?: string; dma: boolean }) => {
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any; off by default)')
+    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dmaAdvertise?: string; dma: boolean; metricsListen?: string }) => {
       const stateDir = o.stateDir ?? join(tmpdir(), `exa-agent-${o.host}`);
+      // The checkpointer binds its socket in stateDir at once: create it first (owner only).
+      mkdirSync(stateDir, { recursive: true, mode: 0o700 });
       const token = o.token ?? process.env.EXA_TOKEN;
       const dmaListen = o.dma ? o.dmaListen ?? `${splitHostPort(o.listen)[0]}:0` : false;
       if (typeof dmaListen === 'string') splitHostPort(dmaListen);
       if (o.dmaAdvertise) splitHostPort(o.dmaAdvertise);
+      if (o.metricsListen) parseListen('--metrics-listen', o.metricsListen);
       const ckpt = new NativeCheckpointer({
         socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}),
         dmaListen, ...(token ? { dmaToken: token } : {}),
@@ -46,9 +53,16 @@ export function buildProgram(): Command {
         ...(o.dmaAdvertise ? { dmaAdvertise: o.dmaAdvertise } : {}),
       }, ckpt);
       await agent.start();
-      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${agent.dmaAddress()}` : ''}\n`);
+      let metrics: MetricsServer | null = null;
+      try {
+        metrics = o.metricsListen ? await startMetricsServer(o.metricsListen) : null;
+      } catch (e) {
+        await agent.close();
+        throw e;
+      }
+      process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${agent.dmaAddress()}` : ''}${metrics ? ` metrics=http://${metrics.address}/metrics` : ''}\n`);
       await new Promise<void>((resolve) => {
-        const stop = (): void => { void agent.close().then(resolve, resolve); };
+        const stop = (): void => { void Promise.all([agent.close(), metrics?.close()]).then(() => resolve(), () => resolve()); };
         process.once('SIGINT', stop);
         process.once('SIGTERM', stop);
       });

@@ -17,6 +17,7 @@ import { StoreClient } from '../store/client.js';
 import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
+import { parseListen, registerCoordinator, registerStore, startMetricsServer, type MetricsServer } from '../metrics.js';
 import { addS3Commands, serveS3, withS3Options, type S3Flags } from '../s3/cli.js';
 
 interface ClientFlags { store: string; json?: boolean; token?: string; tlsCa?: string }
@@ -60,27 +61,45 @@ export function buildProgram(): Command {
     .option('--tls-cert <pem>', 'serve TLS with this certificate chain (with --tls-key)')
     .option('--tls-key <pem>', 'private key of --tls-cert')
     .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
+    .option('--metrics-listen <host:port>', 'serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any; off by default)')
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; json?: boolean }) => {
+    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; metricsListen?: string; json?: boolean }) => {
       const token = o.token ?? process.env.EXA_TOKEN;
       if (!o.tlsCert !== !o.tlsKey) throw new ExaError('INVALID_ARGUMENT', '--tls-cert and --tls-key go together');
       const tls = o.tlsCert && o.tlsKey ? { cert: o.tlsCert, key: o.tlsKey } : undefined;
       if (!o.data && !o.s3) throw new ExaError('INVALID_ARGUMENT', 'serve needs --data DIR (LevelDB) or --s3 s3://bucket/prefix');
+      if (o.metricsListen) parseListen('--metrics-listen', o.metricsListen);
       // With --s3, pages and manifests live in the bucket; --data holds only the local cache (src/s3/cli.ts).
       const s = o.s3
         ? await serveS3({ ...o, s3: o.s3, gcGraceMs: o.gcGrace * 1000, ...(token ? { token } : {}), tls })
         : await startStoreServer({ dataDir: o.data!, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls });
       // The coordinator (host registry, placement, job specs) is served next to the store.
-      new Coordinator({ dataDir: o.data ?? null, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 }).addTo(s.server, { token });
+      const coordinator = new Coordinator({ dataDir: o.data ?? null, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 });
+      coordinator.addTo(s.server, { token });
+      // What /metrics shows besides the gRPC calls (src/metrics.ts).
+      registerStore(s.store.backend);
+      registerCoordinator({
+        hostStates: () => coordinator.registry.listHosts().map((h) => h.state),
+        jobStates: () => coordinator.registry.listJobs().map((j) => j.state),
+      });
+      let metrics: MetricsServer | null = null;
+      try {
+        metrics = o.metricsListen ? await startMetricsServer(o.metricsListen) : null;
+      } catch (e) {
+        await s.close();
+        throw e;
+      }
+      const metricsUrl = metrics ? `http://${metrics.address}/metrics` : null;
       // The ready line: tests and scripts wait for it (and probe the port).
       const where = o.s3 ? `s3 ${o.s3}${o.data ? `, cache ${o.data}` : ''}` : `data ${o.data}`;
-      out(o.json, { listening: s.address, data: o.data ?? null, s3: o.s3 ?? null, pid: process.pid }, () => `exastore listening on ${s.address} (${where}, pid ${process.pid})`);
+      out(o.json, { listening: s.address, data: o.data ?? null, s3: o.s3 ?? null, pid: process.pid, metrics: metricsUrl },
+        () => `exastore listening on ${s.address} (${where}, pid ${process.pid})${metricsUrl ? `, metrics on ${metricsUrl}` : ''}`);
       let stopping = false;
       const stop = (sig: string): void => {
         if (stopping) return;
         stopping = true;
         process.stderr.write(`exastore: ${sig}, shutting down\n`);
-        s.close().then(() => process.exit(0), () => process.exit(1));
+        Promise.all([s.close(), metrics?.close()]).then(() => process.exit(0), () => process.exit(1));
       };
       process.on('SIGTERM', () => stop('SIGTERM'));
       process.on('SIGINT', () => stop('SIGINT'));

@@ -17,6 +17,7 @@ import { basename, join } from 'node:path';
 import { mkdirSync } from 'node:fs';
 import { ExaError, toExaError } from '../errors.js';
 import { bindServer, createServer, grpc, loadProto, serverStream, unary, type ServerAuth } from '../grpc.js';
+import { recordCheckpoint, registerAgent } from '../metrics.js';
 import type { ProtoGrpcType } from '../gen/exa_agent.js';
 import type { AgentHandlers } from '../gen/exa/v1/Agent.js';
 import type { AgentJob } from '../gen/exa/v1/AgentJob.js';
@@ -91,6 +92,7 @@ export class HostAgent {
   private hbTimer: NodeJS.Timeout | null = null;
   private coordDownSince = 0;
   private closed = false;
+  private unregisterMetrics: (() => void) | null = null;
   address = '';
   private readonly log: (line: string) => void;
 
@@ -149,6 +151,7 @@ export class HostAgent {
     const port = await bindServer(server, host, Number(portText));
     this.server = server;
     this.address = this.opts.advertise ?? `${host}:${port}`;
+    this.unregisterMetrics = registerAgent({ jobStates: () => [...this.jobs.values()].map((j) => ({ state: j.state, gap: j.gap !== '' })) });
     await this.beat();
     this.hbTimer = setInterval(() => void this.beat(), this.opts.heartbeatMs ?? 1000);
     this.hbTimer.unref();
@@ -157,6 +160,7 @@ export class HostAgent {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.unregisterMetrics?.();
     if (this.hbTimer) clearInterval(this.hbTimer);
     for (const j of this.jobs.values()) if (j.timer) clearTimeout(j.timer);
     await new Promise<void>((res) => (this.server ? this.server.tryShutdown(() => res()) : res()));
@@ -366,6 +370,7 @@ export class HostAgent {
       await store.listCheckpoints(job).catch((e: unknown) => { if (toExaError(e).code !== 'NOT_FOUND') throw e; });
     } catch (e) {
       this.noteGap(rec, e);
+      recordCheckpoint({ full: o.full === true || this.needsFull(rec), ok: false });
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     const t0 = performance.now();
@@ -386,6 +391,7 @@ export class HostAgent {
     if (!full && this.needsFull(rec)) {
       // A failed upload since this run's dirty set was chosen: the set is incomplete for the chain.
       run.cancel();
+      recordCheckpoint({ full, ok: false });
       throw new ExaError('FAILED_PRECONDITION', `checkpoint of job ${job}: the previous upload failed, so this incremental checkpoint cannot be committed; the next one will be full`);
     }
     let store: StoreClient;
@@ -394,6 +400,7 @@ export class HostAgent {
     } catch (e) {
       run.cancel();
       this.noteGap(rec, e);
+      recordCheckpoint({ full, ok: false });
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     let pages = 0;
@@ -409,9 +416,11 @@ export class HostAgent {
       await run.done.catch(() => undefined);
       rec.needFull = true;
       this.noteGap(rec, e);
+      recordCheckpoint({ full, ok: false });
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     const stats = await run.done;
+    recordCheckpoint({ full, ok: true, pauseMs: stats.pauseMs, totalMs: performance.now() - t0, pagesSaved: stats.pagesSaved, zeroPages: stats.zeroPages });
     rec.lastCommitted = summary.checkpoint;
     rec.needFull = false;
     rec.checkpoints += 1;

@@ -92,9 +92,9 @@ export async function until<T>(what: string, fn: () => Promise<T | undefined>, t
 
 export interface StoreHandle { proc: Proc; address: string; dataDir: string; port: number }
 
-export async function startStore(opts: { dataDir?: string; port?: number; host?: string; netns?: string } = {}): Promise<StoreHandle> {
+export async function startStore(opts: { dataDir?: string; port?: number; host?: string; netns?: string; args?: string[] } = {}): Promise<StoreHandle> {
   const dataDir = opts.dataDir ?? tempDir('exa-cluster-store-');
-  const p = start('exastore', process.execPath, [BIN('exastore'), 'serve', '--data', dataDir, '--port', String(opts.port ?? 0), '--host', opts.host ?? '127.0.0.1'], opts.netns ? { netns: opts.netns } : {});
+  const p = start('exastore', process.execPath, [BIN('exastore'), 'serve', '--data', dataDir, '--port', String(opts.port ?? 0), '--host', opts.host ?? '127.0.0.1', ...(opts.args ?? [])], opts.netns ? { netns: opts.netns } : {});
   const m = await waitFor(p, /listening on (\S+)/);
   const address = m[1]!;
   return { proc: p, address, dataDir, port: Number(address.split(':').pop()) };
