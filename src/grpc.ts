@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { EXA_CODE_METADATA_KEY, ExaError, fromGrpcError, toGrpcStatus } from './errors.js';
+import { rpcLogInterceptor } from './log.js';
 import { rpcMetricsInterceptor } from './metrics.js';
 
 /** The proto/ folder (this file runs from src/ under vitest or from dist/src/). */
@@ -132,8 +133,8 @@ function installSessionHook(): void {
 
 export function createServer(): grpc.Server {
   installSessionHook();
-  // Every call is counted and timed for /metrics (src/metrics.ts).
-  const server = new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256, interceptors: [rpcMetricsInterceptor()] });
+  // Every call is counted and timed for /metrics (src/metrics.ts); failures are logged (src/log.ts).
+  const server = new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256, interceptors: [rpcMetricsInterceptor(), rpcLogInterceptor()] });
   raiseServerWindows(server);
   return server;
 }

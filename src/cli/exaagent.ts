@@ -3,7 +3,7 @@
  * exaagent: the per-host agent.
  *
  *   exaagent --store ADDR --host ID [--listen HOST:PORT] [--state-dir DIR] [--staging DIR]
- *            [--metrics-listen HOST:PORT]
+ *            [--metrics-listen HOST:PORT] [--log-format text|json] [--log-level info]
  *
  * Prints "exaagent <host> ready agent=<addr> socket=<path>" on stdout once it
  * serves; stops cleanly on SIGINT/SIGTERM (jobs keep running untracked).
@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { HostAgent, splitHostPort } from '../hostagent/daemon.js';
 import { NativeCheckpointer } from '../hostagent/native-port.js';
+import { createLogger, logRpcFailuresTo, type LogFormat } from '../log.js';
 import { parseListen, startMetricsServer, type MetricsServer } from '../metrics.js';
 import { DEFAULT_STORE, intArg, runCli } from './common.js';
 
@@ -34,7 +35,10 @@ export function buildProgram(): Command {
     .option('--dma-advertise <host:port>', 'DMA data address other agents use (default: the bound --dma-listen address; a 0.0.0.0 bind takes the --advertise host)')
     .option('--no-dma', 'run without a DMA backend (jobs cannot use exa_dma_*)')
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any; off by default)')
-    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dmaAdvertise?: string; dma: boolean; metricsListen?: string }) => {
+    .option('--log-format <format>', 'log lines on stderr as text or json', 'text')
+    .option('--log-level <level>', 'trace, debug, info, warn, error, fatal or silent', 'info')
+    .action(async (o: { host: string; store: string; listen: string; advertise?: string; stateDir?: string; staging: string; allowUid?: number[]; heartbeatMs: number; token?: string; dmaListen?: string; dmaAdvertise?: string; dma: boolean; metricsListen?: string; logFormat: string; logLevel: string }) => {
+      const logger = createLogger('exaagent', { format: o.logFormat as LogFormat, level: o.logLevel });
       const stateDir = o.stateDir ?? join(tmpdir(), `exa-agent-${o.host}`);
       // The checkpointer binds its socket in stateDir at once: create it first (owner only).
       mkdirSync(stateDir, { recursive: true, mode: 0o700 });
@@ -46,12 +50,14 @@ export function buildProgram(): Command {
       const ckpt = new NativeCheckpointer({
         socketPath: join(stateDir, 'agent.sock'), ...(o.allowUid ? { allowUids: o.allowUid } : {}),
         dmaListen, ...(token ? { dmaToken: token } : {}),
+        onLog: (line) => logger.warn({ host: o.host, component: 'checkpointer' }, line),
       });
       const agent = new HostAgent({
         hostId: o.host, storeAddress: o.store, listen: o.listen, stateDir, stagingRoot: o.staging,
         heartbeatMs: o.heartbeatMs, ...(o.advertise ? { advertise: o.advertise } : {}), ...(token ? { token } : {}),
-        ...(o.dmaAdvertise ? { dmaAdvertise: o.dmaAdvertise } : {}),
+        ...(o.dmaAdvertise ? { dmaAdvertise: o.dmaAdvertise } : {}), logger,
       }, ckpt);
+      logRpcFailuresTo(logger.child({ host: o.host }));
       await agent.start();
       let metrics: MetricsServer | null = null;
       try {

@@ -17,6 +17,7 @@ import { StoreClient } from '../store/client.js';
 import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
+import { createLogger, logRpcFailuresTo, type LogFormat } from '../log.js';
 import { parseListen, registerCoordinator, registerStore, startMetricsServer, type MetricsServer } from '../metrics.js';
 import { addS3Commands, serveS3, withS3Options, type S3Flags } from '../s3/cli.js';
 
@@ -62,8 +63,11 @@ export function buildProgram(): Command {
     .option('--tls-key <pem>', 'private key of --tls-cert')
     .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
     .option('--metrics-listen <host:port>', 'serve Prometheus metrics on http://HOST:PORT/metrics (port 0 = any; off by default)')
+    .option('--log-format <format>', 'log lines on stderr as text or json', 'text')
+    .option('--log-level <level>', 'trace, debug, info, warn, error, fatal or silent', 'info')
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; metricsListen?: string; json?: boolean }) => {
+    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; metricsListen?: string; logFormat: string; logLevel: string; json?: boolean }) => {
+      const logger = createLogger('exastore', { format: o.logFormat as LogFormat, level: o.logLevel });
       const token = o.token ?? process.env.EXA_TOKEN;
       if (!o.tlsCert !== !o.tlsKey) throw new ExaError('INVALID_ARGUMENT', '--tls-cert and --tls-key go together');
       const tls = o.tlsCert && o.tlsKey ? { cert: o.tlsCert, key: o.tlsKey } : undefined;
@@ -90,6 +94,7 @@ export function buildProgram(): Command {
         throw e;
       }
       const metricsUrl = metrics ? `http://${metrics.address}/metrics` : null;
+      logRpcFailuresTo(logger);
       // The ready line: tests and scripts wait for it (and probe the port).
       const where = o.s3 ? `s3 ${o.s3}${o.data ? `, cache ${o.data}` : ''}` : `data ${o.data}`;
       out(o.json, { listening: s.address, data: o.data ?? null, s3: o.s3 ?? null, pid: process.pid, metrics: metricsUrl },
@@ -98,7 +103,7 @@ export function buildProgram(): Command {
       const stop = (sig: string): void => {
         if (stopping) return;
         stopping = true;
-        process.stderr.write(`exastore: ${sig}, shutting down\n`);
+        logger.info({ signal: sig }, `${sig}, shutting down`);
         Promise.all([s.close(), metrics?.close()]).then(() => process.exit(0), () => process.exit(1));
       };
       process.on('SIGTERM', () => stop('SIGTERM'));

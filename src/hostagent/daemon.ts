@@ -17,6 +17,7 @@ import { basename, join } from 'node:path';
 import { mkdirSync } from 'node:fs';
 import { ExaError, toExaError } from '../errors.js';
 import { bindServer, createServer, grpc, loadProto, serverStream, unary, type ServerAuth } from '../grpc.js';
+import { createLogger, type Logger } from '../log.js';
 import { recordCheckpoint, registerAgent } from '../metrics.js';
 import type { ProtoGrpcType } from '../gen/exa_agent.js';
 import type { AgentHandlers } from '../gen/exa/v1/Agent.js';
@@ -67,7 +68,8 @@ export interface AgentOptions {
   stagingRoot: string;
   token?: string;
   heartbeatMs?: number;
-  log?: (line: string) => void;
+  /** Where events go (default: a text logger on stderr, src/log.ts). */
+  logger?: Logger;
 }
 
 export interface CheckpointResult {
@@ -94,11 +96,11 @@ export class HostAgent {
   private closed = false;
   private unregisterMetrics: (() => void) | null = null;
   address = '';
-  private readonly log: (line: string) => void;
+  private readonly logger: Logger;
 
   constructor(private readonly opts: AgentOptions, private readonly ckpt: CheckpointerPort) {
     checkId('host', opts.hostId);
-    this.log = opts.log ?? ((l) => process.stderr.write(`exaagent[${opts.hostId}]: ${l}\n`));
+    this.logger = (opts.logger ?? createLogger('exaagent')).child({ host: opts.hostId });
     mkdirSync(opts.stateDir, { recursive: true });
     ckpt.on('attach', (job) => this.onAttach(job));
     ckpt.on('detach', (job) => this.onDetach(job));
@@ -135,7 +137,7 @@ export class HostAgent {
       dma.setRoute(job, usable ? p.dma_address : null);
     } catch (e) {
       const err = toExaError(e);
-      if (err.code !== 'NOT_FOUND') this.log(`no DMA route for job ${job}: ${err.message}`);
+      if (err.code !== 'NOT_FOUND') this.logger.warn({ job }, `no DMA route for job ${job}: ${err.message}`);
       dma.setRoute(job, null);
     }
   }
@@ -201,12 +203,12 @@ export class HostAgent {
     try {
       const known = await this.coord.heartbeat(this.opts.hostId, this.running());
       if (!known) await this.coord.register(this.opts.hostId, this.address, this.running(), this.dmaAddress());
-      if (this.coordDownSince) this.log(`coordinator at ${this.opts.storeAddress} reachable again`);
+      if (this.coordDownSince) this.logger.info({ coordinator: this.opts.storeAddress }, `coordinator at ${this.opts.storeAddress} reachable again`);
       this.coordDownSince = 0;
     } catch (e) {
       if (!this.coordDownSince) {
         this.coordDownSince = Date.now();
-        this.log(`coordinator unreachable: ${toExaError(e).message}`);
+        this.logger.warn({ coordinator: this.opts.storeAddress }, `coordinator unreachable: ${toExaError(e).message}`);
       }
     }
   }
@@ -304,7 +306,7 @@ export class HostAgent {
       return;
     }
     rec.state = rec.state === 'STOPPED' ? 'STOPPED' : code === 0 ? 'FINISHED' : 'FAILED';
-    this.log(`job ${rec.spec.job} ended: ${rec.state} (exit ${code})`);
+    this.logger.info({ job: rec.spec.job, state: rec.state, exitCode: code }, `job ${rec.spec.job} ended: ${rec.state} (exit ${code})`);
     this.coord?.release(rec.spec.job, this.opts.hostId, rec.state === 'STOPPED' ? 'STOPPED' : rec.state === 'FINISHED' ? 'FINISHED' : 'FAILED').catch(() => undefined);
   }
 
@@ -324,7 +326,7 @@ export class HostAgent {
             this.schedule(rec, Math.min(rec.backoffMs, rec.spec.everyMs || rec.backoffMs));
             rec.backoffMs = Math.min(rec.backoffMs * 2, MAX_BACKOFF_MS);
           } else {
-            this.log(`periodic checkpoint of ${rec.spec.job} failed: ${x.message}`);
+            this.logger.warn({ job: rec.spec.job, code: x.code }, `periodic checkpoint of ${rec.spec.job} failed: ${x.message}`);
             this.schedule(rec, rec.spec.everyMs);
           }
         },
@@ -424,12 +426,12 @@ export class HostAgent {
     rec.lastCommitted = summary.checkpoint;
     rec.needFull = false;
     rec.checkpoints += 1;
-    if (rec.gap) this.log(`store reachable again; job ${job} checkpointed after a gap of ${Math.round((Date.now() - rec.gapSince) / 1000)} s`);
+    if (rec.gap) this.logger.info({ job, gapSeconds: Math.round((Date.now() - rec.gapSince) / 1000) }, `store reachable again; job ${job} checkpointed after a gap of ${Math.round((Date.now() - rec.gapSince) / 1000)} s`);
     rec.gap = '';
     rec.gapSince = 0;
     rec.backoffMs = 1000;
     if (rec.spec.keep > 0) {
-      await store.deleteCheckpoints(job, { keepLast: rec.spec.keep }).catch((e: unknown) => this.log(`retention for ${job}: ${toExaError(e).message}`));
+      await store.deleteCheckpoints(job, { keepLast: rec.spec.keep }).catch((e: unknown) => this.logger.warn({ job }, `retention for ${job}: ${toExaError(e).message}`));
     }
     return { summary, stats, totalMs: performance.now() - t0 };
   }
@@ -499,7 +501,7 @@ export class HostAgent {
       splitHostPort(dmaAddress);
       this.ckpt.dma.moved(job, dmaAddress);
     }
-    this.log(`job ${job} moved to host ${toHost}`);
+    this.logger.info({ job, toHost }, `job ${job} moved to host ${toHost}`);
   }
 
   /**

@@ -17,6 +17,8 @@ export interface NativePortOptions {
   dmaListen?: string | false;
   /** Shared secret agents present to each other on the DMA data path. */
   dmaToken?: string;
+  /** Lines the native checkpointer and DMA backend report (refused peers, protocol errors); default: stderr. */
+  onLog?: (line: string) => void;
 }
 
 export class NativeCheckpointer implements CheckpointerPort {
@@ -53,6 +55,7 @@ export class NativeCheckpointer implements CheckpointerPort {
         await this.appConsumer(c.job, this.toRun(c, this.addresses(c.job), this.appFull.get(c.job) ?? true));
       },
     });
+    if (opts.onLog) this.agent.on('log', opts.onLog);
     this.dma = this.agent.dmaBackend ? this.dmaPort(this.agent.dmaBackend, this.agent.dmaAddress ?? '') : null;
   }
 
