@@ -36,6 +36,7 @@ namespace dma {
 namespace {
 
 constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long before sleeping */
+constexpr uint64_t kYieldAfterNs = 5000;   /* and after this long of it, yield the CPU now and then */
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
@@ -522,8 +523,8 @@ class Client {
     void *ring = nullptr;
     exa_dma_ring_hdr *hdr = nullptr;
     int cq_efd = -1;
-    uint64_t sq_head = 0; /* ours; the shared copy is only published */
-    uint64_t cq_tail = 0;
+    uint64_t sq_head = 0;      /* the next request sequence expected */
+    uint64_t cq_tail = 0;      /* the next completion sequence */
     uint64_t cq_head_seen = 0; /* the frontend's cq_head as last read */
     bool broken = false;
     uint64_t next_seq = 0;
@@ -573,13 +574,12 @@ class Client {
     e->len = status < 0 ? 0 : len;
     e->status = status;
     e->op = op;
-    e->pad = 0;
     /* A success touches only the entry's first cache line (the frontend reads the reason of
      * failures only). */
-    if (why.empty()) e->reason[0] = 0;
-    else snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
+    if (!why.empty()) snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
+    /* The stamp last: the frontend polls it (protocol in exa_dma_wire.h). */
     q.cq_tail++;
-    __atomic_store_n(&q.hdr->cq_tail, q.cq_tail, __ATOMIC_RELEASE);
+    __atomic_store_n(&e->phase, (uint16_t)q.cq_tail, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&q.hdr->fe_armed, __ATOMIC_SEQ_CST)) {
       uint64_t one = 1;
@@ -662,7 +662,7 @@ class Client {
     op.wait_flight = false;
     if (r.op != EXA_DMA_OP_WRITE && r.op != EXA_DMA_OP_READ)
       return no(EINVAL, "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: unknown operation " + std::to_string(r.op));
-    if ((r.flags || r.pad || r.reserved[0] || r.reserved[1]))
+    if ((r.flags || r.reserved[0] || r.reserved[1]))
       return no(EINVAL, "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: reserved fields set");
     std::shared_ptr<Buffer> lb = r.local >= 1 && r.local <= local_.size() ? local_[r.local - 1] : nullptr;
     if (!lb) return no(EBADF, "job " + job_ + ": no local DMA buffer with id " + std::to_string(r.local));
@@ -865,21 +865,24 @@ class Client {
       q.backlog.pop_front();
       work++;
     }
-    uint64_t tail = __atomic_load_n(&q.hdr->sq_tail, __ATOMIC_ACQUIRE);
-    if (tail - q.sq_head > EXA_DMA_RING_DEPTH) {
-      q.broken = true;
-      if (!complete(q, 0, 0, -EPROTO, 0,
-                    "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request ring (tail " + std::to_string(tail) +
-                        " beyond head " + std::to_string(q.sq_head) + " + depth); queue no longer served"))
-        return -1;
-      return work;
-    }
-    for (int n = 0; q.sq_head != tail && n < 32; n++, work++) {
+    for (int n = 0; n < 32; n++, work++) {
+      /* The entry says whether it is new (its stamp); there is no shared tail to read first. */
+      exa_dma_req *e = &exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH];
+      uint32_t stamp = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+      if (stamp != (uint32_t)(q.sq_head + 1)) {
+        if (stamp == exa_dma_sq_stale(q.sq_head)) break; /* nothing new */
+        q.broken = true;
+        if (!complete(q, 0, 0, -EPROTO, 0,
+                      "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request ring (slot " +
+                          std::to_string(q.sq_head % EXA_DMA_RING_DEPTH) + ": stamp " + std::to_string(stamp) + ", expected " +
+                          std::to_string((uint32_t)(q.sq_head + 1)) + "); queue no longer served"))
+          return -1;
+        return work;
+      }
       Op op;
-      memcpy(&op.r, &exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH], sizeof op.r);
+      memcpy(&op.r, e, sizeof op.r); /* validated from this copy: the frontend may scribble on the slot */
       op.seq = q.next_seq++;
       q.sq_head++;
-      __atomic_store_n(&q.hdr->sq_head, q.sq_head, __ATOMIC_RELEASE);
       Act a = dispatch(q, op, now);
       if (a == END) return -1;
       if (a == WAIT) {
@@ -1091,10 +1094,8 @@ class Client {
         q.hdr = (exa_dma_ring_hdr *)ring;
         q.cq_efd = fds[1];
         fds[1] = -1;
-        /* Start from where the frontend says it is (a fresh ring: 0), never trusted afterwards. */
-        q.sq_head = __atomic_load_n(&q.hdr->sq_head, __ATOMIC_ACQUIRE);
-        q.cq_tail = __atomic_load_n(&q.hdr->cq_tail, __ATOMIC_ACQUIRE);
-        q.cq_head_seen = __atomic_load_n(&q.hdr->cq_head, __ATOMIC_ACQUIRE);
+        /* A fresh ring: every sequence starts at 0, every stamp is 0. */
+        q.sq_head = q.cq_tail = q.cq_head_seen = 0;
         queues_[q.id] = std::move(q);
         reply(m, 0, "", next_queue_ - 1);
         return true;
@@ -1266,8 +1267,9 @@ class Client {
         uint64_t nb = q.backlog.front().not_before;
         if (nb <= now) pending = true;
         else next = std::min(next, nb);
-      } else if (__atomic_load_n(&q.hdr->sq_tail, __ATOMIC_ACQUIRE) != q.sq_head)
-        pending = true;
+      } else if (__atomic_load_n(&exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH].seq, __ATOMIC_ACQUIRE) !=
+                 exa_dma_sq_stale(q.sq_head))
+        pending = true; /* new, or garbage to refuse */
     }
     if (hello_ && (inbox_->has.load() || be_->gen_.load() != seen_gen_)) pending = true;
     *timeout_ms = next == UINT64_MAX ? -1 : (int)std::min<uint64_t>((next - now + kMs - 1) / kMs, 1000);
@@ -1296,8 +1298,10 @@ class Client {
 #if defined(__x86_64__) || defined(__i386__)
         for (int i = 0; i < 2; i++) __builtin_ia32_pause(); /* leave the core to a sibling doing real work */
 #endif
-        /* on an oversubscribed machine the client we wait for may need this very CPU */
-        if ((++spins & 255) == 0) sched_yield();
+        /* On an oversubscribed machine the client we wait for may need this very CPU; but no
+         * system call while a client that posts back to back may be spinning on its completion
+         * (its next request comes within a microsecond): yield only after a quiet while. */
+        if ((++spins & 255) == 0 && t - idle_since > kYieldAfterNs) sched_yield();
         continue;
       }
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */
