@@ -138,6 +138,8 @@ struct exa_dma_ring_hdr {
   uint32_t be_sleeping __attribute__((aligned(64)));
   uint32_t away; /* some operations of this queue are on the network or held (a hint: the frontend
                     then does not spin long for them, it sleeps on its doorbell) */
+  uint32_t be_cpu; /* 1 + the CPU the backend thread last ran on, 0 unknown (a hint: a frontend spinning
+                      on that very CPU keeps the backend from running, and yields it) */
   /* frontend-written, rarely (going to sleep); read by the backend at every completion */
   uint32_t fe_armed __attribute__((aligned(64)));
   /* frontend-written at every reap; read by the backend once a lap at most */

@@ -403,9 +403,13 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
      * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
     uint64_t extra = __atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED) ? 0 : __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
     if (t - t0 < SPIN_NS + extra) {
+      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. */
+      unsigned be_cpu = __atomic_load_n(&q->hdr->be_cpu, __ATOMIC_RELAXED);
+      if (be_cpu && (unsigned)sched_getcpu() + 1 == be_cpu) sched_yield();
       /* extra is ~1 ns a byte (~1 GB/s); a same-host copy runs at 5-50 GB/s: past a quarter of it
-       * plus a few microseconds, the backend is late, likely for want of a CPU */
-      if (t - t0 > YIELD_AFTER_NS + extra / 4 && (spins & 255) == 0) sched_yield();
+       * plus a few microseconds, the backend is late, likely for want of a CPU (the hint above
+       * misses a backend preempted on the other CPU) */
+      else if (t - t0 > YIELD_AFTER_NS + extra / 4 && (spins & 255) == 0) sched_yield();
       cpu_relax();
       continue;
     }
