@@ -1313,6 +1313,12 @@ class Client {
       if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_cpu, cpu, __ATOMIC_RELAXED);
   }
 
+  bool shares_cpu_with_a_waiter() {
+    for (auto &kv : queues_)
+      if (kv.second.ring && __atomic_load_n(&kv.second.hdr->fe_cpu, __ATOMIC_RELAXED) == cpu_) return true;
+    return false;
+  }
+
   void run() {
     uint64_t idle_since = now_ns();
     unsigned busy_rounds = 0, spins = 0;
@@ -1334,12 +1340,14 @@ class Client {
       }
       if (hello_ && t - idle_since < kSpinNs) {
 #if defined(__x86_64__) || defined(__i386__)
-        for (int i = 0; i < 2; i++) __builtin_ia32_pause(); /* leave the core to a sibling doing real work */
+        __builtin_ia32_pause(); /* leave the core to a sibling doing real work (one: it delays seeing a request) */
 #endif
-        /* On an oversubscribed machine the client we wait for may need this very CPU; but no
+        /* On an oversubscribed machine the client we wait for may need this very CPU: yield at
+         * once when a waiter of ours last spun on it (fe_cpu), else only after a quiet while: no
          * system call while a client that posts back to back may be spinning on its completion
-         * (its next request comes within a microsecond): yield only after a quiet while. */
-        if ((++spins & 255) == 0 && t - idle_since > kYieldAfterNs) sched_yield();
+         * (its next request comes within a microsecond). */
+        if ((++spins & 15) == 0 && shares_cpu_with_a_waiter()) sched_yield();
+        else if ((spins & 255) == 0 && t - idle_since > kYieldAfterNs) sched_yield();
         continue;
       }
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */

@@ -140,8 +140,10 @@ struct exa_dma_ring_hdr {
                     then does not spin long for them, it sleeps on its doorbell) */
   uint32_t be_cpu; /* 1 + the CPU the backend thread last ran on, 0 unknown (a hint: a frontend spinning
                       on that very CPU keeps the backend from running, and yields it) */
-  /* frontend-written, rarely (going to sleep); read by the backend at every completion */
+  /* frontend-written, rarely (going to sleep; changing CPU); read by the backend at every completion */
   uint32_t fe_armed __attribute__((aligned(64)));
+  uint32_t fe_cpu; /* 1 + the CPU the frontend's waiter last spun on, 0 unknown (a hint: a backend idling
+                      on that very CPU keeps the waiter from running, and yields it) */
   /* frontend-written at every reap; read by the backend once a lap at most */
   uint64_t cq_head __attribute__((aligned(64)));
 } __attribute__((aligned(64)));

@@ -358,7 +358,7 @@ static int poll_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
  * which may share a physical core with it (SMT siblings, vCPUs). */
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
-  for (int i = 0; i < 2; i++) __builtin_ia32_pause();
+  __builtin_ia32_pause(); /* one: each extra pause delays seeing the completion by up to its latency */
 #elif defined(__aarch64__)
   __asm__ __volatile__("yield");
 #endif
@@ -403,9 +403,11 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
      * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
     uint64_t extra = __atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED) ? 0 : __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
     if (t - t0 < SPIN_NS + extra) {
-      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. */
-      unsigned be_cpu = __atomic_load_n(&q->hdr->be_cpu, __ATOMIC_RELAXED);
-      if (be_cpu && (unsigned)sched_getcpu() + 1 == be_cpu) sched_yield();
+      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. And
+       * say where we spin, for the backend's idle loop to do the same (both written on change only). */
+      unsigned me = (unsigned)sched_getcpu() + 1;
+      if (me != __atomic_load_n(&q->hdr->fe_cpu, __ATOMIC_RELAXED)) __atomic_store_n(&q->hdr->fe_cpu, me, __ATOMIC_RELAXED);
+      if (me == __atomic_load_n(&q->hdr->be_cpu, __ATOMIC_RELAXED)) sched_yield();
       /* extra is ~1 ns a byte (~1 GB/s); a same-host copy runs at 5-50 GB/s: past a quarter of it
        * plus a few microseconds, the backend is late, likely for want of a CPU (the hint above
        * misses a backend preempted on the other CPU) */
