@@ -11,9 +11,11 @@
  *    doorbell -> backend thread -> engine -> completion ring -> frontend)
  *    against calling the same engine (Agent::remote_write from src's mapping
  *    into dst, the call the backend makes) directly in this process on the
- *    same buffers. Rounds alternate the two, each run short (about 32 MiB
- *    moved), 41 rounds by default; the figure is the ratio of the two paths'
- *    lower-quartile times per operation (q25 over the rounds): on a 2-CPU
+ *    same buffers. Rounds alternate the two, each run short (about 16 MiB
+ *    moved), 41 rounds by default, the sizes and variants interleaved round
+ *    by round (each one's rounds spread over the whole run); the figure is
+ *    the ratio of the two paths' lower-quartile times per operation (q25 over
+ *    the rounds): on a 2-CPU
  *    machine shared with others, a third runnable process takes a CPU from the
  *    two spinning sides of the remoted path (or from the direct loop) for
  *    whole rounds, and such a round measures the machine, not the code; each
@@ -174,29 +176,40 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     if ((await client.next()) !== 'ready') throw new Error('client did not start');
 
     const SPAN = 64 * 2 ** 20;
-    const RUN_BYTES = 32 * 2 ** 20;
+    const RUN_BYTES = 16 * 2 ** 20;
+    type Spec = { len: number; mode: 'sync' | 'async'; span: number };
     type Cmp = { remote: number; direct: number; ratio: number; remoteMedian: number; directMedian: number; ratioMedian: number };
-    /** ns per op of each path at one size, alternating, n rounds of about runBytes each: the ratio of the
-     * lower quartiles (see the top of this file) and the median per-round ratio.
+    /** Each spec: ns per op of each path, a remoted run (about runBytes) then a direct one, n rounds; the specs
+     * are interleaved round by round, so that every spec's rounds are spread over the whole measurement and
+     * a burst of load lasting seconds spoils some rounds of every spec instead of all rounds of a few.
+     * Per spec: the ratio of the lower quartiles (see the top of this file) and the median per-round ratio.
      * span = len: the same bytes every time (cache-hot); span = 64 MiB: offsets sweep the buffers. */
-    const compare = async (len: number, mode: 'sync' | 'async', span: number, n = rounds, runBytes = RUN_BYTES): Promise<Cmp> => {
-      const iters = Math.max(10, Math.min(20000, Math.round(runBytes / len)));
-      const cmd = (k: number): string => (mode === 'sync' ? `sync ${len} ${k} ${span}` : `async ${len} ${k} 8 ${span}`);
-      await client.cmd(cmd(Math.ceil(iters / 4))); // warm-up
-      native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, Math.ceil(iters / 4), span);
-      const rem: number[] = [];
-      const dir: number[] = [];
-      const ratios: number[] = [];
-      for (let r = 0; r < n; r++) {
-        const [ns] = await client.cmd(cmd(iters));
-        const d = native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', len, iters, span);
-        rem.push(ns! / iters);
-        dir.push(d / iters);
-        ratios.push(ns! / d);
+    const compareAll = async (specs: Spec[], n = rounds, runBytes = RUN_BYTES): Promise<Cmp[]> => {
+      const itersOf = (sp: Spec): number => Math.max(10, Math.min(20000, Math.round(runBytes / sp.len)));
+      const cmd = (sp: Spec, k: number): string => (sp.mode === 'sync' ? `sync ${sp.len} ${k} ${sp.span}` : `async ${sp.len} ${k} 8 ${sp.span}`);
+      for (const sp of specs) { // warm-up (pages, caches, code)
+        await client.cmd(cmd(sp, Math.ceil(itersOf(sp) / 4)));
+        native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', sp.len, Math.ceil(itersOf(sp) / 4), sp.span);
       }
-      const remote = quantile(rem, 0.25);
-      const direct = quantile(dir, 0.25);
-      return { remote, direct, ratio: remote / direct, remoteMedian: median(rem), directMedian: median(dir), ratioMedian: median(ratios) };
+      const rem: number[][] = specs.map(() => []);
+      const dir: number[][] = specs.map(() => []);
+      const ratios: number[][] = specs.map(() => []);
+      for (let r = 0; r < n; r++) {
+        for (let i = 0; i < specs.length; i++) {
+          const sp = specs[i]!;
+          const iters = itersOf(sp);
+          const [ns] = await client.cmd(cmd(sp, iters));
+          const d = native.dmaEngineDirect(be, 'client', 'src', 'target', 'dst', sp.len, iters, sp.span);
+          rem[i]!.push(ns! / iters);
+          dir[i]!.push(d / iters);
+          ratios[i]!.push(ns! / d);
+        }
+      }
+      return specs.map((_, i) => {
+        const remote = quantile(rem[i]!, 0.25);
+        const direct = quantile(dir[i]!, 0.25);
+        return { remote, direct, ratio: remote / direct, remoteMedian: median(rem[i]!), directMedian: median(dir[i]!), ratioMedian: median(ratios[i]!) };
+      });
     };
 
     type Row = {
@@ -214,29 +227,35 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       direct_us_median: r2(c.directMedian / 1000),
       overhead_pct_median: r2((c.ratioMedian - 1) * 100),
     });
-    const curveOf = async (sizes: number[], span: (len: number) => number, label: string): Promise<Row[]> => {
-      const curve: Row[] = [];
-      for (const len of sizes) {
-        const row = rowOf(len, await compare(len, 'sync', span(len)));
-        curve.push(row);
-        log(`${label} ${String(len).padStart(8)} B: remoting ${row.remote_us} us (${row.remote_gbps} GB/s), engine direct ${row.direct_us} us (${row.direct_gbps} GB/s): overhead ${row.overhead_pct} % (q25s; median of per-round ratios ${row.overhead_pct_median} %)`);
-      }
-      return curve;
-    };
+    const logRow = (label: string, row: Row): void =>
+      log(`${label} ${String(row.bytes).padStart(8)} B: remoting ${row.remote_us} us (${row.remote_gbps} GB/s), engine direct ${row.direct_us} us (${row.direct_gbps} GB/s): overhead ${row.overhead_pct} % (q25s; median of per-round ratios ${row.overhead_pct_median} %)`);
     const sizes: number[] = [];
     for (let len = 4096; len <= 4 * 2 ** 20; len *= 2) sizes.push(len);
-    const hot = await curveOf(sizes, (len) => len, 'same bytes');
-    const streaming = await curveOf(sizes, () => SPAN, 'sweeping 64 MiB');
-    const piped = await compare(512 * 1024, 'async', SPAN);
+    const ks = args.includes('--near-512k') ? [256, 320, 384, 448, 480, 512, 544, 576, 640, 768, 1024].map((k) => k * 1024) : [];
+    const specs: Spec[] = [
+      ...sizes.map((len): Spec => ({ len, mode: 'sync', span: len })),
+      ...sizes.map((len): Spec => ({ len, mode: 'sync', span: SPAN })),
+      { len: 512 * 1024, mode: 'async', span: SPAN },
+      ...ks.map((len): Spec => ({ len, mode: 'sync', span: len })),
+      ...ks.map((len): Spec => ({ len, mode: 'sync', span: SPAN })),
+    ];
+    const all = await compareAll(specs);
+    const nSizes = sizes.length;
+    const hot = sizes.map((len, i) => rowOf(len, all[i]!));
+    const streaming = sizes.map((len, i) => rowOf(len, all[nSizes + i]!));
+    const piped = all[2 * nSizes]!;
+    hot.forEach((row) => logRow('same bytes', row));
+    streaming.forEach((row) => logRow('sweeping 64 MiB', row));
     log(`512 KiB sweeping 64 MiB, 8 outstanding: overhead ${r2((piped.ratio - 1) * 100)} %`);
-    // The previous method, kept for comparison: 9 alternating rounds of 256 MiB, median of the per-round ratios.
-    const legacy = await compare(512 * 1024, 'sync', 512 * 1024, 9, 256 * 2 ** 20);
-    log(`512 KiB same bytes, previous method (9 rounds of 256 MiB, median ratio): overhead ${r2((legacy.ratioMedian - 1) * 100)} %`);
     let near: { same: Row[]; sweeping: Row[] } | undefined;
-    if (args.includes('--near-512k')) {
-      const ks = [256, 320, 384, 448, 480, 512, 544, 576, 640, 768, 1024].map((k) => k * 1024);
-      near = { same: await curveOf(ks, (len) => len, 'near 512 KiB, same bytes'), sweeping: await curveOf(ks, () => SPAN, 'near 512 KiB, sweeping') };
+    if (ks.length) {
+      near = { same: ks.map((len, i) => rowOf(len, all[2 * nSizes + 1 + i]!)), sweeping: ks.map((len, i) => rowOf(len, all[2 * nSizes + 1 + ks.length + i]!)) };
+      near.same.forEach((row) => logRow('near 512 KiB, same bytes', row));
+      near.sweeping.forEach((row) => logRow('near 512 KiB, sweeping', row));
     }
+    // The previous method, kept for comparison: 9 alternating rounds of 256 MiB, median of the per-round ratios.
+    const [legacy] = await compareAll([{ len: 512 * 1024, mode: 'sync', span: 512 * 1024 }], 9, 256 * 2 ** 20);
+    log(`512 KiB same bytes, previous method (9 rounds of 256 MiB, median ratio): overhead ${r2((legacy!.ratioMedian - 1) * 100)} %`);
     const RTT = 20000;
     const rtts: number[] = [];
     for (let r = 0; r < Math.min(rounds, 15); r++) rtts.push((await client.cmd(`rtt ${RTT}`))[0]! / RTT);
@@ -253,7 +272,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       load_start: load,
       overhead_pct_512k: at512(hot).overhead_pct,
       overhead_pct_512k_median: at512(hot).overhead_pct_median,
-      overhead_pct_512k_9rounds: r2((legacy.ratioMedian - 1) * 100),
+      overhead_pct_512k_9rounds: r2((legacy!.ratioMedian - 1) * 100),
       overhead_pct_512k_streaming: at512(streaming).overhead_pct,
       overhead_pct_512k_streaming_median: at512(streaming).overhead_pct_median,
       overhead_curve: hot,
