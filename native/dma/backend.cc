@@ -1336,6 +1336,7 @@ class Client {
         uint64_t t = now_ns();
         if (t - last_check < kControlCheckNs) continue;
         last_check = t;
+        publish_cpu(); /* the be_cpu hint stays fresh while busy too */
         struct pollfd p[2] = {{sock_, POLLIN, 0}, {be_->stop_fd_, POLLIN, 0}};
         if (poll(p, 2, 0) > 0) {
           if (p[1].revents) break;

@@ -370,6 +370,15 @@ static uint64_t now_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Where this queue's waiter spins (the fe_cpu hint, exa_dma_wire.h): a stale value would make the
+ * backend yield its CPU for nothing, so it is refreshed at every wait (getcpu is a vDSO call) and
+ * written, to a line the backend reads, only when it changed. Returns 1 + the CPU. */
+static unsigned publish_cpu(struct exa_dma_queue *q) {
+  unsigned me = (unsigned)sched_getcpu() + 1;
+  if (me != __atomic_load_n(&q->hdr->fe_cpu, __ATOMIC_RELAXED)) __atomic_store_n(&q->hdr->fe_cpu, me, __ATOMIC_RELAXED);
+  return me;
+}
+
 /* The backend is gone: no operation can complete any more. */
 static void mark_dead(exa_dma *d) { __atomic_store_n(&d->dead, 1, __ATOMIC_SEQ_CST); }
 
@@ -384,6 +393,7 @@ static void mark_dead(exa_dma *d) { __atomic_store_n(&d->dead, 1, __ATOMIC_SEQ_C
  * on an oversubscribed machine the backend thread may be waiting for this very CPU. */
 static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms) {
   pthread_mutex_lock(&q->wait_lock);
+  publish_cpu(q); /* while the backend works on what was just posted */
   uint64_t t0 = now_ns();
   uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : t0 + (uint64_t)timeout_ms * 1000000ull;
   int n = 0;
@@ -403,10 +413,8 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
      * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
     uint64_t extra = __atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED) ? 0 : __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
     if (t - t0 < SPIN_NS + extra) {
-      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. And
-       * say where we spin, for the backend's idle loop to do the same (both written on change only). */
-      unsigned me = (unsigned)sched_getcpu() + 1;
-      if (me != __atomic_load_n(&q->hdr->fe_cpu, __ATOMIC_RELAXED)) __atomic_store_n(&q->hdr->fe_cpu, me, __ATOMIC_RELAXED);
+      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. */
+      unsigned me = publish_cpu(q);
       if (me == __atomic_load_n(&q->hdr->be_cpu, __ATOMIC_RELAXED)) sched_yield();
       /* extra is ~1 ns a byte (~1 GB/s); a same-host copy runs at 5-50 GB/s: past a quarter of it
        * plus a few microseconds, the backend is late, likely for want of a CPU (the hint above
