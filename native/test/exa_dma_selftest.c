@@ -209,7 +209,8 @@ static int ring_tests(const char *sock) {
   e.reserved[1] = 0xbad;
   CHECK(exa__dma_test_post_raw(qp, &e, 1) == 0, "raw garbage body");
   CHECK(exa_dma_write(qp, src, 0, r, 0, 8, 7002) == 0, "post after the garbage body");
-  CHECK(exa_dma_wait(qp, c, 2, 5000) == 2, "two completions");
+  for (int got = 0, n; got < 2; got += n) /* a wait returns as soon as one is there */
+    CHECK((n = exa_dma_wait(qp, c + got, 2 - got, 5000)) > 0, "two completions (%d so far)", got);
   CHECK(c[0].tag == 7001 && c[0].status == -EINVAL && strstr(c[0].reason, "garbage request: reserved fields set"), "garbage body: %d %s",
         c[0].status, c[0].reason);
   CHECK(c[1].tag == 7002 && c[1].status == 0, "the queue still serves: %d %s", c[1].status, c[1].reason);
