@@ -391,8 +391,15 @@ static void mark_dead(exa_dma *d) { __atomic_store_n(&d->dead, 1, __ATOMIC_SEQ_C
  * still be running on the backend's CPU (a sched_yield costs more than a small round trip). Only
  * past the time the outstanding work should have taken (expected_ns) does it yield now and then:
  * on an oversubscribed machine the backend thread may be waiting for this very CPU. */
+static int wait_common(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms, int exclusive);
 static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms) {
-  pthread_mutex_lock(&q->wait_lock);
+  return wait_common(q, out, max, timeout_ms, 0);
+}
+
+/* exclusive: the caller alone uses q (the private queue of sync calls, under sync_lock): no locks. */
+static int wait_common(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms, int exclusive) {
+#define POLL_ANY() (exclusive ? reap_locked(q, out, max) : poll_any(q, out, max))
+  if (!exclusive) pthread_mutex_lock(&q->wait_lock);
   publish_cpu(q); /* while the backend works on what was just posted */
   uint64_t t0 = now_ns();
   uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : t0 + (uint64_t)timeout_ms * 1000000ull;
@@ -400,7 +407,7 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
   unsigned spins = 0;
   for (;;) {
     if (cq_ready(q) || !(++spins & 15)) {
-      n = poll_any(q, out, max);
+      n = POLL_ANY();
       if (n) break;
     } else {
       cpu_relax();
@@ -425,7 +432,7 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
     }
     __atomic_store_n(&q->hdr->fe_armed, 1, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    n = poll_any(q, out, max);
+    n = POLL_ANY();
     if (n) {
       __atomic_store_n(&q->hdr->fe_armed, 0, __ATOMIC_SEQ_CST);
       break;
@@ -448,15 +455,16 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
      * d->lock; readable here without a pending request means EOF: the backend is gone. */
     if (pf[1].revents & (POLLHUP | POLLERR)) {
       mark_dead(q->d);
-      n = poll_any(q, out, max);
+      n = POLL_ANY();
       if (!n) n = fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
       break;
     }
     t0 = now_ns(); /* spin again briefly after a wake-up */
     spins = 0;
   }
-  pthread_mutex_unlock(&q->wait_lock);
+  if (!exclusive) pthread_mutex_unlock(&q->wait_lock);
   return n;
+#undef POLL_ANY
 }
 
 int exa_dma_poll(exa_dma_queue *q, struct exa_dma_completion *out, int max) {
@@ -611,18 +619,12 @@ int exa_dma_queue_destroy(exa_dma_queue *q) {
 
 /* ---- posting ---- */
 
-static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
-                uint64_t len, uint64_t tag) {
-  if (!q || !local) return fail(-EINVAL, "exa_dma: NULL queue or buffer");
-  pthread_mutex_lock(&q->sq_lock);
-  if (__atomic_load_n(&q->d->dead, __ATOMIC_SEQ_CST)) {
-    pthread_mutex_unlock(&q->sq_lock);
-    return fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
-  }
-  if (__atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE) >= EXA_DMA_RING_DEPTH) {
-    pthread_mutex_unlock(&q->sq_lock);
+/* Post one request; the caller holds sq_lock (or alone uses q: the sync queue under sync_lock). */
+static int post_locked(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
+                       uint64_t len, uint64_t tag) {
+  if (__atomic_load_n(&q->d->dead, __ATOMIC_SEQ_CST)) return fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
+  if (__atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE) >= EXA_DMA_RING_DEPTH)
     return fail(-EAGAIN, "exa_dma: queue %u has %d operations outstanding; reap completions first", q->id, EXA_DMA_RING_DEPTH);
-  }
   struct exa_dma_ring_hdr *h = q->hdr;
   uint64_t tail = q->sq_tail;
   struct exa_dma_req *e = &exa_dma_sq(q->ring)[tail % EXA_DMA_RING_DEPTH];
@@ -647,8 +649,16 @@ static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff
     uint64_t one = 1;
     if (write(q->d->sq_efd, &one, sizeof one) < 0) { /* counter overflow only: the backend is awake anyway */ }
   }
-  pthread_mutex_unlock(&q->sq_lock);
   return 0;
+}
+
+static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
+                uint64_t len, uint64_t tag) {
+  if (!q || !local) return fail(-EINVAL, "exa_dma: NULL queue or buffer");
+  pthread_mutex_lock(&q->sq_lock);
+  int r = post_locked(q, op, local, loff, remote, roff, len, tag);
+  pthread_mutex_unlock(&q->sq_lock);
+  return r;
 }
 
 int exa_dma_write(exa_dma_queue *q, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
@@ -667,11 +677,13 @@ static int sync_op(exa_dma *d, uint16_t op, exa_dma_buf *local, uint64_t loff, e
   pthread_mutex_lock(&d->sync_lock);
   int r = 0;
   if (!d->syncq) r = queue_new(d, EXA_DMA_POLL, NULL, NULL, &d->syncq);
-  if (r == 0) r = post(d->syncq, op, local, loff, remote, roff, len, 0);
+  /* Only this call uses the sync queue (sync_lock): no queue locks on its hot path, and the next
+   * completion is ours. */
+  if (r == 0 && !local) r = fail(-EINVAL, "exa_dma: NULL buffer");
+  if (r == 0) r = post_locked(d->syncq, op, local, loff, remote, roff, len, 0);
   if (r == 0) {
     struct exa_dma_completion c;
-    /* Only this call uses the sync queue (sync_lock): the next completion is ours. */
-    int n = wait_any(d->syncq, &c, 1, -1);
+    int n = wait_common(d->syncq, &c, 1, -1, 1);
     if (n < 0) r = n;
     else if (c.status < 0) r = fail(c.status, "%s", c.reason);
   }
