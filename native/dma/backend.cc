@@ -36,6 +36,8 @@ namespace dma {
 namespace {
 
 constexpr uint64_t kSpinNs = 20000;        /* spin on empty rings this long before sleeping */
+constexpr uint64_t kYieldAfterNs = 5000;   /* and after this long of it, yield the CPU now and then */
+constexpr uint64_t kControlCheckNs = 200000; /* a busy client thread looks at its control socket this often */
 constexpr uint64_t kMs = 1000000ull;
 constexpr uint64_t kRouteWaitNs = 5000 * kMs; /* a missing route is awaited this long */
 constexpr uint64_t kRecheckNs = 20 * kMs;  /* held local operations are re-examined at least this often */
@@ -522,8 +524,8 @@ class Client {
     void *ring = nullptr;
     exa_dma_ring_hdr *hdr = nullptr;
     int cq_efd = -1;
-    uint64_t sq_head = 0; /* ours; the shared copy is only published */
-    uint64_t cq_tail = 0;
+    uint64_t sq_head = 0;      /* the next request sequence expected */
+    uint64_t cq_tail = 0;      /* the next completion sequence */
     uint64_t cq_head_seen = 0; /* the frontend's cq_head as last read */
     bool broken = false;
     uint64_t next_seq = 0;
@@ -547,6 +549,9 @@ class Client {
     unsigned perms = 0;
     std::shared_ptr<Buffer> local; /* when last seen on this host */
     std::shared_ptr<JobState> js;
+    /* the last grant check of `local` (exec_local): valid while local->gen is still checked_gen */
+    uint64_t checked_gen = ~0ull;
+    unsigned checked_have = 0;
   };
 
   void drop_queue(Queue &q) {
@@ -573,13 +578,12 @@ class Client {
     e->len = status < 0 ? 0 : len;
     e->status = status;
     e->op = op;
-    e->pad = 0;
     /* A success touches only the entry's first cache line (the frontend reads the reason of
      * failures only). */
-    if (why.empty()) e->reason[0] = 0;
-    else snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
+    if (!why.empty()) snprintf(e->reason, sizeof e->reason, "%s", why.c_str());
+    /* The stamp last: the frontend polls it (protocol in exa_dma_wire.h). */
     q.cq_tail++;
-    __atomic_store_n(&q.hdr->cq_tail, q.cq_tail, __ATOMIC_RELEASE);
+    __atomic_store_n(&e->phase, (uint16_t)q.cq_tail, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (__atomic_load_n(&q.hdr->fe_armed, __ATOMIC_SEQ_CST)) {
       uint64_t one = 1;
@@ -590,6 +594,13 @@ class Client {
 
   Act refuse(Queue &q, const Op &op, int err, const std::string &why) {
     return complete(q, op.r.tag, op.r.op, -err, 0, why) ? DONE : END;
+  }
+
+  /* A refusal, its reason built out of line: the hot path's code stays compact (it shares the L2
+   * cache with the payload being copied). */
+  template <class F>
+  __attribute__((noinline, cold)) Act refuse_cold(Queue &q, const Op &op, int err, F &why) {
+    return refuse(q, op, err, why());
   }
 
   /* Keep op for later (fence, expect); past the hold timeout it fails. */
@@ -614,41 +625,49 @@ class Client {
   }
 
   /* Same host: validate against the peer's buffer and copy through the checkpointer. */
-  Act exec_local(Queue &q, const Op &op, const std::shared_ptr<Buffer> &lb, const std::shared_ptr<Buffer> &rb) {
+  Act exec_local(Queue &q, const Op &op, const std::shared_ptr<Buffer> &lb, const std::shared_ptr<Buffer> &rb, Handle &h) {
     const exa_dma_req &r = op.r;
-    auto no = [&](int err, const std::string &why) { return refuse(q, op, err, why); };
+    auto no_ = [&](int err, auto &&why) { return refuse_cold(q, op, err, why); };
     unsigned need = r.op == EXA_DMA_OP_WRITE ? EXA_DMA_WRITE : EXA_DMA_READ;
-    {
+    /* Grants and gone change rarely: the last check holds while the buffer's gen is unchanged (a
+     * revocation racing with this operation is ordered after it, as it would be after the lock). */
+    uint64_t gen = rb->gen.load(std::memory_order_acquire);
+    if (h.local != rb || gen != h.checked_gen || !(h.checked_have & need)) {
       std::lock_guard<std::mutex> g(rb->mu);
       if (!rb->gone.empty()) {
         std::string why = "buffer \"" + rb->name + "\" of job " + rb->owner + ": " + rb->gone;
-        return no(rb->gone.find("exited") != std::string::npos ? ECONNRESET : ENOENT, why);
+        return no_(rb->gone.find("exited") != std::string::npos ? ECONNRESET : ENOENT, [&] { return std::string(why); });
       }
       unsigned have = rb->owner == job_ ? (EXA_DMA_READ | EXA_DMA_WRITE) : 0;
       auto it = rb->grants.find(job_);
       if (it != rb->grants.end()) have |= it->second;
       if (!(have & need))
-        return no(EACCES, "job " + rb->owner + " has not granted " + (need == EXA_DMA_WRITE ? "write" : "read") +
-                              " access to buffer \"" + rb->name + "\" to job " + job_);
+        return no_(EACCES, [&] { return std::string("job " + rb->owner + " has not granted " + (need == EXA_DMA_WRITE ? "write" : "read") +
+                              " access to buffer \"" + rb->name + "\" to job " + job_); });
+      if (h.local == rb) {
+        h.checked_gen = rb->gen.load(std::memory_order_relaxed); /* under mu: as of this check */
+        h.checked_have = have;
+      }
     }
     /* A job may address its own buffer through a lookup; memcpy must not see overlapping ranges. */
     bool overlap = lb == rb && r.local_off < r.remote_off + r.len && r.remote_off < r.local_off + r.len;
     if (!range_ok(r.remote_off, r.len, rb->size))
-      return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
+      return no_(EINVAL, [&] { return std::string("job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                             std::to_string(r.remote_off) + " is outside buffer \"" + rb->name + "\" of job " + rb->owner + " (" +
-                            std::to_string(rb->size) + " bytes)");
-    if (overlap) return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " within buffer \"" + lb->name + "\" with overlapping ranges");
+                            std::to_string(rb->size) + " bytes)"); });
+    if (overlap) return no_(EINVAL, [&] { return std::string("job " + job_ + ": " + op_name(r.op) + " within buffer \"" + lb->name + "\" with overlapping ranges"); });
     try {
       /* Engine (same host). The destination is always written through the checkpointer. */
       if (r.op == EXA_DMA_OP_WRITE) be_->agent_->remote_write(rb->owner, rb->name, r.remote_off, lb->map + r.local_off, r.len);
       else be_->agent_->remote_write(job_, lb->name, r.local_off, rb->map + r.remote_off, r.len);
     } catch (const exa::Error &e) {
-      return no(-e.err, std::string(op_name(r.op)) + " " + job_ + " -> " + rb->owner + ": " + e.what());
+      return no_(-e.err, [&] { return std::string(std::string(op_name(r.op)) + " " + job_ + " -> " + rb->owner + ": " + e.what()); });
     } catch (const std::exception &e) {
-      return no(EIO, std::string(op_name(r.op)) + ": " + e.what());
+      return no_(EIO, [&] { return std::string(std::string(op_name(r.op)) + ": " + e.what()); });
     }
     be_->n_ops_++;
     be_->n_bytes_ += r.len;
+    n_local_ops_++;
     return complete(q, r.tag, r.op, 0, r.len, "") ? DONE : END;
   }
 
@@ -658,58 +677,64 @@ class Client {
     /* the clock is read only on the slow paths (holds, route waits) */
     auto now = [&]() { return now_hint ? now_hint : (now_hint = now_ns()); };
     const exa_dma_req &r = op.r;
-    auto no = [&](int err, const std::string &why) { return refuse(q, op, err, why); };
+    auto no_ = [&](int err, auto &&why) { return refuse_cold(q, op, err, why); };
     op.wait_flight = false;
     if (r.op != EXA_DMA_OP_WRITE && r.op != EXA_DMA_OP_READ)
-      return no(EINVAL, "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: unknown operation " + std::to_string(r.op));
-    if ((r.flags || r.pad || r.reserved[0] || r.reserved[1]))
-      return no(EINVAL, "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: reserved fields set");
-    std::shared_ptr<Buffer> lb = r.local >= 1 && r.local <= local_.size() ? local_[r.local - 1] : nullptr;
-    if (!lb) return no(EBADF, "job " + job_ + ": no local DMA buffer with id " + std::to_string(r.local));
+      return no_(EINVAL, [&] { return std::string("job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: unknown operation " + std::to_string(r.op)); });
+    if ((r.flags || r.reserved[0] || r.reserved[1]))
+      return no_(EINVAL, [&] { return std::string("job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request: reserved fields set"); });
+    /* references, not copies: no reference-count traffic per operation (local_ and remote_ change
+     * only on this thread, between operations) */
+    static const std::shared_ptr<Buffer> kNone;
+    const std::shared_ptr<Buffer> &lb = r.local >= 1 && r.local <= local_.size() ? local_[r.local - 1] : kNone;
+    if (!lb) return no_(EBADF, [&] { return std::string("job " + job_ + ": no local DMA buffer with id " + std::to_string(r.local)); });
     if (!(r.remote >= 1 && r.remote <= remote_.size()))
-      return no(EBADF, "job " + job_ + ": no remote buffer handle " + std::to_string(r.remote) + " (look it up first)");
+      return no_(EBADF, [&] { return std::string("job " + job_ + ": no remote buffer handle " + std::to_string(r.remote) + " (look it up first)"); });
     Handle &h = remote_[r.remote - 1];
     std::string lgone;
-    if (gone(lb, &lgone)) return no(ENOENT, "local buffer \"" + lb->name + "\" of job " + job_ + ": " + lgone);
-    if (r.len == 0) return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of 0 bytes");
+    if (gone(lb, &lgone)) return no_(ENOENT, [&] { return std::string("local buffer \"" + lb->name + "\" of job " + job_ + ": " + lgone); });
+    if (r.len == 0) return no_(EINVAL, [&] { return std::string("job " + job_ + ": " + op_name(r.op) + " of 0 bytes"); });
     if (!range_ok(r.local_off, r.len, lb->size))
-      return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
+      return no_(EINVAL, [&] { return std::string("job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                             std::to_string(r.local_off) + " is outside local buffer \"" + lb->name + "\" (" +
-                            std::to_string(lb->size) + " bytes)");
+                            std::to_string(lb->size) + " bytes)"); });
     if (js_->state.load() & JobState::FENCED) return hold(q, op, "job " + job_ + " (the issuer) is fenced for migration", now());
 
     unsigned st = h.js->state.load();
     std::string addr;
-    std::shared_ptr<Buffer> rb;
+    const Buffer *rb = nullptr; /* = h.local.get() when the peer's buffer is on this host */
     if (st & JobState::MOVED) addr = be_->moved_to(h.job);
     if (addr.empty()) {
       if (st & JobState::FENCED) return hold(q, op, "job " + h.job + " is fenced for migration", now());
-      rb = h.local;
-      if (!rb || gone(rb)) {
+      if (!h.local || gone(h.local)) {
         auto b = be_->find(h.job, h.name);
-        if (b) rb = h.local = b;
+        if (b) {
+          h.local = std::move(b);
+          h.checked_gen = ~0ull;
+        }
       }
+      rb = h.local.get();
       std::string why;
-      if (rb && gone(rb, &why)) {
+      if (rb && gone(h.local, &why)) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
           return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) /* the owner freed it or went away, and lives nowhere else: as before */
-          return no(why.find("exited") != std::string::npos ? ECONNRESET : ENOENT, "buffer \"" + rb->name + "\" of job " + rb->owner + ": " + why);
+          return no_(why.find("exited") != std::string::npos ? ECONNRESET : ENOENT, [&] { return std::string("buffer \"" + rb->name + "\" of job " + rb->owner + ": " + why); });
         rb = nullptr;
       } else if (!rb) {
         if ((st & JobState::EXPECT) && be_->expecting(h.job))
           return hold(q, op, "job " + h.job + " is expected on this host and has not registered buffer \"" + h.name + "\" yet", now());
         addr = be_->route(h.job);
         if (addr.empty()) {
-          if (!be_->opts_.on_route_miss) return no(ENOENT, "job " + h.job + " is not known on any host (no route)");
+          if (!be_->opts_.on_route_miss) return no_(ENOENT, [&] { return std::string("job " + h.job + " is not known on any host (no route)"); });
           if (!op.route_wait) {
             op.route_wait = now();
             op.route_seq = be_->route_refused_seq("");
             be_->ask_route(h.job);
           }
           if (be_->route_refused_seq(h.job) > op.route_seq || now() - op.route_wait > kRouteWaitNs)
-            return no(ENOENT, "job " + h.job + " is not known on any host");
+            return no_(ENOENT, [&] { return std::string("job " + h.job + " is not known on any host"); });
           op.not_before = now() + kRecheckNs;
           return WAIT;
         }
@@ -730,7 +755,7 @@ class Client {
       if ((js_->state.load() | rb->js->state.load()) & (JobState::FENCED | JobState::MOVED)) {
         op.not_before = 0;
         a = WAIT;
-      } else a = exec_local(q, op, lb, rb);
+      } else a = exec_local(q, op, lb, h.local, h);
       rb->js->active.fetch_sub(1);
       js_->active.fetch_sub(1);
       return a;
@@ -739,12 +764,12 @@ class Client {
     /* Remote. */
     unsigned need = r.op == EXA_DMA_OP_WRITE ? EXA_DMA_WRITE : EXA_DMA_READ;
     if (!(h.perms & need))
-      return no(EACCES, "job " + h.job + " has not granted " + (need == EXA_DMA_WRITE ? "write" : "read") + " access to buffer \"" +
-                            h.name + "\" to job " + job_);
+      return no_(EACCES, [&] { return std::string("job " + h.job + " has not granted " + (need == EXA_DMA_WRITE ? "write" : "read") + " access to buffer \"" +
+                            h.name + "\" to job " + job_); });
     if (!range_ok(r.remote_off, r.len, h.size))
-      return no(EINVAL, "job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
+      return no_(EINVAL, [&] { return std::string("job " + job_ + ": " + op_name(r.op) + " of " + std::to_string(r.len) + " bytes at offset " +
                             std::to_string(r.remote_off) + " is outside buffer \"" + h.name + "\" of job " + h.job + " (" +
-                            std::to_string(h.size) + " bytes)");
+                            std::to_string(h.size) + " bytes)"); });
     auto f = q.flight.find(h.job);
     if (f != q.flight.end() && f->second.n > 0 && (f->second.addr != addr || op.retry)) {
       op.wait_flight = true;
@@ -753,7 +778,7 @@ class Client {
     }
     std::string err;
     auto L = be_->link(addr, &err);
-    if (!L) return no(ECONNREFUSED, std::string(op_name(r.op)) + " to buffer \"" + h.name + "\" of job " + h.job + ": " + err);
+    if (!L) return no_(ECONNREFUSED, [&] { return std::string(std::string(op_name(r.op)) + " to buffer \"" + h.name + "\" of job " + h.job + ": " + err); });
     js_->active.fetch_add(1);
     if (js_->state.load() & JobState::FENCED) {
       js_->active.fetch_sub(1);
@@ -780,7 +805,7 @@ class Client {
     put(nh.from, sizeof nh.from, job_);
     if (op.retry) be_->n_retries_++;
     if (!L->send(nh, r.op == EXA_DMA_OP_WRITE ? lb->map + r.local_off : nullptr, nh.len, std::move(p), &err))
-      return no(ECONNRESET, std::string(op_name(r.op)) + " to buffer \"" + h.name + "\" of job " + h.job + " at agent " + addr + ": " + err);
+      return no_(ECONNRESET, [&] { return std::string(std::string(op_name(r.op)) + " to buffer \"" + h.name + "\" of job " + h.job + " at agent " + addr + ": " + err); });
     Flight &fl = q.flight[h.job];
     fl.addr = addr;
     fl.n++;
@@ -865,21 +890,24 @@ class Client {
       q.backlog.pop_front();
       work++;
     }
-    uint64_t tail = __atomic_load_n(&q.hdr->sq_tail, __ATOMIC_ACQUIRE);
-    if (tail - q.sq_head > EXA_DMA_RING_DEPTH) {
-      q.broken = true;
-      if (!complete(q, 0, 0, -EPROTO, 0,
-                    "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request ring (tail " + std::to_string(tail) +
-                        " beyond head " + std::to_string(q.sq_head) + " + depth); queue no longer served"))
-        return -1;
-      return work;
-    }
-    for (int n = 0; q.sq_head != tail && n < 32; n++, work++) {
+    for (int n = 0; n < 32; n++, work++) {
+      /* The entry says whether it is new (its stamp); there is no shared tail to read first. */
+      exa_dma_req *e = &exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH];
+      uint32_t stamp = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+      if (stamp != (uint32_t)(q.sq_head + 1)) {
+        if (stamp == exa_dma_sq_stale(q.sq_head)) break; /* nothing new */
+        q.broken = true;
+        if (!complete(q, 0, 0, -EPROTO, 0,
+                      "job " + job_ + ", queue " + std::to_string(q.id) + ": garbage request ring (slot " +
+                          std::to_string(q.sq_head % EXA_DMA_RING_DEPTH) + ": stamp " + std::to_string(stamp) + ", expected " +
+                          std::to_string((uint32_t)(q.sq_head + 1)) + "); queue no longer served"))
+          return -1;
+        return work;
+      }
       Op op;
-      memcpy(&op.r, &exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH], sizeof op.r);
+      memcpy(&op.r, e, sizeof op.r); /* validated from this copy: the frontend may scribble on the slot */
       op.seq = q.next_seq++;
       q.sq_head++;
-      __atomic_store_n(&q.hdr->sq_head, q.sq_head, __ATOMIC_RELEASE);
       Act a = dispatch(q, op, now);
       if (a == END) return -1;
       if (a == WAIT) {
@@ -1091,10 +1119,9 @@ class Client {
         q.hdr = (exa_dma_ring_hdr *)ring;
         q.cq_efd = fds[1];
         fds[1] = -1;
-        /* Start from where the frontend says it is (a fresh ring: 0), never trusted afterwards. */
-        q.sq_head = __atomic_load_n(&q.hdr->sq_head, __ATOMIC_ACQUIRE);
-        q.cq_tail = __atomic_load_n(&q.hdr->cq_tail, __ATOMIC_ACQUIRE);
-        q.cq_head_seen = __atomic_load_n(&q.hdr->cq_head, __ATOMIC_ACQUIRE);
+        /* A fresh ring: every sequence starts at 0, every stamp is 0. */
+        q.sq_head = q.cq_tail = q.cq_head_seen = 0;
+        __atomic_store_n(&q.hdr->be_cpu, cpu_, __ATOMIC_RELAXED);
         queues_[q.id] = std::move(q);
         reply(m, 0, "", next_queue_ - 1);
         return true;
@@ -1187,6 +1214,7 @@ class Client {
         std::lock_guard<std::mutex> g(b->mu);
         if (m.perms) b->grants[m.job] = m.perms;
         else b->grants.erase(m.job);
+        b->gen.fetch_add(1, std::memory_order_release);
         reply(m, 0, "");
         return true;
       }
@@ -1249,6 +1277,7 @@ class Client {
       std::lock_guard<std::mutex> g(b->mu);
       if (b->gone.empty()) b->gone = why;
       b->dead.store(true, std::memory_order_release);
+      b->gen.fetch_add(1, std::memory_order_release);
     }
     std::lock_guard<std::mutex> g(be_->mu_);
     auto it = be_->registry_.find(b->owner + "/" + b->name);
@@ -1266,25 +1295,48 @@ class Client {
         uint64_t nb = q.backlog.front().not_before;
         if (nb <= now) pending = true;
         else next = std::min(next, nb);
-      } else if (__atomic_load_n(&q.hdr->sq_tail, __ATOMIC_ACQUIRE) != q.sq_head)
-        pending = true;
+      } else if (__atomic_load_n(&exa_dma_sq(q.ring)[q.sq_head % EXA_DMA_RING_DEPTH].seq, __ATOMIC_ACQUIRE) !=
+                 exa_dma_sq_stale(q.sq_head))
+        pending = true; /* new, or garbage to refuse */
     }
     if (hello_ && (inbox_->has.load() || be_->gen_.load() != seen_gen_)) pending = true;
     *timeout_ms = next == UINT64_MAX ? -1 : (int)std::min<uint64_t>((next - now + kMs - 1) / kMs, 1000);
     return pending;
   }
 
+  /* The be_cpu hint (exa_dma_wire.h): written only when the CPU changed (getcpu is a vDSO call). */
+  void publish_cpu() {
+    unsigned cpu = (unsigned)sched_getcpu() + 1;
+    if (cpu == cpu_) return;
+    cpu_ = cpu;
+    n_migrations_++;
+    for (auto &kv : queues_)
+      if (kv.second.ring) __atomic_store_n(&kv.second.hdr->be_cpu, cpu, __ATOMIC_RELAXED);
+  }
+
+  bool shares_cpu_with_a_waiter() {
+    for (auto &kv : queues_)
+      if (kv.second.ring && __atomic_load_n(&kv.second.hdr->fe_cpu, __ATOMIC_RELAXED) == cpu_) return true;
+    return false;
+  }
+
   void run() {
-    uint64_t idle_since = now_ns();
+    uint64_t idle_since = now_ns(), last_check = idle_since;
     unsigned busy_rounds = 0, spins = 0;
+    bool busy = false;
     for (;;) {
       int w = hello_ ? serve_rings() : 0;
       if (w < 0) break;
-      uint64_t t = now_ns();
       if (w > 0) {
-        idle_since = t;
-        /* keep control messages and stop from starving behind a busy ring */
+        /* Between operations nothing but the rings is touched (no clock, no getcpu: the hot loop
+         * shares the L2 with the payload); control messages and stop are looked at every 64 busy
+         * rounds once 200 us have passed, so they do not starve behind a busy ring. */
+        busy = true;
         if (++busy_rounds % 64) continue;
+        uint64_t t = now_ns();
+        if (t - last_check < kControlCheckNs) continue;
+        last_check = t;
+        publish_cpu(); /* the be_cpu hint stays fresh while busy too */
         struct pollfd p[2] = {{sock_, POLLIN, 0}, {be_->stop_fd_, POLLIN, 0}};
         if (poll(p, 2, 0) > 0) {
           if (p[1].revents) break;
@@ -1292,12 +1344,23 @@ class Client {
         }
         continue;
       }
+      uint64_t t = now_ns();
+      if (busy) {
+        busy = false;
+        idle_since = t;
+        publish_cpu();
+      }
       if (hello_ && t - idle_since < kSpinNs) {
 #if defined(__x86_64__) || defined(__i386__)
-        for (int i = 0; i < 2; i++) __builtin_ia32_pause(); /* leave the core to a sibling doing real work */
+        __builtin_ia32_pause(); /* leave the core to a sibling doing real work (one: it delays seeing a request) */
 #endif
-        /* on an oversubscribed machine the client we wait for may need this very CPU */
-        if ((++spins & 255) == 0) sched_yield();
+        /* On an oversubscribed machine the client we wait for may need this very CPU: yield at
+         * once when a waiter of ours last spun on it (fe_cpu), else only after a quiet while: no
+         * system call while a client that posts back to back may be spinning on its completion
+         * (its next request comes within a microsecond). */
+        if ((++spins & 15) == 0) publish_cpu();
+        if ((spins & 15) == 0 && shares_cpu_with_a_waiter()) sched_yield();
+        else if ((spins & 255) == 0 && t - idle_since > kYieldAfterNs) sched_yield();
         continue;
       }
       /* Arm (protocol in exa_dma_wire.h), re-check, sleep. */
@@ -1323,6 +1386,10 @@ class Client {
       }
       idle_since = now_ns();
     }
+    /* Diagnostics for the remoting benchmark: did this thread move between CPUs while serving? */
+    if (getenv("EXA_DMA_DEBUG_CPU"))
+      fprintf(stderr, "exa dma backend: job %s: %llu same-host operations, CPU changed %llu times (last CPU %u)\n", job_.c_str(),
+              (unsigned long long)n_local_ops_, (unsigned long long)n_migrations_, cpu_ - 1);
     /* The client is gone (exit, close, protocol error) or the backend stops: its buffers go. */
     std::string why = "its owner job exited or closed its DMA session";
     for (auto &b : local_)
@@ -1346,6 +1413,9 @@ class Client {
   uint64_t seen_gen_ = 0;
   std::map<uint32_t, Queue> queues_;
   uint32_t next_queue_ = 1;
+  unsigned cpu_ = 0;             /* 1 + the CPU this thread last ran on (as published) */
+  uint64_t n_migrations_ = 0;   /* times it changed (diagnostics: EXA_DMA_DEBUG_CPU) */
+  uint64_t n_local_ops_ = 0;
   std::vector<std::shared_ptr<Buffer>> local_; /* id = index + 1 */
   std::vector<Handle> remote_;                 /* handle = index + 1 */
   std::thread th_;
@@ -1909,6 +1979,7 @@ void Backend::installed_buffer(const std::shared_ptr<Buffer> &b) {
   {
     std::lock_guard<std::mutex> bg(b->mu);
     for (auto &gr : it->second) b->grants[gr.first] |= gr.second;
+    b->gen.fetch_add(1, std::memory_order_release);
   }
   js->expect_grants.erase(it);
   if (js->expect_grants.empty()) js->state.fetch_and(~JobState::EXPECT);

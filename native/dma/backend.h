@@ -99,6 +99,8 @@ struct Buffer {
   std::map<std::string, unsigned> grants;   /* peer job -> EXA_DMA_READ | EXA_DMA_WRITE */
   std::string gone;                         /* non-empty once freed / owner disconnected: the reason */
   std::atomic<bool> dead{false};            /* gone is set (checked without the lock on the hot path) */
+  std::atomic<uint64_t> gen{0};             /* bumped (under mu) whenever grants or gone change: a client
+                                               may reuse its last grant check while it is unchanged */
   ~Buffer();
 };
 

@@ -36,6 +36,7 @@ int exa__region_alloc_fd(exa_ctx *ctx, const char *name, size_t size, unsigned f
 
 #define fail exa_fail
 #define SPIN_NS 30000 /* spin this long on an empty completion ring before sleeping */
+#define YIELD_AFTER_NS 5000 /* and past the expected time of the work outstanding + this, yield now and then */
 
 struct exa_dma_buf {
   struct exa_dma_buf *next;
@@ -60,8 +61,12 @@ struct exa_dma_queue {
   pthread_mutex_t sq_lock;   /* posters */
   pthread_mutex_t cq_lock;   /* reapers */
   pthread_mutex_t wait_lock; /* one sleeper at a time (see the doorbell protocol) */
-  uint64_t outstanding;      /* posted - reaped; guarded by sq_lock for increments, atomics for decrements */
-  uint64_t spin_extra_ns;    /* largest length posted since the queue last drained, as ns at ~1 GB/s */
+  /* Producer and consumer state on lines of their own: a poster and a reaper on two threads
+   * (callback mode) do not bounce each other's line at every operation. */
+  uint64_t sq_tail __attribute__((aligned(64))); /* next request sequence (sq_lock) */
+  uint64_t cq_head __attribute__((aligned(64))); /* next completion sequence (cq_lock) */
+  uint64_t outstanding __attribute__((aligned(64))); /* posted - reaped; sq_lock for increments, atomics for decrements */
+  uint64_t spin_extra_ns; /* largest length posted since the queue last drained, as ns at ~1 GB/s */
 };
 
 struct exa_dma {
@@ -307,15 +312,13 @@ int exa_dma_lookup(exa_dma *d, const char *peer_job, const char *name, exa_dma_r
 
 /* Take up to max completions (cq_lock held by the caller). */
 static int reap_locked(struct exa_dma_queue *q, struct exa_dma_completion *out, int max) {
-  struct exa_dma_ring_hdr *h = q->hdr;
-  uint64_t head = h->cq_head;
-  uint64_t tail = __atomic_load_n(&h->cq_tail, __ATOMIC_ACQUIRE);
+  uint64_t head = q->cq_head;
   int n = 0;
   struct exa_dma_cqe *cq = exa_dma_cq(q->ring);
-  /* The backend never produces more than we posted; a tail beyond that is not trusted. */
-  if (tail - head > EXA_DMA_RING_DEPTH) tail = head + EXA_DMA_RING_DEPTH;
-  while (head != tail && n < max) {
+  /* The entry itself says whether it is new: its phase stamp is head + 1 (no shared tail index). */
+  while (n < max) {
     const struct exa_dma_cqe *e = &cq[head % EXA_DMA_RING_DEPTH];
+    if (__atomic_load_n(&e->phase, __ATOMIC_ACQUIRE) != (uint16_t)(head + 1)) break;
     out[n].tag = e->tag;
     out[n].len = e->len;
     out[n].status = e->status > 0 ? -EPROTO : e->status;
@@ -329,10 +332,19 @@ static int reap_locked(struct exa_dma_queue *q, struct exa_dma_completion *out, 
     head++;
     n++;
   }
-  __atomic_store_n(&h->cq_head, head, __ATOMIC_RELEASE);
-  if (n && __atomic_sub_fetch(&q->outstanding, (uint64_t)n, __ATOMIC_RELEASE) == 0)
+  if (!n) return 0;
+  __atomic_store_n(&q->cq_head, head, __ATOMIC_RELAXED);
+  /* For the backend, which reads it only when its view says the completion ring is full. */
+  __atomic_store_n(&q->hdr->cq_head, head, __ATOMIC_RELEASE);
+  if (__atomic_sub_fetch(&q->outstanding, (uint64_t)n, __ATOMIC_RELEASE) == 0)
     __atomic_store_n(&q->spin_extra_ns, 0, __ATOMIC_RELAXED);
   return n;
+}
+
+/* Is a completion there (without taking it)? */
+static inline int cq_ready(struct exa_dma_queue *q) {
+  uint64_t head = __atomic_load_n(&q->cq_head, __ATOMIC_RELAXED);
+  return __atomic_load_n(&exa_dma_cq(q->ring)[head % EXA_DMA_RING_DEPTH].phase, __ATOMIC_ACQUIRE) == (uint16_t)(head + 1);
 }
 
 static int poll_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int max) {
@@ -346,7 +358,7 @@ static int poll_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
  * which may share a physical core with it (SMT siblings, vCPUs). */
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
-  for (int i = 0; i < 2; i++) __builtin_ia32_pause();
+  __builtin_ia32_pause(); /* one: each extra pause delays seeing the completion by up to its latency */
 #elif defined(__aarch64__)
   __asm__ __volatile__("yield");
 #endif
@@ -358,37 +370,69 @@ static uint64_t now_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* Where this queue's waiter spins (the fe_cpu hint, exa_dma_wire.h): a stale value would make the
+ * backend yield its CPU for nothing, so it is refreshed at every wait (getcpu is a vDSO call) and
+ * written, to a line the backend reads, only when it changed. Returns 1 + the CPU. */
+static unsigned publish_cpu(struct exa_dma_queue *q) {
+  unsigned me = (unsigned)sched_getcpu() + 1;
+  if (me != __atomic_load_n(&q->hdr->fe_cpu, __ATOMIC_RELAXED)) __atomic_store_n(&q->hdr->fe_cpu, me, __ATOMIC_RELAXED);
+  return me;
+}
+
 /* The backend is gone: no operation can complete any more. */
 static void mark_dead(exa_dma *d) { __atomic_store_n(&d->dead, 1, __ATOMIC_SEQ_CST); }
 
 /* Wait for completions: spin, then arm and sleep on the doorbell (protocol in exa_dma_wire.h).
  * Also wakes on stop_efd (destroy) and on a hang-up of the control socket (the agent died):
- * a waiter never outlives its backend. Returns count, 0 on timeout or stop, <0 on error. */
+ * a waiter never outlives its backend. Returns count, 0 on timeout or stop, <0 on error.
+ *
+ * The spin polls the next completion entry's stamp (one cache line, pulled over once the backend
+ * wrote it) and reads the clock every 16 rounds; it makes no system call while the operation may
+ * still be running on the backend's CPU (a sched_yield costs more than a small round trip). Only
+ * past the time the outstanding work should have taken (expected_ns) does it yield now and then:
+ * on an oversubscribed machine the backend thread may be waiting for this very CPU. */
+static int wait_common(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms, int exclusive);
 static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms) {
-  pthread_mutex_lock(&q->wait_lock);
+  return wait_common(q, out, max, timeout_ms, 0);
+}
+
+/* exclusive: the caller alone uses q (the private queue of sync calls, under sync_lock): no locks. */
+static int wait_common(struct exa_dma_queue *q, struct exa_dma_completion *out, int max, int timeout_ms, int exclusive) {
+#define POLL_ANY() (exclusive ? reap_locked(q, out, max) : poll_any(q, out, max))
+  if (!exclusive) pthread_mutex_lock(&q->wait_lock);
+  publish_cpu(q); /* while the backend works on what was just posted */
   uint64_t t0 = now_ns();
   uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : t0 + (uint64_t)timeout_ms * 1000000ull;
   int n = 0;
   unsigned spins = 0;
   for (;;) {
-    n = poll_any(q, out, max);
-    if (n) break;
+    if (cq_ready(q) || !(++spins & 15)) {
+      n = POLL_ANY();
+      if (n) break;
+    } else {
+      cpu_relax();
+      continue;
+    }
     uint64_t t = now_ns();
     if (t >= deadline) break;
     /* Spin longer while a long operation is outstanding: waking a sleeping thread costs tens of
      * microseconds on virtual machines (an idle vCPU is halted), more than the copy of a few
      * hundred KiB; a waiter of a sync call burns no CPU the caller was not already waiting with. */
-    uint64_t budget = SPIN_NS;
-    if (!__atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED)) budget += __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
-    if (t - t0 < budget) {
+    uint64_t extra = __atomic_load_n(&q->hdr->away, __ATOMIC_RELAXED) ? 0 : __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED);
+    if (t - t0 < SPIN_NS + extra) {
+      /* Spinning on the CPU the backend thread last ran on: it is waiting for this very CPU. */
+      unsigned me = publish_cpu(q);
+      if (me == __atomic_load_n(&q->hdr->be_cpu, __ATOMIC_RELAXED)) sched_yield();
+      /* extra is ~1 ns a byte (~1 GB/s); a same-host copy runs at 5-50 GB/s: past a quarter of it
+       * plus a few microseconds, the backend is late, likely for want of a CPU (the hint above
+       * misses a backend preempted on the other CPU) */
+      else if (t - t0 > YIELD_AFTER_NS + extra / 4 && (spins & 255) == 0) sched_yield();
       cpu_relax();
-      /* On an oversubscribed machine the backend thread may be waiting for this very CPU. */
-      if ((++spins & 255) == 0) sched_yield();
       continue;
     }
     __atomic_store_n(&q->hdr->fe_armed, 1, __ATOMIC_SEQ_CST);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    n = poll_any(q, out, max);
+    n = POLL_ANY();
     if (n) {
       __atomic_store_n(&q->hdr->fe_armed, 0, __ATOMIC_SEQ_CST);
       break;
@@ -411,14 +455,16 @@ static int wait_any(struct exa_dma_queue *q, struct exa_dma_completion *out, int
      * d->lock; readable here without a pending request means EOF: the backend is gone. */
     if (pf[1].revents & (POLLHUP | POLLERR)) {
       mark_dead(q->d);
-      n = poll_any(q, out, max);
+      n = POLL_ANY();
       if (!n) n = fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
       break;
     }
     t0 = now_ns(); /* spin again briefly after a wake-up */
+    spins = 0;
   }
-  pthread_mutex_unlock(&q->wait_lock);
+  if (!exclusive) pthread_mutex_unlock(&q->wait_lock);
   return n;
+#undef POLL_ANY
 }
 
 int exa_dma_poll(exa_dma_queue *q, struct exa_dma_completion *out, int max) {
@@ -462,8 +508,9 @@ static void *callback_thread(void *arg) {
 }
 
 static int queue_new(exa_dma *d, enum exa_dma_mode mode, exa_dma_callback cb, void *user, struct exa_dma_queue **out) {
-  struct exa_dma_queue *q = calloc(1, sizeof *q);
-  if (!q) return fail(-ENOMEM, "exa_dma_queue_create: out of memory");
+  struct exa_dma_queue *q = NULL;
+  if (posix_memalign((void **)&q, 64, sizeof *q) != 0) return fail(-ENOMEM, "exa_dma_queue_create: out of memory");
+  memset(q, 0, sizeof *q);
   q->d = d;
   q->mode = mode;
   q->cb = cb;
@@ -572,40 +619,46 @@ int exa_dma_queue_destroy(exa_dma_queue *q) {
 
 /* ---- posting ---- */
 
-static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
-                uint64_t len, uint64_t tag) {
-  if (!q || !local) return fail(-EINVAL, "exa_dma: NULL queue or buffer");
-  pthread_mutex_lock(&q->sq_lock);
-  if (__atomic_load_n(&q->d->dead, __ATOMIC_SEQ_CST)) {
-    pthread_mutex_unlock(&q->sq_lock);
-    return fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
-  }
-  if (__atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE) >= EXA_DMA_RING_DEPTH) {
-    pthread_mutex_unlock(&q->sq_lock);
+/* Post one request; the caller holds sq_lock (or alone uses q: the sync queue under sync_lock). */
+static int post_locked(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
+                       uint64_t len, uint64_t tag) {
+  if (__atomic_load_n(&q->d->dead, __ATOMIC_SEQ_CST)) return fail(-ECONNRESET, "exa_dma: the DMA backend (agent) went away");
+  if (__atomic_load_n(&q->outstanding, __ATOMIC_ACQUIRE) >= EXA_DMA_RING_DEPTH)
     return fail(-EAGAIN, "exa_dma: queue %u has %d operations outstanding; reap completions first", q->id, EXA_DMA_RING_DEPTH);
-  }
   struct exa_dma_ring_hdr *h = q->hdr;
-  uint64_t tail = h->sq_tail;
+  uint64_t tail = q->sq_tail;
   struct exa_dma_req *e = &exa_dma_sq(q->ring)[tail % EXA_DMA_RING_DEPTH];
-  memset(e, 0, sizeof *e);
+  /* Fill the entry (its one cache line; the stamp last): fewer outstanding than the depth means
+   * this slot's previous operation was completed, so the backend is done reading it. */
   e->op = op;
+  e->flags = 0;
   e->local = local->id;
   e->remote = remote;
   e->local_off = loff;
   e->remote_off = roff;
   e->len = len;
   e->tag = tag;
+  e->reserved[0] = e->reserved[1] = 0;
   __atomic_add_fetch(&q->outstanding, 1, __ATOMIC_ACQ_REL);
   uint64_t extra = len > (10u << 20) ? (10u << 20) : len; /* ~1 ns a byte, at most ~10 ms */
   if (extra > __atomic_load_n(&q->spin_extra_ns, __ATOMIC_RELAXED)) __atomic_store_n(&q->spin_extra_ns, extra, __ATOMIC_RELAXED);
-  __atomic_store_n(&h->sq_tail, tail + 1, __ATOMIC_RELEASE);
+  q->sq_tail = tail + 1;
+  __atomic_store_n(&e->seq, (uint32_t)(tail + 1), __ATOMIC_RELEASE);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (__atomic_load_n(&h->be_sleeping, __ATOMIC_SEQ_CST)) {
     uint64_t one = 1;
     if (write(q->d->sq_efd, &one, sizeof one) < 0) { /* counter overflow only: the backend is awake anyway */ }
   }
-  pthread_mutex_unlock(&q->sq_lock);
   return 0;
+}
+
+static int post(exa_dma_queue *q, uint16_t op, exa_dma_buf *local, uint64_t loff, exa_dma_remote remote, uint64_t roff,
+                uint64_t len, uint64_t tag) {
+  if (!q || !local) return fail(-EINVAL, "exa_dma: NULL queue or buffer");
+  pthread_mutex_lock(&q->sq_lock);
+  int r = post_locked(q, op, local, loff, remote, roff, len, tag);
+  pthread_mutex_unlock(&q->sq_lock);
+  return r;
 }
 
 int exa_dma_write(exa_dma_queue *q, exa_dma_buf *local, uint64_t local_off, exa_dma_remote remote, uint64_t remote_off,
@@ -624,11 +677,13 @@ static int sync_op(exa_dma *d, uint16_t op, exa_dma_buf *local, uint64_t loff, e
   pthread_mutex_lock(&d->sync_lock);
   int r = 0;
   if (!d->syncq) r = queue_new(d, EXA_DMA_POLL, NULL, NULL, &d->syncq);
-  if (r == 0) r = post(d->syncq, op, local, loff, remote, roff, len, 0);
+  /* Only this call uses the sync queue (sync_lock): no queue locks on its hot path, and the next
+   * completion is ours. */
+  if (r == 0 && !local) r = fail(-EINVAL, "exa_dma: NULL buffer");
+  if (r == 0) r = post_locked(d->syncq, op, local, loff, remote, roff, len, 0);
   if (r == 0) {
     struct exa_dma_completion c;
-    /* Only this call uses the sync queue (sync_lock): the next completion is ours. */
-    int n = wait_any(d->syncq, &c, 1, -1);
+    int n = wait_common(d->syncq, &c, 1, -1, 1);
     if (n < 0) r = n;
     else if (c.status < 0) r = fail(c.status, "%s", c.reason);
   }
@@ -646,16 +701,21 @@ int exa_dma_read_sync(exa_dma *d, exa_dma_buf *local, uint64_t local_off, exa_dm
   return sync_op(d, EXA_DMA_OP_READ, local, local_off, remote, remote_off, len);
 }
 
-/* Test hook (not in exa.h): put a raw 64-byte request entry on the ring and advance the tail by
- * `advance` (1 = one entry; larger values forge a corrupted tail). Proves the backend distrusts
- * the ring. */
+/* Test hook (not in exa.h): put a raw 64-byte request entry in the next request slot, stamped as
+ * sequence tail + advance - 1 (1 = the right stamp; other values forge a garbage stamp: a torn or
+ * corrupted ring). Proves the backend distrusts the ring. */
 int exa__dma_test_post_raw(exa_dma_queue *q, const void *entry, uint64_t advance) {
   if (!q || !entry) return fail(-EINVAL, "exa__dma_test_post_raw: NULL");
   pthread_mutex_lock(&q->sq_lock);
-  uint64_t tail = q->hdr->sq_tail;
-  memcpy(&exa_dma_sq(q->ring)[tail % EXA_DMA_RING_DEPTH], entry, sizeof(struct exa_dma_req));
+  uint64_t tail = q->sq_tail;
+  struct exa_dma_req *e = &exa_dma_sq(q->ring)[tail % EXA_DMA_RING_DEPTH];
+  struct exa_dma_req r;
+  memcpy(&r, entry, sizeof r);
+  r.seq = 0;
+  memcpy(e, &r, sizeof r);
   __atomic_add_fetch(&q->outstanding, 1, __ATOMIC_ACQ_REL);
-  __atomic_store_n(&q->hdr->sq_tail, tail + advance, __ATOMIC_RELEASE);
+  q->sq_tail = tail + 1;
+  __atomic_store_n(&e->seq, (uint32_t)(tail + advance), __ATOMIC_RELEASE);
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
   if (__atomic_load_n(&q->hdr->be_sleeping, __ATOMIC_SEQ_CST)) {
     uint64_t one = 1;

@@ -108,7 +108,8 @@ export class DmaQueue {
     return (await native.dmaWait(this.h, max, timeoutMs)).map(toCompletion);
   }
 
-  /** @internal the test hook for garbage ring entries */
+  /** @internal the test hook for garbage ring entries: the 64-byte entry goes into the next request slot
+   * stamped as sequence (next + advance - 1): advance 1 is the right stamp, other values forge a garbage one. */
   testPostRaw(entry: Uint8Array, advance = 1): void {
     native.dmaTestPostRaw(this.h, entry, advance);
   }

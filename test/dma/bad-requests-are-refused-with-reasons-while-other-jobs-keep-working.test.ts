@@ -2,7 +2,7 @@
  * The backend validates every request against the grants and the buffers'
  * bounds, and distrusts the shared ring: an ungranted buffer, a missing one, a
  * write through a read-only grant, a bad offset or length, a freed buffer, a
- * garbage ring entry and a corrupted ring tail are each refused with an error
+ * garbage ring entry and a ring slot with a garbage phase stamp are each refused with an error
  * completion (or error) that names what was wrong. Meanwhile another job pair
  * keeps transferring, and the misbehaving job's other queues keep working.
  */
@@ -106,11 +106,12 @@ describe('bad DMA requests', () => {
     expect(self.find((c) => c.tag === 20)!.error).toMatchObject({ code: 'INVALID_ARGUMENT', message: 'job mal: write within buffer "mine" with overlapping ranges' });
     expect(self.find((c) => c.tag === 21)!.error).toBeNull();
 
-    // a corrupted ring tail: that queue is dropped with a reason; the job's other queues still work
+    // a garbage phase stamp (a torn or corrupted ring): that queue is dropped with a reason; the
+    // job's other queues still work. 14 entries went through queue 1 so far: slot 14 expects stamp 15.
     await m.ok({ cmd: 'raw', q: 1, hex: entry({ op: 2, local: 1, remote: ro.handle as number, len: 8, tag: 13 }), advance: 100000 });
     const broken = (await m.ok({ cmd: 'wait', q: 1, n: 1 })).completions as C[];
     expect(broken[0]!.error!.code).toBe('INVALID_ARGUMENT'); // EPROTO
-    expect(broken[0]!.error!.message).toMatch(/job mal, queue 1: garbage request ring \(tail \d+ beyond head \d+ \+ depth\); queue no longer served/);
+    expect(broken[0]!.error!.message).toBe('job mal, queue 1: garbage request ring (slot 14: stamp 100014, expected 15); queue no longer served');
     await m.ok({ cmd: 'queue', q: 2, mode: 'poll' });
     await m.ok({ cmd: 'sync', op: 'read', local: 'mine', peer: 'vic', name: 'ro', roff: PAGE, loff: PAGE, len: PAGE });
     expect((await m.ok({ cmd: 'hash', name: 'mine', off: PAGE, len: PAGE })).sha).toBe(createHash('sha256').update(want.subarray(PAGE, 2 * PAGE)).digest('hex'));
