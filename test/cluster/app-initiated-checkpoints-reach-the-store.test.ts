@@ -5,7 +5,7 @@
  */
 import { afterEach, expect, it } from 'vitest';
 import { StoreClient } from '../../src/store/client.js';
-import { HEAT, cli, finalChecksum, referenceChecksum, startAgent, startStore, stopAll } from './helpers.js';
+import { HEAT, cli, finalChecksum, referenceChecksum, startAgent, startStore, stopAll, until } from './helpers.js';
 
 afterEach(stopAll);
 
@@ -19,8 +19,12 @@ it('commits every app-initiated checkpoint and the job finishes unchanged', asyn
   expect(await finalChecksum(a.address, 'heat-app')).toBe(expected);
   const s = await StoreClient.connect(store.address);
   try {
-    const cks = await s.listCheckpoints('heat-app');
-    // steps 20, 40, ..., 120: six calls, each one committed
+    // steps 20, 40, ..., 120: six calls, each one committed. exa_checkpoint() returns after the
+    // pause, so the job can finish while the agent still uploads its last checkpoint: wait for it.
+    const cks = await until('six committed checkpoints of heat-app', async () => {
+      const l = await s.listCheckpoints('heat-app');
+      return l.length >= 6 ? l : undefined;
+    }, 30_000);
     expect(cks.length).toBe(6);
     expect(cks[0]!.parent).toBe(0);
     for (let i = 1; i < cks.length; i++) expect(cks[i]!.parent).toBe(cks[i - 1]!.checkpoint);
