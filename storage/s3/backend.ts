@@ -503,6 +503,34 @@ export class S3Backend implements Backend {
   }
 
   /**
+   * For restores that read runs of pages into memory they own
+   * (./restore.ts): the slots first..last of the pack whose ref id is
+   * `refId` (a ref is the 48-bit id then the 16-bit slot), by one range GET
+   * straight into `into` (at least (last - first + 1) x 4096 bytes), under
+   * the same limit of GETs in flight as readPages(). Resolves with the part
+   * of `into` filled (short when the pack is), or null when the pages must
+   * go through readPages() instead: the pack is unknown (after a refresh),
+   * not uploaded yet, or gone (a 404 marks it gone, as readPages() does).
+   * The bytes are not checked here: the caller checks every page's hash.
+   */
+  async readSlots(refId: number, first: number, last: number, into: Buffer): Promise<Buffer | null> {
+    this.checkOpen();
+    if (!this.packsByRef.has(refId)) await this.refresh();
+    const p = this.packsByRef.get(refId);
+    if (!p || p.gone || p.state !== 'uploaded' || first > last || first < 0) return null;
+    if (last >= p.n) last = p.n - 1;
+    if (first > last) return null;
+    const key = packKey(p.base);
+    const got = await this.reads.run(() => this.io.getInto(key, { start: first * PAGE_SIZE, end: (last + 1) * PAGE_SIZE - 1 }, into));
+    if (!got) {
+      p.gone = true;
+      this.unindexPack(p);
+      return null;
+    }
+    return got;
+  }
+
+  /**
    * Refs into a pack that is gone (deleted after a repack or GC): the pack's
    * index entry still says which hash each slot held, so read that hash
    * where it lives now. This keeps old manifests' refs fast after a repack.

@@ -290,6 +290,68 @@ export class S3Io {
     }
   }
 
+  /**
+   * GET the bytes [start, end] (inclusive) of an object straight into
+   * `into` (at least end - start + 1 bytes), chunk by chunk as they come off
+   * the socket: no per-body concatenation, no new buffer per GET, so a
+   * caller that reuses its buffers leaves the GC nothing to collect. Resolves
+   * with the view of `into` that was filled (shorter when the object ends
+   * before `end`), or null when the object does not exist. A body cut short
+   * or longer than announced is retried like a broken connection.
+   */
+  async getInto(name: string, range: { start: number; end: number }, into: Buffer): Promise<Buffer | null> {
+    const Key = this.key(name);
+    const want = range.end - range.start + 1;
+    if (!(want > 0) || into.length < want) throw new ExaError('INVALID_ARGUMENT', `GET ${name}: a buffer of ${into.length} bytes cannot hold bytes ${range.start}-${range.end}`);
+    const what = `GET ${name} bytes ${range.start}-${range.end}`;
+    try {
+      return await this.call(what, async () => {
+        this.counters.get++;
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${range.start}-${range.end}` }));
+        const body = r.Body as (NodeJS.ReadableStream & { destroy?(): void; transformToByteArray?(): Promise<Uint8Array> }) | undefined;
+        if (!body) return into.subarray(0, 0);
+        const len = r.ContentLength ?? want;
+        if (len > want) {
+          body.destroy?.();
+          throw new ExaError('INTERNAL', `${this.where}: ${what}: the server sent ${len} bytes for a range of ${want}`);
+        }
+        let got = 0;
+        if (typeof body.on !== 'function') {
+          // Not a Node stream (another request handler): collect it the SDK's way.
+          const bytes = await body.transformToByteArray!();
+          if (bytes.byteLength > want) throw new ExaError('INTERNAL', `${this.where}: ${what}: the server sent ${bytes.byteLength} bytes for a range of ${want}`);
+          into.set(bytes, 0);
+          got = bytes.byteLength;
+        } else {
+          await new Promise<void>((resolve, reject) => {
+            let failed = false;
+            const fail = (e: unknown): void => { if (!failed) { failed = true; reject(e); } };
+            body.on('data', (c: Buffer) => {
+              if (failed) return;
+              if (got + c.length > len) {
+                body.destroy?.();
+                // Retried: a confused connection, not a property of the object.
+                fail(Object.assign(new Error(`${what}: body longer than its ${len}-byte Content-Length`), { code: 'ECONNRESET' }));
+                return;
+              }
+              c.copy(into, got);
+              got += c.length;
+            });
+            body.once('end', () => resolve());
+            body.once('error', fail);
+            body.once('close', () => { if (got < len) fail(Object.assign(new Error(`${what}: premature close after ${got} of ${len} bytes`), { code: 'ECONNRESET' })); else resolve(); });
+          });
+          if (got < len) throw Object.assign(new Error(`${what}: premature close after ${got} of ${len} bytes`), { code: 'ECONNRESET' });
+        }
+        this.counters.bytesDown += got;
+        return into.subarray(0, got);
+      });
+    } catch (e) {
+      if ((e as ExaError).code === 'NOT_FOUND' && !/does not exist at/.test((e as Error).message)) return null;
+      throw e;
+    }
+  }
+
   /** Every object under prefix+sub, in key order. */
   async list(sub: string): Promise<ObjectInfo[]> {
     const out: ObjectInfo[] = [];

@@ -7,8 +7,11 @@
  * order, form chunks; up to `concurrency` chunks are read at once (each
  * chunk becomes one or a few range GETs on S3) and every page is written to
  * the sink as soon as its chunk arrives, in whatever order chunks finish.
- * Every page is checked against its SHA-256 (in batches on the libuv pool,
- * see ../hash.ts); a page whose ref no longer
+ * On S3 each range GET's body lands in a buffer the chunk's worker owns and
+ * reuses, and all its pages are checked in one native call (no per-page
+ * objects, no body concatenation); other backends go through readPages().
+ * Every page is checked against its SHA-256 (on the libuv pool, see
+ * ../hash.ts); a page whose ref no longer
  * resolves is looked up by hash; when no good copy exists the restore fails
  * with CORRUPT naming job, checkpoint, region and page. Zero pages are not
  * read or written: a sink starts zeroed.
@@ -16,9 +19,32 @@
 import { ExaError } from '../../src/errors.js';
 import type { Backend, ManifestHeader, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
-import { checkPages } from '../hash.js';
+import { checkPages, verifyPages } from '../hash.js';
 
-/** Where restored pages go. write() may be called in any order, concurrently with reads. */
+/** Pages one range GET may cover (8 MiB), and the longest gap of unwanted pages read through. */
+const MAX_RUN_PAGES = 2048;
+const MAX_GAP_PAGES = 16;
+
+/**
+ * Backends that read runs of slots of one pack straight into the caller's
+ * memory (S3Backend.readSlots); a ref is then a 48-bit pack id and a
+ * 16-bit slot (./backend.ts).
+ */
+interface SlotReader {
+  readSlots(refId: number, first: number, last: number, into: Buffer): Promise<Buffer | null>;
+}
+
+function slotReader(b: Backend): SlotReader | null {
+  const r = b as Partial<SlotReader>;
+  return typeof r.readSlots === 'function' ? (b as unknown as SlotReader) : null;
+}
+
+/**
+ * Where restored pages go. write() may be called in any order, concurrently
+ * with reads. `data` is lent for the call only: it may be reused for other
+ * pages once write() returns (or its promise settles), so a sink that keeps
+ * the bytes copies them.
+ */
 export interface PageSink {
   write(region: number, page: number, data: Buffer): void | Promise<void>;
 }
@@ -90,35 +116,110 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     return new ExaError('CORRUPT', `checkpoint ${n} of job ${job}: page ${pageOf[e]} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
       { job, checkpoint: n, region, page: pageOf[e], hash: hash.toString('hex') });
   };
+  /** The expected hash of entry e (a view into its page map). */
+  const hashOf = (e: number): Buffer => { const off = entryOff(e); return maps[regionOf[e]!]!.subarray(off, off + HASH_BYTES); };
+  /** A page that failed its check (or could not be read where its ref says): find a good copy by hash, or fail. */
+  const recover = async (e: number, bad: Buffer | null | undefined): Promise<Buffer> => {
+    const hash = Buffer.from(hashOf(e));
+    // The ref is a hint: the page may live elsewhere now.
+    const [ref] = await backend.lookup([hash]);
+    const [again] = ref ? await backend.readPages([ref]) : [null];
+    if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
+    return again;
+  };
+  const put = async (e: number, page: Buffer): Promise<void> => {
+    const w = sink.write(regionOf[e]!, pageOf[e]!, page);
+    if (w) await w;
+  };
+  /** The general path: readPages() (one Buffer per page), hashes checked in batches. */
+  const readGeneral = async (entries: ArrayLike<number>): Promise<void> => {
+    const n = entries.length;
+    if (n === 0) return;
+    const refs: PageRef[] = new Array<PageRef>(n);
+    const want = Buffer.allocUnsafe(n * HASH_BYTES);
+    for (let k = 0; k < n; k++) {
+      const e = entries[k]!;
+      const m = maps[regionOf[e]!]!;
+      const off = entryOff(e);
+      refs[k] = m.subarray(off + HASH_BYTES, off + ENTRY_BYTES);
+      m.copy(want, k * HASH_BYTES, off, off + HASH_BYTES);
+    }
+    const pages = await backend.readPages(refs);
+    // Hash checks on pool threads, so reading goes on meanwhile.
+    const good = await checkPages(pages, want);
+    for (let k = 0; k < n; k++) {
+      const e = entries[k]!;
+      await put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+    }
+  };
+
+  // The S3 path (backends with readSlots): a chunk's pages, sorted by pack and
+  // slot, become runs of neighbouring slots (gaps up to 16 pages read
+  // through); each run is one range GET straight into a buffer this worker
+  // owns and reuses, all pages of the buffer are checked in one native call
+  // (no JS object per page), then written to the sink from it.
+  const slots = slotReader(backend);
+  const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
   const worker = async (): Promise<void> => {
+    let buf: Buffer | null = null, want: Buffer | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
-      const refs: PageRef[] = new Array<PageRef>(chunk.length);
-      const want = Buffer.allocUnsafe(chunk.length * HASH_BYTES);
-      for (let k = 0; k < chunk.length; k++) {
-        const e = chunk[k]!;
-        const m = maps[regionOf[e]!]!;
-        const off = entryOff(e);
-        refs[k] = m.subarray(off + HASH_BYTES, off + ENTRY_BYTES);
-        m.copy(want, k * HASH_BYTES, off, off + HASH_BYTES);
-      }
-      const pages = await backend.readPages(refs);
-      // Hash checks on pool threads, so reading goes on meanwhile.
-      const good = await checkPages(pages, want);
-      for (let k = 0; k < chunk.length; k++) {
-        const e = chunk[k]!;
-        let page = pages[k];
-        if (!good[k]) {
-          const bad = page;
-          const hash = Buffer.from(want.subarray(k * HASH_BYTES, (k + 1) * HASH_BYTES));
-          // The ref is a hint: the page may live elsewhere now.
-          const [ref] = await backend.lookup([hash]);
-          const [again] = ref ? await backend.readPages([ref]) : [null];
-          if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
-          page = again;
+      if (!slots) {
+        await readGeneral(chunk);
+      } else {
+        buf ??= Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE);
+        want ??= Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+        index ??= new Uint32Array(chunkPages);
+        inBuf ??= new Uint32Array(chunkPages);
+        let k = 0;
+        while (k < chunk.length) {
+          // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
+          const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
+          let used = 0;
+          while (k < chunk.length) {
+            const e = chunk[k]!;
+            const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
+            const r = runs[runs.length - 1];
+            if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
+              used += slot - r.last;
+              r.last = slot; r.end = ++k;
+              continue;
+            }
+            if (used + 1 > bufPages) break;
+            runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
+            used += 1;
+            k++;
+          }
+          const got = await Promise.all(runs.map((r) => slots.readSlots(r.id, r.first, r.last, buf!.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE))));
+          // Pages that arrived are checked in place; the others take the general path.
+          let n = 0;
+          const others: number[] = [];
+          runs.forEach((r, j) => {
+            const have = got[j] ? Math.floor(got[j]!.length / PAGE_SIZE) : 0;
+            for (let q = r.start; q < r.end; q++) {
+              const e = chunk[q]!;
+              const rel = (loOf[e]! & 0xffff) - r.first;
+              if (rel >= have) { others.push(e); continue; }
+              index![n] = r.at + rel;
+              inBuf![n] = e;
+              const off = entryOff(e);
+              maps[regionOf[e]!]!.copy(want!, n * HASH_BYTES, off, off + HASH_BYTES);
+              n++;
+            }
+          });
+          const bad = n > 0 ? await verifyPages(buf, want.subarray(0, n * HASH_BYTES), index.subarray(0, n)) : [];
+          for (let i = 0, b = 0; i < n; i++) {
+            const e = inBuf[i]!;
+            const at = index[i]! * PAGE_SIZE;
+            if (b < bad.length && bad[b] === i) {
+              b++;
+              await put(e, await recover(e, buf.subarray(at, at + PAGE_SIZE)));
+            } else {
+              await put(e, buf.subarray(at, at + PAGE_SIZE));
+            }
+          }
+          await readGeneral(others);
         }
-        const w = sink.write(regionOf[e]!, pageOf[e]!, page!);
-        if (w) await w;
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: count });
