@@ -65,7 +65,7 @@ import {
   indexKey, manifestKey, newPackId, packBase, packKey, parseCkptKey, parsePackKey, parseTombKey, randomHex, tombKey,
   type IndexedPack,
 } from './format.js';
-import { S3Io, type S3Config, type S3Counters } from './io.js';
+import { S3Io, type GetHooks, type S3Config, type S3Counters } from './io.js';
 
 export interface S3BackendOptions extends S3Config {
   /** Local cache directory (LevelDB); omitted = a temporary directory removed at close. */
@@ -506,14 +506,15 @@ export class S3Backend implements Backend {
    * For restores that read runs of pages into memory they own
    * (./restore.ts): the slots first..last of the pack whose ref id is
    * `refId` (a ref is the 48-bit id then the 16-bit slot), by one range GET
-   * straight into `into` (at least (last - first + 1) x 4096 bytes), under
+   * straight into `into` (at least (last - first + 1) x 4096 bytes; `hooks`
+   * see S3Io.getInto), under
    * the same limit of GETs in flight as readPages(). Resolves with the part
    * of `into` filled (short when the pack is), or null when the pages must
    * go through readPages() instead: the pack is unknown (after a refresh),
    * not uploaded yet, or gone (a 404 marks it gone, as readPages() does).
    * The bytes are not checked here: the caller checks every page's hash.
    */
-  async readSlots(refId: number, first: number, last: number, into: Buffer): Promise<Buffer | null> {
+  async readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null> {
     this.checkOpen();
     if (!this.packsByRef.has(refId)) await this.refresh();
     const p = this.packsByRef.get(refId);
@@ -521,7 +522,7 @@ export class S3Backend implements Backend {
     if (last >= p.n) last = p.n - 1;
     if (first > last) return null;
     const key = packKey(p.base);
-    const got = await this.reads.run(() => this.io.getInto(key, { start: first * PAGE_SIZE, end: (last + 1) * PAGE_SIZE - 1 }, into));
+    const got = await this.reads.run(() => this.io.getInto(key, { start: first * PAGE_SIZE, end: (last + 1) * PAGE_SIZE - 1 }, into, hooks));
     if (!got) {
       p.gone = true;
       this.unindexPack(p);

@@ -52,6 +52,14 @@ export interface S3Config {
 
 export interface S3Location { bucket: string; prefix: string }
 
+/** Progress of S3Io.getInto, for callers that work on a body while it arrives. */
+export interface GetHooks {
+  /** After each piece of the body is copied in: the bytes of the buffer filled so far (this attempt). */
+  onData?(bytes: number): void;
+  /** Before a retry writes the buffer again from its start; the retry waits for it. */
+  beforeRetry?(): Promise<void>;
+}
+
 const BUCKET_RE = /^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/;
 
 /** Parse s3://bucket/prefix. The prefix is '' or ends with '/'. INVALID_ARGUMENT names what is wrong. */
@@ -299,13 +307,15 @@ export class S3Io {
    * before `end`), or null when the object does not exist. A body cut short
    * or longer than announced is retried like a broken connection.
    */
-  async getInto(name: string, range: { start: number; end: number }, into: Buffer): Promise<Buffer | null> {
+  async getInto(name: string, range: { start: number; end: number }, into: Buffer, hooks: GetHooks = {}): Promise<Buffer | null> {
     const Key = this.key(name);
     const want = range.end - range.start + 1;
     if (!(want > 0) || into.length < want) throw new ExaError('INVALID_ARGUMENT', `GET ${name}: a buffer of ${into.length} bytes cannot hold bytes ${range.start}-${range.end}`);
     const what = `GET ${name} bytes ${range.start}-${range.end}`;
+    let attempts = 0;
     try {
       return await this.call(what, async () => {
+        if (attempts++ > 0) await hooks.beforeRetry?.();
         this.counters.get++;
         const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${range.start}-${range.end}` }));
         const body = r.Body as (NodeJS.ReadableStream & { destroy?(): void; transformToByteArray?(): Promise<Uint8Array> }) | undefined;
@@ -336,6 +346,7 @@ export class S3Io {
               }
               c.copy(into, got);
               got += c.length;
+              hooks.onData?.(got);
             });
             body.once('end', () => resolve());
             body.once('error', fail);

@@ -17,13 +17,16 @@
  * read or written: a sink starts zeroed.
  */
 import { ExaError } from '../../src/errors.js';
-import type { Backend, ManifestHeader, PageRef } from '../backend.js';
+import type { Backend, ManifestHeader, PageMaps, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
 import { checkPages, verifyPages } from '../hash.js';
+import type { GetHooks } from './io.js';
 
 /** Pages one range GET may cover (8 MiB), and the longest gap of unwanted pages read through. */
 const MAX_RUN_PAGES = 2048;
 const MAX_GAP_PAGES = 16;
+/** Pages of a GET body checked per native call while the rest of the body arrives (1 MiB). */
+const CHECK_STEP_PAGES = 256;
 
 /**
  * Backends that read runs of slots of one pack straight into the caller's
@@ -31,7 +34,7 @@ const MAX_GAP_PAGES = 16;
  * 16-bit slot (./backend.ts).
  */
 interface SlotReader {
-  readSlots(refId: number, first: number, last: number, into: Buffer): Promise<Buffer | null>;
+  readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null>;
 }
 
 function slotReader(b: Backend): SlotReader | null {
@@ -82,10 +85,16 @@ export async function resolveCheckpoint(backend: Backend, job: string, n: number
  */
 export async function restoreCheckpoint(backend: Backend, job: string, n: number,
   sinkOrFactory: PageSink | ((header: ManifestHeader) => PageSink | Promise<PageSink>), opts: RestoreOptions = {}): Promise<RestoreResult> {
+  let maps: PageMaps | null = null;
+  if (n !== 0) {
+    // The maps first: on S3 that fetches and checks the manifest once, and the header then comes from memory.
+    maps = await backend.getMaps(job, n);
+    if (!maps) throw new ExaError('NOT_FOUND', `checkpoint ${n} of job ${job} does not exist in the ${backend.kind} store`, { job, checkpoint: n });
+  }
   const header = await resolveCheckpoint(backend, job, n);
   const sink = typeof sinkOrFactory === 'function' ? await sinkOrFactory(header) : sinkOrFactory;
   n = header.checkpoint;
-  const maps = await backend.getMaps(job, n);
+  maps ??= await backend.getMaps(job, n);
   if (!maps) throw new ExaError('NOT_FOUND', `checkpoint ${n} of job ${job} does not exist`, { job, checkpoint: n });
   // Every non-zero page as numbers only (region, page, ref halves): no
   // Buffer object per page, which would keep the major GC busy marking
@@ -105,7 +114,10 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // By location (the ref as two 32-bit halves), so pages of one pack in slot order form chunks.
   const order = new Uint32Array(count);
   for (let k = 0; k < count; k++) order[k] = k;
-  order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+  // (Often in order already: a checkpoint written in one go lies in its packs in page order.)
+  let sorted = true;
+  for (let k = 1; k < count && sorted; k++) sorted = hiOf[k - 1]! < hiOf[k]! || (hiOf[k - 1] === hiOf[k] && loOf[k - 1]! <= loOf[k]!);
+  if (!sorted) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
   const chunkPages = opts.chunkPages ?? 2048;
   const chunks: Uint32Array[] = [];
   for (let k = 0; k < count; k += chunkPages) chunks.push(order.subarray(k, k + chunkPages));
@@ -156,8 +168,9 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // The S3 path (backends with readSlots): a chunk's pages, sorted by pack and
   // slot, become runs of neighbouring slots (gaps up to 16 pages read
   // through); each run is one range GET straight into a buffer this worker
-  // owns and reuses, all pages of the buffer are checked in one native call
-  // (no JS object per page), then written to the sink from it.
+  // owns and reuses; its pages are checked by native calls over that buffer
+  // (no JS object per page), 1 MiB at a time while the body still arrives,
+  // then written to the sink from it.
   const slots = slotReader(backend);
   const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
   const worker = async (): Promise<void> => {
@@ -190,32 +203,61 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
             used += 1;
             k++;
           }
-          const got = await Promise.all(runs.map((r) => slots.readSlots(r.id, r.first, r.last, buf!.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE))));
-          // Pages that arrived are checked in place; the others take the general path.
+          // Every page of the batch gets its place in the buffer and its expected hash first.
           let n = 0;
-          const others: number[] = [];
-          runs.forEach((r, j) => {
-            const have = got[j] ? Math.floor(got[j]!.length / PAGE_SIZE) : 0;
+          const st = runs.map((r) => {
+            const n0 = n;
             for (let q = r.start; q < r.end; q++) {
               const e = chunk[q]!;
-              const rel = (loOf[e]! & 0xffff) - r.first;
-              if (rel >= have) { others.push(e); continue; }
-              index![n] = r.at + rel;
+              index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
               inBuf![n] = e;
               const off = entryOff(e);
               maps[regionOf[e]!]!.copy(want!, n * HASH_BYTES, off, off + HASH_BYTES);
               n++;
             }
+            return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
           });
-          const bad = n > 0 ? await verifyPages(buf, want.subarray(0, n * HASH_BYTES), index.subarray(0, n)) : [];
-          for (let i = 0, b = 0; i < n; i++) {
-            const e = inBuf[i]!;
-            const at = index[i]! * PAGE_SIZE;
-            if (b < bad.length && bad[b] === i) {
-              b++;
-              await put(e, await recover(e, buf.subarray(at, at + PAGE_SIZE)));
-            } else {
-              await put(e, buf.subarray(at, at + PAGE_SIZE));
+          const b = buf, w = want, ix = index;
+          // Pages are checked while the body still streams in, a step at a time: when the last
+          // byte arrives only the last step is left to hash.
+          const check = (s: typeof st[number], upTo: number): void => {
+            const from = s.checked;
+            const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
+            p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
+            s.checks.push(p);
+            s.checked = upTo;
+          };
+          const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
+            const pages = r.at + Math.floor(bytes / PAGE_SIZE);
+            while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
+            if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
+          };
+          const got = await Promise.all(runs.map((r, j) => {
+            const s = st[j]!;
+            return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
+              onData: (bytes) => arrive(s, r, bytes, false),
+              // A retried GET writes its part of the buffer again: no check may be reading it then.
+              beforeRetry: async () => {
+                await Promise.allSettled(s.checks);
+                s.checks = [];
+                s.arrived = s.checked = s.n0;
+              },
+            });
+          }));
+          // Pages that arrived are checked in place; the others take the general path.
+          const others: number[] = [];
+          const bad = new Set<number>();
+          for (let j = 0; j < runs.length; j++) {
+            const s = st[j]!, g = got[j];
+            if (g) arrive(s, runs[j]!, g.length, true);
+            else await Promise.allSettled(s.checks);
+            for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
+            const upTo = g ? s.arrived : s.n0;
+            for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
+            for (let i = s.n0; i < upTo; i++) {
+              const e = inBuf[i]!;
+              const at = ix[i]! * PAGE_SIZE;
+              await put(e, bad.has(i) ? await recover(e, b.subarray(at, at + PAGE_SIZE)) : b.subarray(at, at + PAGE_SIZE));
             }
           }
           await readGeneral(others);
