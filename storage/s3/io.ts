@@ -94,6 +94,17 @@ export function isRetryable(e: unknown): boolean {
   return false;
 }
 
+/**
+ * A range that starts past the end of the object (416 InvalidRange): the
+ * object is shorter than the caller expected. Ranged GETs answer it as an
+ * empty body, so the pages it should have held are reported as missing
+ * (by job, checkpoint, region and page) rather than as a bare S3 error.
+ */
+function pastEnd(e: unknown): boolean {
+  const err = e as { name?: string; $metadata?: { httpStatusCode?: number } };
+  return err?.name === 'InvalidRange' || err?.$metadata?.httpStatusCode === 416;
+}
+
 /** Counters of S3 requests (every attempt counts), for benchmarks and tests. */
 export interface S3Counters {
   put: number;           // PutObject, CreateMultipartUpload, UploadPart, CompleteMultipartUpload
@@ -279,15 +290,20 @@ export class S3Io {
     }
   }
 
-  /** GET a whole object, or the bytes [start, end] (inclusive; never a suffix range). null when it does not exist. */
+  /**
+   * GET a whole object, or the bytes [start, end] (inclusive; never a suffix
+   * range; short or empty when the object ends before end or start). null
+   * when it does not exist.
+   */
   async get(name: string, range?: { start: number; end: number }): Promise<Buffer | null> {
     const Key = this.key(name);
     const what = range ? `GET ${name} bytes ${range.start}-${range.end}` : `GET ${name}`;
     try {
       return await this.call(what, async () => {
         this.counters.get++;
-        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, ...(range ? { Range: `bytes=${range.start}-${range.end}` } : {}) }));
-        if (!r.Body) return Buffer.alloc(0);
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, ...(range ? { Range: `bytes=${range.start}-${range.end}` } : {}) }))
+          .catch((e: unknown) => { if (range && pastEnd(e)) return null; throw e; });
+        if (!r?.Body) return Buffer.alloc(0);
         const bytes = await r.Body.transformToByteArray();
         this.counters.bytesDown += bytes.byteLength;
         return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -304,7 +320,8 @@ export class S3Io {
    * the socket: no per-body concatenation, no new buffer per GET, so a
    * caller that reuses its buffers leaves the GC nothing to collect. Resolves
    * with the view of `into` that was filled (shorter when the object ends
-   * before `end`), or null when the object does not exist. A body cut short
+   * before `end`, empty when it ends before `start`), or null when the
+   * object does not exist. A body cut short
    * or longer than announced is retried like a broken connection.
    */
   async getInto(name: string, range: { start: number; end: number }, into: Buffer, hooks: GetHooks = {}): Promise<Buffer | null> {
@@ -317,7 +334,9 @@ export class S3Io {
       return await this.call(what, async () => {
         if (attempts++ > 0) await hooks.beforeRetry?.();
         this.counters.get++;
-        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${range.start}-${range.end}` }));
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${range.start}-${range.end}` }))
+          .catch((e: unknown) => { if (pastEnd(e)) return null; throw e; });
+        if (!r) return into.subarray(0, 0);
         const body = r.Body as (NodeJS.ReadableStream & { destroy?(): void; transformToByteArray?(): Promise<Uint8Array> }) | undefined;
         if (!body) return into.subarray(0, 0);
         const len = r.ContentLength ?? want;
