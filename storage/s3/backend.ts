@@ -569,7 +569,8 @@ export class S3Backend implements Backend {
     const key = packKey(p.base);
     const missing: { slot: number; i: number }[] = [];
     await Promise.all(runs.map((r) => this.reads.run(async () => {
-      const buf = await this.io.get(key, { start: r.first * PAGE_SIZE, end: (r.last + 1) * PAGE_SIZE - 1 });
+      // Straight into a buffer of the range's size: no per-body concatenation by the SDK.
+      const buf = await this.io.getInto(key, { start: r.first * PAGE_SIZE, end: (r.last + 1) * PAGE_SIZE - 1 }, Buffer.allocUnsafeSlow((r.last - r.first + 1) * PAGE_SIZE));
       if (!buf) {
         // Deleted by a GC (here or on another server): follow its pages by hash.
         p.gone = true;
