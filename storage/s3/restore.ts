@@ -59,7 +59,11 @@ export interface RestoreOptions {
    * only keep a GET queued while others are being checked and written.
    */
   concurrency?: number;
-  /** Pages per chunk (default 2048 = 8 MiB). */
+  /**
+   * Pages per chunk (default 2048 = 8 MiB). On S3 each chunk worker owns one
+   * buffer of min(chunkPages, 2048) pages that it reuses for its GETs:
+   * concurrency x 8 MiB at the defaults.
+   */
   chunkPages?: number;
   onProgress?: (p: { pages: number; total: number }) => void;
 }
