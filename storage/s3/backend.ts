@@ -166,6 +166,7 @@ export class S3Backend implements Backend {
   private lastRefresh = 0;
   private readonly headers = new Map<string, ManifestHeader>();
   private closed = false;
+  private readonly cacheWrites = new Set<Promise<void>>();
   /** Pack-level GC counters of this process (tests, stat). */
   readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0, repacked: 0 };
 
@@ -800,7 +801,9 @@ export class S3Backend implements Backend {
       body = (await this.io.get(key)) ?? undefined;
       if (!body) return null;
       const dec = decodeManifest(body, job, n);
-      await this.cache.put(`M${key}`, body);
+      // Not waited for (a 5 MiB value takes LevelDB 15-40 ms here, on the way to every restore):
+      // it is only a cache; deletes of manifests and close() wait for it.
+      this.cacheLater(`M${key}`, body);
       this.headers.set(key, dec.header);
       return dec;
     }
@@ -845,6 +848,7 @@ export class S3Backend implements Backend {
       const c = parseCkptKey(k);
       if (c && (job === undefined || c.job === job) && !keys.has(k)) {
         this.headers.delete(k);
+        await this.cacheSettled();
         await this.cache.del(`M${k}`);
       }
     }
@@ -874,6 +878,7 @@ export class S3Backend implements Backend {
       const key = manifestKey(job, n);
       await this.io.del(key);
       this.headers.delete(key);
+      await this.cacheSettled();
       await this.cache.del(`M${key}`);
     }
   }
@@ -924,8 +929,20 @@ export class S3Backend implements Backend {
     this.closed = true;
     await Promise.all([...this.packsByBase.values()].map((p) => p.upload));
     this.io.close();
+    await this.cacheSettled();
     await this.cache.close().catch(() => undefined);
     if (this.tempCache) rmSync(this.tempCache, { recursive: true, force: true });
+  }
+
+  /** A local cache write nobody waits for (failure only costs a later re-fetch). */
+  private cacheLater(key: string, value: Buffer): void {
+    const p: Promise<void> = this.cache.put(key, value).catch(() => undefined).finally(() => { this.cacheWrites.delete(p); });
+    this.cacheWrites.add(p);
+  }
+
+  /** Wait for cacheLater() writes issued so far (before a delete that must not be overtaken, and at close). */
+  private async cacheSettled(): Promise<void> {
+    while (this.cacheWrites.size > 0) await Promise.all([...this.cacheWrites]);
   }
 
   private checkOpen(): void {
