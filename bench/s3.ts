@@ -15,7 +15,11 @@
  *    flight (the backend's readConcurrency), 2x that many chunks in progress;
  *  - raw_get_mbps: plain parallel range GETs of the same bytes (every pack's
  *    pages, in the restore's 8 MiB ranges, same parallelism) from the same
- *    server with the same client settings, no hashing;
+ *    server with the same client, HTTP agent and body path (S3Io.getInto
+ *    into a buffer each worker reuses), no hashing, no bookkeeping;
+ *  - sdk_get_mbps (context): the same GETs with the SDK collecting each body
+ *    into a new buffer (S3Io.get), the way the raw GETs were made before
+ *    2026-11-25;
  *  - restore_vs_raw = restore_mbps / raw_get_mbps (target >= 0.8);
  *  - ingest_mbps, ordered_restore_mbps (the engine's in-order readImage,
  *    what GetImage streams) and page_hash_mbps_one_thread (SHA-256 of 4 KiB
@@ -113,7 +117,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       } catch { return NaN; }
     };
     const cpu = (): { client: number; server: number } => { const u = process.cpuUsage(); return { client: (u.user + u.system) / 1e6, server: serverCpu() }; };
-    const restoreCpu: { client: number; server: number }[] = [], rawCpu: { client: number; server: number }[] = [];
+    const restoreCpu: { client: number; server: number }[] = [], rawCpu: { client: number; server: number }[] = [], sdkCpu: { client: number; server: number }[] = [];
+    const sdkRuns: number[] = [];
     const since = (a: { client: number; server: number }): { client: number; server: number } => { const b = cpu(); return { client: b.client - a.client, server: b.server - a.server }; };
     for (let round = 0; round < rounds; round++) {
       const r = await S3Backend.open({ ...base, cacheDir: join(dir, `cache-r${round}`) });
@@ -132,21 +137,34 @@ export async function run(args: string[], log: (line: string) => void): Promise<
           const pageBytes = Math.floor(o.size / (PAGE_SIZE + HASH_BYTES)) * PAGE_SIZE;
           for (let off = 0; off < pageBytes; off += 2048 * PAGE_SIZE) ranges.push({ key: o.key, start: off, end: Math.min(pageBytes, off + 2048 * PAGE_SIZE) - 1 });
         }
-        let next = 0, got = 0;
-        const c2 = cpu();
-        const t2 = performance.now();
-        await Promise.all(Array.from({ length: concurrency }, async () => {
-          while (next < ranges.length) {
-            const g = ranges[next++]!;
-            const buf = await r.io.get(g.key, { start: g.start, end: g.end });
-            got += buf!.length;
-          }
-        }));
-        const rawS = (performance.now() - t2) / 1000;
-        rawCpu.push(since(c2));
-        if (got !== bytes) throw new Error(`raw GETs read ${got} bytes, expected ${bytes}`);
-        rawRuns.push(got / 1e6 / rawS);
-        log(`round ${round + 1}: parallel restore ${restoreRuns[round]!.toFixed(0)} MB/s (check ${check}), raw GETs ${rawRuns[round]!.toFixed(0)} MB/s (${ranges.length} ranges of ${packs.length} packs)`);
+        // Raw GETs: each of `concurrency` workers reads its ranges straight into one buffer it
+        // reuses (S3Io.getInto, the body path the restore uses: the cheapest plain GET this
+        // client has), then, for context, the same GETs collected the SDK's way (S3Io.get:
+        // transformToByteArray, a new buffer per body), which the ratio does not use.
+        const rawGets = async (into: boolean): Promise<{ s: number; got: number; cpu: { client: number; server: number } }> => {
+          let next = 0, got = 0;
+          const c2 = cpu();
+          const t2 = performance.now();
+          await Promise.all(Array.from({ length: concurrency }, async () => {
+            const mine = into ? Buffer.allocUnsafeSlow(2048 * PAGE_SIZE) : null;
+            while (next < ranges.length) {
+              const g = ranges[next++]!;
+              const buf = mine ? await r.io.getInto(g.key, { start: g.start, end: g.end }, mine) : await r.io.get(g.key, { start: g.start, end: g.end });
+              got += buf!.length;
+            }
+          }));
+          const s = (performance.now() - t2) / 1000;
+          const c = since(c2);
+          if (got !== bytes) throw new Error(`raw GETs read ${got} bytes, expected ${bytes}`);
+          return { s, got, cpu: c };
+        };
+        const raw = await rawGets(true);
+        rawCpu.push(raw.cpu);
+        rawRuns.push(raw.got / 1e6 / raw.s);
+        const sdk = await rawGets(false);
+        sdkCpu.push(sdk.cpu);
+        sdkRuns.push(sdk.got / 1e6 / sdk.s);
+        log(`round ${round + 1}: parallel restore ${restoreRuns[round]!.toFixed(0)} MB/s (check ${check}), raw GETs ${rawRuns[round]!.toFixed(0)} MB/s, SDK-collected GETs ${sdkRuns[round]!.toFixed(0)} MB/s (${ranges.length} ranges of ${packs.length} packs)`);
       } finally {
         await r.close();
       }
@@ -185,6 +203,9 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       restore_server_cpu_s_per_gb: Number(median(restoreCpu.map((c) => c.server / (bytes / 1e9))).toFixed(2)),
       raw_client_cpu_s_per_gb: Number(median(rawCpu.map((c) => c.client / (bytes / 1e9))).toFixed(2)),
       raw_server_cpu_s_per_gb: Number(median(rawCpu.map((c) => c.server / (bytes / 1e9))).toFixed(2)),
+      // Context only: the same GETs with the SDK collecting each body (a new buffer per GET).
+      sdk_get_mbps: Number(median(sdkRuns).toFixed(1)),
+      sdk_get_client_cpu_s_per_gb: Number(median(sdkCpu.map((c) => c.client / (bytes / 1e9))).toFixed(2)),
       load_average: Number(loadavg()[0]!.toFixed(2)),
     };
   } finally {

@@ -285,6 +285,8 @@ interface NativeAddon {
   dmaTestPostRaw(q: DmaQueueHandle, entry: Uint8Array, advance: number): void;
   // Page hashing for the store (native/addon/hash.cc): SHA-256 on the libuv pool.
   sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[], pageSize?: number): Promise<Buffer>;
+  /** First i whose page (data page index[i], or i) does not hash to want[32i..), or -1 (native/addon/hash.cc). */
+  sha256VerifyPages(data: Uint8Array, want: Uint8Array, index?: Uint32Array | null, pageSize?: number): Promise<number>;
 }
 
 const require = createRequire(import.meta.url);
@@ -372,3 +374,4 @@ export const dmaWait = wrap(addon.dmaWait);
 export const dmaSync = wrap(addon.dmaSync);
 export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);
 export const sha256Pages = wrap(addon.sha256Pages);
+export const sha256VerifyPages = wrap(addon.sha256VerifyPages);

@@ -11,7 +11,7 @@
  * The caller must not modify the page bytes while a call is pending.
  */
 import { availableParallelism } from 'node:os';
-import { sha256Pages as nativeSha256Pages } from '../src/native.js';
+import { sha256Pages as nativeSha256Pages, sha256VerifyPages as nativeVerifyPages } from '../src/native.js';
 import { HASH_BYTES, PAGE_SIZE } from './pages.js';
 
 /** Pages per native call: 1 MiB, ~0.5 ms of one pool thread. */
@@ -26,15 +26,42 @@ const MAX_RUNNING = Math.max(1, availableParallelism() - 1);
 let running = 0;
 const queue: (() => void)[] = [];
 
-async function sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[]): Promise<Buffer> {
+async function limited<T>(fn: () => Promise<T>): Promise<T> {
   if (running >= MAX_RUNNING) await new Promise<void>((r) => queue.push(r));
   running++;
   try {
-    return await nativeSha256Pages(pages);
+    return await fn();
   } finally {
     running--;
     queue.shift()?.();
   }
+}
+
+function sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[]): Promise<Buffer> {
+  return limited(() => nativeSha256Pages(pages));
+}
+
+/**
+ * The pages of `data` that do not hash to their expected SHA-256: page i
+ * checked is data page `index[i]` (or page i without an index), against
+ * want[32i..32i+32). Returns the failing i in increasing order ([] when all
+ * match). One native call over the whole buffer (native/addon/hash.cc
+ * sha256VerifyPages), again from the page after each mismatch: no JS object
+ * and no copy per page. Bad arguments throw INVALID_ARGUMENT.
+ */
+export async function verifyPages(data: Uint8Array, want: Uint8Array, index?: Uint32Array): Promise<number[]> {
+  const bad: number[] = [];
+  const n = want.length / HASH_BYTES;
+  for (let from = 0; from < n;) {
+    const w = from === 0 ? want : want.subarray(from * HASH_BYTES);
+    const ix = index && from > 0 ? index.subarray(from) : index;
+    const d = index || from === 0 ? data : data.subarray(from * PAGE_SIZE);
+    const first = await limited(() => nativeVerifyPages(d, w, ix));
+    if (first < 0) break;
+    bad.push(from + first);
+    from += first + 1;
+  }
+  return bad;
 }
 
 /** SHA-256 of each 4096-byte page of `data` (whose length is a multiple of 4096), concatenated. */

@@ -13,6 +13,18 @@
 //            all-zero hash, never the SHA-256 of anything the store holds).
 //     resolves with n x 32 bytes of digests, in input order.
 //
+//   sha256VerifyPages(data, want, index?, pageSize?) -> Promise<number>
+//     data:  one Buffer/Uint8Array holding pages of pageSize bytes (default 4096);
+//     want:  n x 32 bytes, the expected SHA-256 of each page checked;
+//     index: optional Uint32Array of n page numbers in data (page i checked is
+//            data[index[i]*pageSize ..+pageSize)); omitted = pages 0..n-1 and
+//            data must hold exactly n pages.
+//     resolves with the first i whose page does not hash to want[32i..32i+32),
+//     or -1 when all match. Pages after the first mismatch are not hashed.
+//     For the S3 restore (storage/s3/restore.ts): a range GET's body arrives in
+//     one buffer and all its pages are checked in one call, with no copy and
+//     no JS object per page.
+//
 // Bad arguments throw at the call (nothing is queued): an Error with code
 // EINVAL (native/addon/errors.h), INVALID_ARGUMENT through src/native.ts. The input
 // is kept alive until the work is done (a reference to it, or to a private
@@ -68,6 +80,42 @@ class HashWorker : public Napi::AsyncWorker {
   Napi::ObjectReference keep_;
   std::vector<Span> spans_;
   std::vector<uint8_t> out_;
+  Napi::Promise::Deferred d_;
+};
+
+// Checks pages of one buffer against expected digests, stopping at the first mismatch.
+class VerifyWorker : public Napi::AsyncWorker {
+ public:
+  VerifyWorker(Napi::Env env, Napi::Object keep, const uint8_t *data, size_t page, const uint8_t *want, const uint32_t *index, size_t n)
+      : Napi::AsyncWorker(env), keep_(Napi::Persistent(keep)), data_(data), page_(page), want_(want), index_(index), n_(n),
+        d_(Napi::Promise::Deferred::New(env)) {}
+
+  Napi::Promise Promise() { return d_.Promise(); }
+
+  void Execute() override {
+    uint8_t got[kDigest];
+    for (size_t i = 0; i < n_; i++) {
+      const size_t at = index_ ? static_cast<size_t>(index_[i]) : i;
+      SHA256(data_ + at * page_, page_, got);
+      if (memcmp(got, want_ + i * kDigest, kDigest) != 0) {
+        first_ = static_cast<double>(i);
+        return;
+      }
+    }
+  }
+
+  void OnOK() override { d_.Resolve(Napi::Number::New(Env(), first_)); }
+
+  void OnError(const Napi::Error &e) override { d_.Reject(e.Value()); }
+
+ private:
+  Napi::ObjectReference keep_;  // data, want and index, alive until the work is done
+  const uint8_t *data_;
+  size_t page_;
+  const uint8_t *want_;
+  const uint32_t *index_;
+  size_t n_;
+  double first_ = -1;
   Napi::Promise::Deferred d_;
 };
 
@@ -132,9 +180,61 @@ Napi::Value Sha256Pages(const Napi::CallbackInfo &info) {
   return pr;
 }
 
+Napi::Value Sha256VerifyPages(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  const char *fn = "sha256VerifyPages: ";
+  size_t page = 4096;
+  if (info.Length() >= 4 && !info[3].IsUndefined()) {
+    if (!info[3].IsNumber()) exa_addon::throw_errno(env, EINVAL, std::string(fn) + "pageSize must be a number");
+    double ps = info[3].As<Napi::Number>().DoubleValue();
+    if (!(ps >= 1 && ps <= (1 << 30)) || ps != static_cast<double>(static_cast<size_t>(ps))) {
+      exa_addon::throw_errno(env, EINVAL, std::string(fn) + "pageSize must be an integer from 1 to 2^30, got " + info[3].ToString().Utf8Value());
+    }
+    page = static_cast<size_t>(ps);
+  }
+  const uint8_t *data = nullptr, *want = nullptr;
+  size_t dataLen = 0, wantLen = 0;
+  if (info.Length() < 1 || !view_of(info[0], &data, &dataLen)) exa_addon::throw_errno(env, EINVAL, std::string(fn) + "data must be a Buffer");
+  if (info.Length() < 2 || !view_of(info[1], &want, &wantLen)) exa_addon::throw_errno(env, EINVAL, std::string(fn) + "want must be a Buffer of 32-byte digests");
+  if (wantLen % kDigest != 0) {
+    exa_addon::throw_errno(env, EINVAL, std::string(fn) + "want holds " + std::to_string(wantLen) + " bytes, not a whole number of 32-byte digests");
+  }
+  const size_t n = wantLen / kDigest;
+  const size_t pages = dataLen / page;
+  const uint32_t *index = nullptr;
+  Napi::Object keep = Napi::Object::New(env);
+  keep.Set("data", info[0]);
+  keep.Set("want", info[1]);
+  if (info.Length() >= 3 && !info[2].IsUndefined() && !info[2].IsNull()) {
+    if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_uint32_array) {
+      exa_addon::throw_errno(env, EINVAL, std::string(fn) + "index must be a Uint32Array of page numbers");
+    }
+    Napi::Uint32Array ix = info[2].As<Napi::Uint32Array>();
+    if (ix.ElementLength() != n) {
+      exa_addon::throw_errno(env, EINVAL, std::string(fn) + "index has " + std::to_string(ix.ElementLength()) + " page numbers for " + std::to_string(n) + " digests");
+    }
+    index = ix.Data();
+    for (size_t i = 0; i < n; i++) {
+      if (index[i] >= pages) {
+        exa_addon::throw_errno(env, EINVAL, std::string(fn) + "index[" + std::to_string(i) + "] = " + std::to_string(index[i]) + " is past the " +
+                                                std::to_string(pages) + " whole pages of data (" + std::to_string(dataLen) + " bytes)");
+      }
+    }
+    keep.Set("index", info[2]);
+  } else if (dataLen != n * page) {
+    exa_addon::throw_errno(env, EINVAL, std::string(fn) + "data holds " + std::to_string(dataLen) + " bytes, not the " + std::to_string(n) + " pages of " +
+                                            std::to_string(page) + " bytes that want has digests for");
+  }
+  auto *w = new VerifyWorker(env, keep, data, page, want, index, n);
+  Napi::Promise pr = w->Promise();
+  w->Queue();
+  return pr;
+}
+
 }  // namespace
 
 /* Called from Init() in native/addon/addon.cc. */
 void exa_addon_register_hash(Napi::Env env, Napi::Object exports) {
   exports.Set("sha256Pages", Napi::Function::New(env, Sha256Pages));
+  exports.Set("sha256VerifyPages", Napi::Function::New(env, Sha256VerifyPages));
 }

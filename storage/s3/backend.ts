@@ -65,7 +65,7 @@ import {
   indexKey, manifestKey, newPackId, packBase, packKey, parseCkptKey, parsePackKey, parseTombKey, randomHex, tombKey,
   type IndexedPack,
 } from './format.js';
-import { S3Io, type S3Config, type S3Counters } from './io.js';
+import { S3Io, type GetHooks, type S3Config, type S3Counters } from './io.js';
 
 export interface S3BackendOptions extends S3Config {
   /** Local cache directory (LevelDB); omitted = a temporary directory removed at close. */
@@ -166,6 +166,7 @@ export class S3Backend implements Backend {
   private lastRefresh = 0;
   private readonly headers = new Map<string, ManifestHeader>();
   private closed = false;
+  private readonly cacheWrites = new Set<Promise<void>>();
   /** Pack-level GC counters of this process (tests, stat). */
   readonly gcCounters = { condemned: 0, deleted: 0, revived: 0, orphansDeleted: 0, repacked: 0 };
 
@@ -503,6 +504,35 @@ export class S3Backend implements Backend {
   }
 
   /**
+   * For restores that read runs of pages into memory they own
+   * (./restore.ts): the slots first..last of the pack whose ref id is
+   * `refId` (a ref is the 48-bit id then the 16-bit slot), by one range GET
+   * straight into `into` (at least (last - first + 1) x 4096 bytes; `hooks`
+   * see S3Io.getInto), under
+   * the same limit of GETs in flight as readPages(). Resolves with the part
+   * of `into` filled (short when the pack is), or null when the pages must
+   * go through readPages() instead: the pack is unknown (after a refresh),
+   * not uploaded yet, or gone (a 404 marks it gone, as readPages() does).
+   * The bytes are not checked here: the caller checks every page's hash.
+   */
+  async readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null> {
+    this.checkOpen();
+    if (!this.packsByRef.has(refId)) await this.refresh();
+    const p = this.packsByRef.get(refId);
+    if (!p || p.gone || p.state !== 'uploaded' || first > last || first < 0) return null;
+    if (last >= p.n) last = p.n - 1;
+    if (first > last) return null;
+    const key = packKey(p.base);
+    const got = await this.reads.run(() => this.io.getInto(key, { start: first * PAGE_SIZE, end: (last + 1) * PAGE_SIZE - 1 }, into, hooks));
+    if (!got) {
+      p.gone = true;
+      this.unindexPack(p);
+      return null;
+    }
+    return got;
+  }
+
+  /**
    * Refs into a pack that is gone (deleted after a repack or GC): the pack's
    * index entry still says which hash each slot held, so read that hash
    * where it lives now. This keeps old manifests' refs fast after a repack.
@@ -540,7 +570,8 @@ export class S3Backend implements Backend {
     const key = packKey(p.base);
     const missing: { slot: number; i: number }[] = [];
     await Promise.all(runs.map((r) => this.reads.run(async () => {
-      const buf = await this.io.get(key, { start: r.first * PAGE_SIZE, end: (r.last + 1) * PAGE_SIZE - 1 });
+      // Straight into a buffer of the range's size: no per-body concatenation by the SDK.
+      const buf = await this.io.getInto(key, { start: r.first * PAGE_SIZE, end: (r.last + 1) * PAGE_SIZE - 1 }, Buffer.allocUnsafeSlow((r.last - r.first + 1) * PAGE_SIZE));
       if (!buf) {
         // Deleted by a GC (here or on another server): follow its pages by hash.
         p.gone = true;
@@ -770,7 +801,9 @@ export class S3Backend implements Backend {
       body = (await this.io.get(key)) ?? undefined;
       if (!body) return null;
       const dec = decodeManifest(body, job, n);
-      await this.cache.put(`M${key}`, body);
+      // Not waited for (a 5 MiB value takes LevelDB 15-40 ms here, on the way to every restore):
+      // it is only a cache; deletes of manifests and close() wait for it.
+      this.cacheLater(`M${key}`, body);
       this.headers.set(key, dec.header);
       return dec;
     }
@@ -815,6 +848,7 @@ export class S3Backend implements Backend {
       const c = parseCkptKey(k);
       if (c && (job === undefined || c.job === job) && !keys.has(k)) {
         this.headers.delete(k);
+        await this.cacheSettled();
         await this.cache.del(`M${k}`);
       }
     }
@@ -844,6 +878,7 @@ export class S3Backend implements Backend {
       const key = manifestKey(job, n);
       await this.io.del(key);
       this.headers.delete(key);
+      await this.cacheSettled();
       await this.cache.del(`M${key}`);
     }
   }
@@ -894,8 +929,20 @@ export class S3Backend implements Backend {
     this.closed = true;
     await Promise.all([...this.packsByBase.values()].map((p) => p.upload));
     this.io.close();
+    await this.cacheSettled();
     await this.cache.close().catch(() => undefined);
     if (this.tempCache) rmSync(this.tempCache, { recursive: true, force: true });
+  }
+
+  /** A local cache write nobody waits for (failure only costs a later re-fetch). */
+  private cacheLater(key: string, value: Buffer): void {
+    const p: Promise<void> = this.cache.put(key, value).catch(() => undefined).finally(() => { this.cacheWrites.delete(p); });
+    this.cacheWrites.add(p);
+  }
+
+  /** Wait for cacheLater() writes issued so far (before a delete that must not be overtaken, and at close). */
+  private async cacheSettled(): Promise<void> {
+    while (this.cacheWrites.size > 0) await Promise.all([...this.cacheWrites]);
   }
 
   private checkOpen(): void {

@@ -52,6 +52,14 @@ export interface S3Config {
 
 export interface S3Location { bucket: string; prefix: string }
 
+/** Progress of S3Io.getInto, for callers that work on a body while it arrives. */
+export interface GetHooks {
+  /** After each piece of the body is copied in: the bytes of the buffer filled so far (this attempt). */
+  onData?(bytes: number): void;
+  /** Before a retry writes the buffer again from its start; the retry waits for it. */
+  beforeRetry?(): Promise<void>;
+}
+
 const BUCKET_RE = /^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/;
 
 /** Parse s3://bucket/prefix. The prefix is '' or ends with '/'. INVALID_ARGUMENT names what is wrong. */
@@ -84,6 +92,17 @@ export function isRetryable(e: unknown): boolean {
   // Connection failures without an HTTP status (socket hang up, aborted body)
   if (http === undefined && typeof err?.message === 'string' && /socket hang up|ECONNRESET|ECONNREFUSED|EPIPE|timed? ?out|aborted|premature close/i.test(err.message)) return true;
   return false;
+}
+
+/**
+ * A range that starts past the end of the object (416 InvalidRange): the
+ * object is shorter than the caller expected. Ranged GETs answer it as an
+ * empty body, so the pages it should have held are reported as missing
+ * (by job, checkpoint, region and page) rather than as a bare S3 error.
+ */
+function pastEnd(e: unknown): boolean {
+  const err = e as { name?: string; $metadata?: { httpStatusCode?: number } };
+  return err?.name === 'InvalidRange' || err?.$metadata?.httpStatusCode === 416;
 }
 
 /** Counters of S3 requests (every attempt counts), for benchmarks and tests. */
@@ -271,18 +290,91 @@ export class S3Io {
     }
   }
 
-  /** GET a whole object, or the bytes [start, end] (inclusive; never a suffix range). null when it does not exist. */
+  /**
+   * GET a whole object, or the bytes [start, end] (inclusive; never a suffix
+   * range; short or empty when the object ends before end or start). null
+   * when it does not exist.
+   */
   async get(name: string, range?: { start: number; end: number }): Promise<Buffer | null> {
     const Key = this.key(name);
     const what = range ? `GET ${name} bytes ${range.start}-${range.end}` : `GET ${name}`;
     try {
       return await this.call(what, async () => {
         this.counters.get++;
-        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, ...(range ? { Range: `bytes=${range.start}-${range.end}` } : {}) }));
-        if (!r.Body) return Buffer.alloc(0);
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, ...(range ? { Range: `bytes=${range.start}-${range.end}` } : {}) }))
+          .catch((e: unknown) => { if (range && pastEnd(e)) return null; throw e; });
+        if (!r?.Body) return Buffer.alloc(0);
         const bytes = await r.Body.transformToByteArray();
         this.counters.bytesDown += bytes.byteLength;
         return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      });
+    } catch (e) {
+      if ((e as ExaError).code === 'NOT_FOUND' && !/does not exist at/.test((e as Error).message)) return null;
+      throw e;
+    }
+  }
+
+  /**
+   * GET the bytes [start, end] (inclusive) of an object straight into
+   * `into` (at least end - start + 1 bytes), chunk by chunk as they come off
+   * the socket: no per-body concatenation, no new buffer per GET, so a
+   * caller that reuses its buffers leaves the GC nothing to collect. Resolves
+   * with the view of `into` that was filled (shorter when the object ends
+   * before `end`, empty when it ends before `start`), or null when the
+   * object does not exist. A body cut short
+   * or longer than announced is retried like a broken connection.
+   */
+  async getInto(name: string, range: { start: number; end: number }, into: Buffer, hooks: GetHooks = {}): Promise<Buffer | null> {
+    const Key = this.key(name);
+    const want = range.end - range.start + 1;
+    if (!(want > 0) || into.length < want) throw new ExaError('INVALID_ARGUMENT', `GET ${name}: a buffer of ${into.length} bytes cannot hold bytes ${range.start}-${range.end}`);
+    const what = `GET ${name} bytes ${range.start}-${range.end}`;
+    let attempts = 0;
+    try {
+      return await this.call(what, async () => {
+        if (attempts++ > 0) await hooks.beforeRetry?.();
+        this.counters.get++;
+        const r = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key, Range: `bytes=${range.start}-${range.end}` }))
+          .catch((e: unknown) => { if (pastEnd(e)) return null; throw e; });
+        if (!r) return into.subarray(0, 0);
+        const body = r.Body as (NodeJS.ReadableStream & { destroy?(): void; transformToByteArray?(): Promise<Uint8Array> }) | undefined;
+        if (!body) return into.subarray(0, 0);
+        const len = r.ContentLength ?? want;
+        if (len > want) {
+          body.destroy?.();
+          throw new ExaError('INTERNAL', `${this.where}: ${what}: the server sent ${len} bytes for a range of ${want}`);
+        }
+        let got = 0;
+        if (typeof body.on !== 'function') {
+          // Not a Node stream (another request handler): collect it the SDK's way.
+          const bytes = await body.transformToByteArray!();
+          if (bytes.byteLength > want) throw new ExaError('INTERNAL', `${this.where}: ${what}: the server sent ${bytes.byteLength} bytes for a range of ${want}`);
+          into.set(bytes, 0);
+          got = bytes.byteLength;
+        } else {
+          await new Promise<void>((resolve, reject) => {
+            let failed = false;
+            const fail = (e: unknown): void => { if (!failed) { failed = true; reject(e); } };
+            body.on('data', (c: Buffer) => {
+              if (failed) return;
+              if (got + c.length > len) {
+                body.destroy?.();
+                // Retried: a confused connection, not a property of the object.
+                fail(Object.assign(new Error(`${what}: body longer than its ${len}-byte Content-Length`), { code: 'ECONNRESET' }));
+                return;
+              }
+              c.copy(into, got);
+              got += c.length;
+              hooks.onData?.(got);
+            });
+            body.once('end', () => resolve());
+            body.once('error', fail);
+            body.once('close', () => { if (got < len) fail(Object.assign(new Error(`${what}: premature close after ${got} of ${len} bytes`), { code: 'ECONNRESET' })); else resolve(); });
+          });
+          if (got < len) throw Object.assign(new Error(`${what}: premature close after ${got} of ${len} bytes`), { code: 'ECONNRESET' });
+        }
+        this.counters.bytesDown += got;
+        return into.subarray(0, got);
       });
     } catch (e) {
       if ((e as ExaError).code === 'NOT_FOUND' && !/does not exist at/.test((e as Error).message)) return null;

@@ -7,18 +7,47 @@
  * order, form chunks; up to `concurrency` chunks are read at once (each
  * chunk becomes one or a few range GETs on S3) and every page is written to
  * the sink as soon as its chunk arrives, in whatever order chunks finish.
- * Every page is checked against its SHA-256 (in batches on the libuv pool,
- * see ../hash.ts); a page whose ref no longer
+ * On S3 each range GET's body lands in a buffer the chunk's worker owns and
+ * reuses, and all its pages are checked in one native call (no per-page
+ * objects, no body concatenation); other backends go through readPages().
+ * Every page is checked against its SHA-256 (on the libuv pool, see
+ * ../hash.ts); a page whose ref no longer
  * resolves is looked up by hash; when no good copy exists the restore fails
  * with CORRUPT naming job, checkpoint, region and page. Zero pages are not
  * read or written: a sink starts zeroed.
  */
 import { ExaError } from '../../src/errors.js';
-import type { Backend, ManifestHeader, PageRef } from '../backend.js';
+import type { Backend, ManifestHeader, PageMaps, PageRef } from '../backend.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, isZeroHash, sha256 } from '../pages.js';
-import { checkPages } from '../hash.js';
+import { checkPages, verifyPages } from '../hash.js';
+import type { GetHooks } from './io.js';
 
-/** Where restored pages go. write() may be called in any order, concurrently with reads. */
+/** Pages one range GET may cover (8 MiB), and the longest gap of unwanted pages read through. */
+const MAX_RUN_PAGES = 2048;
+const MAX_GAP_PAGES = 16;
+/** Pages of a GET body checked per native call while the rest of the body arrives (1 MiB). */
+const CHECK_STEP_PAGES = 256;
+
+/**
+ * Backends that read runs of slots of one pack straight into the caller's
+ * memory (S3Backend.readSlots); a ref is then a 48-bit pack id and a
+ * 16-bit slot (./backend.ts).
+ */
+interface SlotReader {
+  readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null>;
+}
+
+function slotReader(b: Backend): SlotReader | null {
+  const r = b as Partial<SlotReader>;
+  return typeof r.readSlots === 'function' ? (b as unknown as SlotReader) : null;
+}
+
+/**
+ * Where restored pages go. write() may be called in any order, concurrently
+ * with reads. `data` is lent for the call only: it may be reused for other
+ * pages once write() returns (or its promise settles), so a sink that keeps
+ * the bytes copies them.
+ */
 export interface PageSink {
   write(region: number, page: number, data: Buffer): void | Promise<void>;
 }
@@ -30,7 +59,11 @@ export interface RestoreOptions {
    * only keep a GET queued while others are being checked and written.
    */
   concurrency?: number;
-  /** Pages per chunk (default 2048 = 8 MiB). */
+  /**
+   * Pages per chunk (default 2048 = 8 MiB). On S3 each chunk worker owns one
+   * buffer of min(chunkPages, 2048) pages that it reuses for its GETs:
+   * concurrency x 8 MiB at the defaults.
+   */
   chunkPages?: number;
   onProgress?: (p: { pages: number; total: number }) => void;
 }
@@ -56,10 +89,16 @@ export async function resolveCheckpoint(backend: Backend, job: string, n: number
  */
 export async function restoreCheckpoint(backend: Backend, job: string, n: number,
   sinkOrFactory: PageSink | ((header: ManifestHeader) => PageSink | Promise<PageSink>), opts: RestoreOptions = {}): Promise<RestoreResult> {
+  let maps: PageMaps | null = null;
+  if (n !== 0) {
+    // The maps first: on S3 that fetches and checks the manifest once, and the header then comes from memory.
+    maps = await backend.getMaps(job, n);
+    if (!maps) throw new ExaError('NOT_FOUND', `checkpoint ${n} of job ${job} does not exist in the ${backend.kind} store`, { job, checkpoint: n });
+  }
   const header = await resolveCheckpoint(backend, job, n);
   const sink = typeof sinkOrFactory === 'function' ? await sinkOrFactory(header) : sinkOrFactory;
   n = header.checkpoint;
-  const maps = await backend.getMaps(job, n);
+  maps ??= await backend.getMaps(job, n);
   if (!maps) throw new ExaError('NOT_FOUND', `checkpoint ${n} of job ${job} does not exist`, { job, checkpoint: n });
   // Every non-zero page as numbers only (region, page, ref halves): no
   // Buffer object per page, which would keep the major GC busy marking
@@ -79,7 +118,10 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // By location (the ref as two 32-bit halves), so pages of one pack in slot order form chunks.
   const order = new Uint32Array(count);
   for (let k = 0; k < count; k++) order[k] = k;
-  order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+  // (Often in order already: a checkpoint written in one go lies in its packs in page order.)
+  let sorted = true;
+  for (let k = 1; k < count && sorted; k++) sorted = hiOf[k - 1]! < hiOf[k]! || (hiOf[k - 1] === hiOf[k] && loOf[k - 1]! <= loOf[k]!);
+  if (!sorted) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
   const chunkPages = opts.chunkPages ?? 2048;
   const chunks: Uint32Array[] = [];
   for (let k = 0; k < count; k += chunkPages) chunks.push(order.subarray(k, k + chunkPages));
@@ -90,35 +132,141 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     return new ExaError('CORRUPT', `checkpoint ${n} of job ${job}: page ${pageOf[e]} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
       { job, checkpoint: n, region, page: pageOf[e], hash: hash.toString('hex') });
   };
+  /** The expected hash of entry e (a view into its page map). */
+  const hashOf = (e: number): Buffer => { const off = entryOff(e); return maps[regionOf[e]!]!.subarray(off, off + HASH_BYTES); };
+  /** A page that failed its check (or could not be read where its ref says): find a good copy by hash, or fail. */
+  const recover = async (e: number, bad: Buffer | null | undefined): Promise<Buffer> => {
+    const hash = Buffer.from(hashOf(e));
+    // The ref is a hint: the page may live elsewhere now.
+    const [ref] = await backend.lookup([hash]);
+    const [again] = ref ? await backend.readPages([ref]) : [null];
+    if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
+    return again;
+  };
+  const put = async (e: number, page: Buffer): Promise<void> => {
+    const w = sink.write(regionOf[e]!, pageOf[e]!, page);
+    if (w) await w;
+  };
+  /** The general path: readPages() (one Buffer per page), hashes checked in batches. */
+  const readGeneral = async (entries: ArrayLike<number>): Promise<void> => {
+    const n = entries.length;
+    if (n === 0) return;
+    const refs: PageRef[] = new Array<PageRef>(n);
+    const want = Buffer.allocUnsafe(n * HASH_BYTES);
+    for (let k = 0; k < n; k++) {
+      const e = entries[k]!;
+      const m = maps[regionOf[e]!]!;
+      const off = entryOff(e);
+      refs[k] = m.subarray(off + HASH_BYTES, off + ENTRY_BYTES);
+      m.copy(want, k * HASH_BYTES, off, off + HASH_BYTES);
+    }
+    const pages = await backend.readPages(refs);
+    // Hash checks on pool threads, so reading goes on meanwhile.
+    const good = await checkPages(pages, want);
+    for (let k = 0; k < n; k++) {
+      const e = entries[k]!;
+      await put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+    }
+  };
+
+  // The S3 path (backends with readSlots): a chunk's pages, sorted by pack and
+  // slot, become runs of neighbouring slots (gaps up to 16 pages read
+  // through); each run is one range GET straight into a buffer this worker
+  // owns and reuses; its pages are checked by native calls over that buffer
+  // (no JS object per page), 1 MiB at a time while the body still arrives,
+  // then written to the sink from it.
+  const slots = slotReader(backend);
+  const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
   const worker = async (): Promise<void> => {
+    let buf: Buffer | null = null, want: Buffer | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
-      const refs: PageRef[] = new Array<PageRef>(chunk.length);
-      const want = Buffer.allocUnsafe(chunk.length * HASH_BYTES);
-      for (let k = 0; k < chunk.length; k++) {
-        const e = chunk[k]!;
-        const m = maps[regionOf[e]!]!;
-        const off = entryOff(e);
-        refs[k] = m.subarray(off + HASH_BYTES, off + ENTRY_BYTES);
-        m.copy(want, k * HASH_BYTES, off, off + HASH_BYTES);
-      }
-      const pages = await backend.readPages(refs);
-      // Hash checks on pool threads, so reading goes on meanwhile.
-      const good = await checkPages(pages, want);
-      for (let k = 0; k < chunk.length; k++) {
-        const e = chunk[k]!;
-        let page = pages[k];
-        if (!good[k]) {
-          const bad = page;
-          const hash = Buffer.from(want.subarray(k * HASH_BYTES, (k + 1) * HASH_BYTES));
-          // The ref is a hint: the page may live elsewhere now.
-          const [ref] = await backend.lookup([hash]);
-          const [again] = ref ? await backend.readPages([ref]) : [null];
-          if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
-          page = again;
+      if (!slots) {
+        await readGeneral(chunk);
+      } else {
+        buf ??= Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE);
+        want ??= Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+        index ??= new Uint32Array(chunkPages);
+        inBuf ??= new Uint32Array(chunkPages);
+        let k = 0;
+        while (k < chunk.length) {
+          // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
+          const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
+          let used = 0;
+          while (k < chunk.length) {
+            const e = chunk[k]!;
+            const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
+            const r = runs[runs.length - 1];
+            if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
+              used += slot - r.last;
+              r.last = slot; r.end = ++k;
+              continue;
+            }
+            if (used + 1 > bufPages) break;
+            runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
+            used += 1;
+            k++;
+          }
+          // Every page of the batch gets its place in the buffer and its expected hash first.
+          let n = 0;
+          const st = runs.map((r) => {
+            const n0 = n;
+            for (let q = r.start; q < r.end; q++) {
+              const e = chunk[q]!;
+              index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
+              inBuf![n] = e;
+              // 32 bytes by hand: Buffer.copy per page costs a native call each.
+              const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
+              for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
+              n++;
+            }
+            return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
+          });
+          const b = buf, w = want, ix = index;
+          // Pages are checked while the body still streams in, a step at a time: when the last
+          // byte arrives only the last step is left to hash.
+          const check = (s: typeof st[number], upTo: number): void => {
+            const from = s.checked;
+            const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
+            p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
+            s.checks.push(p);
+            s.checked = upTo;
+          };
+          const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
+            const pages = r.at + Math.floor(bytes / PAGE_SIZE);
+            while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
+            if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
+          };
+          const got = await Promise.all(runs.map((r, j) => {
+            const s = st[j]!;
+            return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
+              onData: (bytes) => arrive(s, r, bytes, false),
+              // A retried GET writes its part of the buffer again: no check may be reading it then.
+              beforeRetry: async () => {
+                await Promise.allSettled(s.checks);
+                s.checks = [];
+                s.arrived = s.checked = s.n0;
+              },
+            });
+          }));
+          // Pages that arrived are checked in place; the others take the general path.
+          const others: number[] = [];
+          const bad = new Set<number>();
+          for (let j = 0; j < runs.length; j++) {
+            const s = st[j]!, g = got[j];
+            if (g) arrive(s, runs[j]!, g.length, true);
+            else await Promise.allSettled(s.checks);
+            for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
+            const upTo = g ? s.arrived : s.n0;
+            for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
+            for (let i = s.n0; i < upTo; i++) {
+              const e = inBuf[i]!;
+              const at = ix[i]! * PAGE_SIZE;
+              await put(e, bad.has(i) ? await recover(e, b.subarray(at, at + PAGE_SIZE)) : b.subarray(at, at + PAGE_SIZE));
+            }
+          }
+          await readGeneral(others);
         }
-        const w = sink.write(regionOf[e]!, pageOf[e]!, page!);
-        if (w) await w;
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: count });
