@@ -285,6 +285,8 @@ interface NativeAddon {
   dmaTestPostRaw(q: DmaQueueHandle, entry: Uint8Array, advance: number): void;
   // Page hashing for the store (native/addon/hash.cc): SHA-256 on the libuv pool.
   sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[], pageSize?: number): Promise<Buffer>;
+  // Batched pack-file reads for the LevelDB store (native/addon/packio.cc): pread on the libuv pool, optional SHA-256 check per page.
+  packRead(ops: Float64Array, dst: Uint8Array, hashes?: Uint8Array | null): Promise<{ got: Int32Array; ok: Uint8Array | null }>;
 }
 
 const require = createRequire(import.meta.url);
@@ -372,3 +374,4 @@ export const dmaWait = wrap(addon.dmaWait);
 export const dmaSync = wrap(addon.dmaSync);
 export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);
 export const sha256Pages = wrap(addon.sha256Pages);
+export const packRead = wrap(addon.packRead);

@@ -297,26 +297,48 @@ export class CheckpointStore {
         pos.push(page);
       }
     }
-    const pages = await this.backend.readPages(refs);
-    // The piece's bytes, then every page of them checked against its hash in
-    // one batch off the JS thread (storage/hash.ts); a page that fails is
-    // looked up again by hash (refetch) or named in a CORRUPT error.
+    // The piece's bytes, every page checked against its hash off the JS thread
+    // (backend.readPagesVerified: read and hashed in one native pass; else
+    // readPages then storage/hash.ts); pages that fail are looked up again by
+    // hash (refetch: the page may have moved) or named in a CORRUPT error.
     const data = Buffer.allocUnsafe(refs.length * PAGE_SIZE);
     const bad: number[] = [];
-    for (let k = 0; k < refs.length; k++) {
-      const page = pages[k];
-      if (page && page.length === PAGE_SIZE) page.copy(data, k * PAGE_SIZE);
-      else bad.push(k);
+    let present: (k: number) => boolean;
+    if (this.backend.readPagesVerified) {
+      const want = Buffer.allocUnsafe(refs.length * HASH_BYTES);
+      for (let k = 0; k < refs.length; k++) map.copy(want, k * HASH_BYTES, pos[k]! * ENTRY_BYTES, pos[k]! * ENTRY_BYTES + HASH_BYTES);
+      const ok = await this.backend.readPagesVerified(refs, want, data);
+      for (let k = 0; k < refs.length; k++) if (ok[k] !== 1) bad.push(k);
+      present = (k) => ok[k] === 2;
+    } else {
+      const pages = await this.backend.readPages(refs);
+      for (let k = 0; k < refs.length; k++) {
+        const page = pages[k];
+        if (page && page.length === PAGE_SIZE) page.copy(data, k * PAGE_SIZE);
+        else bad.push(k);
+      }
+      const got = await hashPages(data);
+      for (let k = 0; k < refs.length; k++) {
+        const off = pos[k]! * ENTRY_BYTES;
+        if (got.compare(map, off, off + HASH_BYTES, k * HASH_BYTES, (k + 1) * HASH_BYTES) !== 0 && (bad.length === 0 || !bad.includes(k))) bad.push(k);
+      }
+      present = (k) => !!pages[k];
     }
-    const got = await hashPages(data);
-    for (let k = 0; k < refs.length; k++) {
-      const off = pos[k]! * ENTRY_BYTES;
-      if (got.compare(map, off, off + HASH_BYTES, k * HASH_BYTES, (k + 1) * HASH_BYTES) !== 0 && (bad.length === 0 || !bad.includes(k))) bad.push(k);
-    }
-    for (const k of bad) {
-      const off = pos[k]! * ENTRY_BYTES;
-      const page = await this.refetch(map.subarray(off, off + HASH_BYTES), pages[k] ?? null, header, region, pos[k]!);
-      page.copy(data, k * PAGE_SIZE);
+    if (bad.length > 0) {
+      // One lookup and one read for all of them (after a repack, many refs of a piece moved).
+      const hashes = bad.map((k) => map.subarray(pos[k]! * ENTRY_BYTES, pos[k]! * ENTRY_BYTES + HASH_BYTES));
+      const now = await this.backend.lookup(hashes);
+      const found = now.flatMap((r, j) => (r ? [j] : []));
+      const read = await this.backend.readPages(found.map((j) => now[j]!));
+      const again = new Array<Buffer | null>(bad.length).fill(null);
+      found.forEach((j, i) => { again[j] = read[i] ?? null; });
+      const good = await checkPages(again, hashes);
+      for (let j = 0; j < bad.length; j++) {
+        const k = bad[j]!;
+        if (good[j]) { again[j]!.copy(data, k * PAGE_SIZE); continue; }
+        const off = pos[k]! * ENTRY_BYTES;
+        throw this.corrupt(map.subarray(off, off + HASH_BYTES), present(k), header, region, pos[k]!);
+      }
     }
     return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
   }
@@ -328,8 +350,12 @@ export class CheckpointStore {
       const [again] = await this.backend.readPages([ref]);
       if (again && again.length === PAGE_SIZE && sha256(again).equals(hash)) return again;
     }
-    const what = got ? 'does not match its hash' : 'is missing from the store';
-    throw new ExaError('CORRUPT', `${ckptName(h.job, h.checkpoint)}: page ${page} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
+    throw this.corrupt(hash, !!got, h, region, page);
+  }
+
+  private corrupt(hash: Buffer, present: boolean, h: ManifestHeader, region: string, page: number): ExaError {
+    const what = present ? 'does not match its hash' : 'is missing from the store';
+    return new ExaError('CORRUPT', `${ckptName(h.job, h.checkpoint)}: page ${page} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
       { job: h.job, checkpoint: h.checkpoint, region, page, hash: hash.toString('hex') });
   }
 
