@@ -169,12 +169,13 @@ Napi::Value PackRead(const Napi::CallbackInfo &info) {
   const double *o = ops.Data();
   for (size_t i = 0; i < n; i += 4) {
     const double fd = o[i], off = o[i + 1], len = o[i + 2], at = o[i + 3];
-    const std::string which = "packRead: range " + std::to_string(i / 4);
-    if (!whole(fd, 2147483647.0)) exa_addon::throw_errno(env, EINVAL, which + ": fd must be a non-negative integer");
-    if (!whole(off, 9007199254740991.0)) exa_addon::throw_errno(env, EINVAL, which + ": file offset must be a non-negative integer");
-    if (!whole(len, 1073741824.0) || len == 0) exa_addon::throw_errno(env, EINVAL, which + ": length must be an integer from 1 to 2^30");
+    // (The message is built only on failure: this loop runs once per range of every restore.)
+    auto which = [i]() { return "packRead: range " + std::to_string(i / 4); };
+    if (!whole(fd, 2147483647.0)) exa_addon::throw_errno(env, EINVAL, which() + ": fd must be a non-negative integer");
+    if (!whole(off, 9007199254740991.0)) exa_addon::throw_errno(env, EINVAL, which() + ": file offset must be a non-negative integer");
+    if (!whole(len, 1073741824.0) || len == 0) exa_addon::throw_errno(env, EINVAL, which() + ": length must be an integer from 1 to 2^30");
     if (!whole(at, 9007199254740991.0) || at + len > static_cast<double>(dstLen)) {
-      exa_addon::throw_errno(env, EINVAL, which + ": bytes " + std::to_string(static_cast<uint64_t>(at)) + ".." +
+      exa_addon::throw_errno(env, EINVAL, which() + ": bytes " + std::to_string(static_cast<uint64_t>(at)) + ".." +
                                               std::to_string(static_cast<uint64_t>(at + len)) + " are outside dst (" + std::to_string(dstLen) + " bytes)");
     }
     v.push_back({static_cast<int>(fd), static_cast<off_t>(off), static_cast<size_t>(len), static_cast<size_t>(at)});

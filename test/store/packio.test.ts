@@ -35,7 +35,7 @@ describe('native pack reads', () => {
       const ops = new Float64Array([f.fd, 10 * PAGE, 4 * PAGE, 0, f.fd, 40 * PAGE, PAGE, 4 * PAGE, f.fd, 2 * PAGE, PAGE, 5 * PAGE]);
       const want = [10, 11, 12, 13, 40, 2].map((i) => bytes.subarray(i * PAGE, (i + 1) * PAGE));
       const hashes = Buffer.concat(want.map((p) => sha256(p)));
-      hashes[4 * 32] ^= 1; // page 4's expected hash is wrong
+      hashes[4 * 32] = hashes[4 * 32]! ^ 1; // page 4's expected hash is wrong
       const r = await packRead(ops, dst, hashes);
       expect(Array.from(r.got)).toEqual([4 * PAGE, PAGE, PAGE]);
       expect(dst.equals(Buffer.concat(want))).toBe(true);
