@@ -51,12 +51,12 @@
  * sets the format to 3; only then is `pages/` removed (again at the next open
  * if a crash came first).
  */
-import { mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { constants as fsc, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { ExaError, toExaError } from '../src/errors.js';
-import { packRead } from '../src/native.js';
+import { packRead, packWrite } from '../src/native.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, hashKey, isZeroHash } from './pages.js';
@@ -115,6 +115,8 @@ class Pack {
   retired = false;
   /** Written since the last fdatasync. */
   dirty = false;
+  /** While this is the current pack: a second descriptor opened with O_DIRECT for appends (null: buffered appends through fh). */
+  direct: FileHandle | null = null;
   constructor(readonly id: number, readonly fh: FileHandle, public size: number) {}
   get slots(): number { return Math.floor(this.size / PAGE_SIZE); }
   release(): void {
@@ -127,6 +129,8 @@ export interface LevelBackendOptions {
   cacheSize?: number;
   /** Pack size (bytes) at which a new pack is started (tests use small packs). */
   packBytes?: number;
+  /** Append with O_DIRECT where the file system allows it (default true). */
+  directIo?: boolean;
 }
 
 export class LevelBackend implements Backend {
@@ -142,6 +146,8 @@ export class LevelBackend implements Backend {
   private readonly deletedIn = new Map<number, number>();
   private pages = 0;
   private readonly packBytes: number;
+  /** Appends use O_DIRECT (turned off when the file system refuses it). */
+  private directIo: boolean;
   private readonly writeLock = new Mutex();
   private readonly manifestLock = new Mutex();
   private readonly syncLock = new Mutex();
@@ -149,6 +155,7 @@ export class LevelBackend implements Backend {
 
   private constructor(private readonly db: DB, readonly dir: string, opts: LevelBackendOptions) {
     this.packBytes = opts.packBytes ?? PACK_BYTES;
+    this.directIo = opts.directIo ?? true;
   }
 
   private get packDir(): string { return join(this.dir, 'packs'); }
@@ -232,6 +239,15 @@ export class LevelBackend implements Backend {
       throw toExaError(e, `cannot create pack ${packName(id)} in ${this.packDir}`);
     }
     const p = new Pack(id, fh, 0);
+    if (this.directIo) {
+      // Appends bypass the page cache (native/addon/packio.cc says why); reads stay buffered.
+      try {
+        p.direct = await openFile(join(this.packDir, packName(id)), fsc.O_WRONLY | fsc.O_DIRECT);
+      } catch {
+        this.directIo = false; // e.g. tmpfs: EINVAL
+      }
+    }
+    if (cur?.direct) { await cur.direct.close().catch(() => undefined); cur.direct = null; }
     this.packs.set(id, p);
     this.current = p;
     this.dirDirty = true;
@@ -245,6 +261,11 @@ export class LevelBackend implements Backend {
     // Reserve the range before the write so a concurrent append (repack) never overlaps it.
     pack.size += bytes;
     try {
+      if (pack.direct) {
+        await packWrite(pack.direct.fd, at, bufs);
+        pack.dirty = true;
+        return { pack, slot: at / PAGE_SIZE };
+      }
       let pos = at;
       for (let i = 0; i < bufs.length; i += 512) {
         const chunk = bufs.slice(i, i + 512);
@@ -672,6 +693,7 @@ export class LevelBackend implements Backend {
     await this.db.close();
     for (const p of this.packs.values()) {
       p.retired = true;
+      if (p.direct) await p.direct.close().catch(() => undefined);
       if (p.reads === 0) await p.fh.close().catch(() => undefined);
     }
     this.packs.clear();

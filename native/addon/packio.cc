@@ -17,9 +17,24 @@
 //     ok[i]:  1 when page i of dst hashes to its expected value, else 0
 //             (null when no hashes were given).
 //
+//   packWrite(fd, position, bufs) -> Promise<number>
+//     Writes the buffers back to back at `position` (a multiple of 4096; the
+//     total a multiple of 4096) with pwrite on a pool thread, through an
+//     aligned scratch buffer, so `fd` may be opened with O_DIRECT: the page
+//     cache is bypassed (measured here: buffered writes of fresh page-cache
+//     pages cost 0.3-2.2 CPU s per GiB in this VM, depending on whether the
+//     host had to back the memory again; an O_DIRECT write from a reused
+//     buffer costs one memcpy). Resolves with the bytes written; rejects with
+//     the errno of a failed write (EINVAL when fd is O_DIRECT and the file
+//     system refuses it, ...).
+//
 // Bad arguments throw at the call (nothing is queued): an Error with code
 // EINVAL (native/addon/errors.h), INVALID_ARGUMENT through src/native.ts.
-// Ownership: the file descriptors belong to the caller, which must keep them
+// Ownership: the scratch buffers of packWrite (4 MiB each, 4096-aligned) are
+// kept in a process-wide free list of at most 4 (taken out while a write uses
+// one) and freed at process exit by the OS, or when the environment is torn
+// down (an env cleanup hook frees the idle ones).
+// The file descriptors belong to the caller, which must keep them
 // open until the promise settles (storage/leveldb.ts counts reads in flight
 // per pack and closes a pack's fd only when none is); dst and hashes are kept
 // alive by references until the work is done and must not be modified
@@ -31,7 +46,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <algorithm>
+
+#include <stdlib.h>
+
 #include <cmath>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -124,6 +144,118 @@ class PackReadWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred d_;
 };
 
+// ---- packWrite ----
+
+constexpr size_t kScratch = 4u << 20;
+constexpr size_t kKeepScratch = 4;
+std::mutex scratch_mu;
+std::vector<void *> scratch_free;
+
+void *scratch_take() {
+  {
+    std::lock_guard<std::mutex> g(scratch_mu);
+    if (!scratch_free.empty()) {
+      void *p = scratch_free.back();
+      scratch_free.pop_back();
+      return p;
+    }
+  }
+  void *p = nullptr;
+  return posix_memalign(&p, kPage, kScratch) == 0 ? p : nullptr;
+}
+void scratch_give(void *p) {
+  std::lock_guard<std::mutex> g(scratch_mu);
+  if (scratch_free.size() < kKeepScratch) scratch_free.push_back(p);
+  else free(p);
+}
+void scratch_release_all(void *) {
+  std::lock_guard<std::mutex> g(scratch_mu);
+  for (void *p : scratch_free) free(p);
+  scratch_free.clear();
+}
+
+struct Src {
+  const uint8_t *p;
+  size_t n;
+};
+
+class PackWriteWorker : public Napi::AsyncWorker {
+ public:
+  PackWriteWorker(Napi::Env env, Napi::Object keep, int fd, off_t pos, std::vector<Src> src, size_t total)
+      : Napi::AsyncWorker(env), keep_(Napi::Persistent(keep)), fd_(fd), pos_(pos), src_(std::move(src)), total_(total),
+        d_(Napi::Promise::Deferred::New(env)) {}
+
+  Napi::Promise Promise() { return d_.Promise(); }
+
+  void Execute() override {
+    uint8_t *buf = static_cast<uint8_t *>(scratch_take());
+    if (!buf) {
+      err_ = ENOMEM;
+      return;
+    }
+    size_t si = 0, so = 0;  // source buffer and offset in it
+    off_t at = pos_;
+    while (done_ < total_) {
+      // Fill the scratch buffer from the sources, then write it.
+      size_t fill = 0;
+      while (fill < kScratch && si < src_.size()) {
+        size_t n = std::min(kScratch - fill, src_[si].n - so);
+        memcpy(buf + fill, src_[si].p + so, n);
+        fill += n;
+        so += n;
+        if (so == src_[si].n) {
+          si++;
+          so = 0;
+        }
+      }
+      size_t off = 0;
+      while (off < fill) {
+        ssize_t r = pwrite(fd_, buf + off, fill - off, at + static_cast<off_t>(off));
+        if (r < 0) {
+          if (errno == EINTR) continue;
+          err_ = errno;
+          scratch_give(buf);
+          return;
+        }
+        if (r == 0) {
+          err_ = EIO;
+          scratch_give(buf);
+          return;
+        }
+        off += static_cast<size_t>(r);
+      }
+      at += static_cast<off_t>(fill);
+      done_ += fill;
+    }
+    scratch_give(buf);
+  }
+
+  void OnOK() override {
+    Napi::Env env = Env();
+    if (err_ != 0) {
+      d_.Reject(exa_addon::make_error(env, err_, std::string("packWrite: write of ") + std::to_string(total_) + " bytes at " + std::to_string(pos_) +
+                                                     " failed after " + std::to_string(done_) + ": " + strerror(err_))
+                    .Value());
+      return;
+    }
+    d_.Resolve(Napi::Number::New(env, static_cast<double>(done_)));
+  }
+
+  void OnError(const Napi::Error &e) override { d_.Reject(e.Value()); }
+
+ private:
+  Napi::ObjectReference keep_;
+  int fd_;
+  off_t pos_;
+  std::vector<Src> src_;
+  size_t total_;
+  size_t done_ = 0;
+  int err_ = 0;
+  Napi::Promise::Deferred d_;
+};
+
+Napi::Value PackWrite(const Napi::CallbackInfo &info);
+
 bool u8_view(const Napi::Value &v, uint8_t **p, size_t *n) {
   if (!v.IsTypedArray()) return false;
   Napi::TypedArray t = v.As<Napi::TypedArray>();
@@ -186,9 +318,46 @@ Napi::Value PackRead(const Napi::CallbackInfo &info) {
   return pr;
 }
 
+Napi::Value PackWrite(const Napi::CallbackInfo &info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) exa_addon::throw_errno(env, EINVAL, "packWrite: expected (fd: number, position: number, bufs: Buffer[])");
+  if (!info[0].IsNumber() || !whole(info[0].As<Napi::Number>().DoubleValue(), 2147483647.0)) {
+    exa_addon::throw_errno(env, EINVAL, "packWrite: fd must be a non-negative integer");
+  }
+  const double pos = info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : -1;
+  if (!whole(pos, 9007199254740991.0) || std::fmod(pos, static_cast<double>(kPage)) != 0) {
+    exa_addon::throw_errno(env, EINVAL, "packWrite: position must be a non-negative multiple of 4096");
+  }
+  if (!info[2].IsArray()) exa_addon::throw_errno(env, EINVAL, "packWrite: bufs must be an array of Buffers");
+  Napi::Array a = info[2].As<Napi::Array>();
+  const uint32_t len = a.Length();
+  Napi::Array keep = Napi::Array::New(env, len);
+  std::vector<Src> src;
+  src.reserve(len);
+  size_t total = 0;
+  for (uint32_t i = 0; i < len; i++) {
+    Napi::Value e = a.Get(i);
+    uint8_t *p = nullptr;
+    size_t n = 0;
+    if (!u8_view(e, &p, &n)) exa_addon::throw_errno(env, EINVAL, "packWrite: element " + std::to_string(i) + " is not a Buffer");
+    keep.Set(i, e);
+    if (n > 0) src.push_back({p, n});
+    total += n;
+  }
+  if (total == 0 || total % kPage != 0) {
+    exa_addon::throw_errno(env, EINVAL, "packWrite: " + std::to_string(total) + " bytes is not a positive multiple of 4096");
+  }
+  auto *w = new PackWriteWorker(env, keep, static_cast<int>(info[0].As<Napi::Number>().DoubleValue()), static_cast<off_t>(pos), std::move(src), total);
+  Napi::Promise pr = w->Promise();
+  w->Queue();
+  return pr;
+}
+
 }  // namespace
 
 /* Called from Init() in native/addon/addon.cc. */
 void exa_addon_register_packio(Napi::Env env, Napi::Object exports) {
   exports.Set("packRead", Napi::Function::New(env, PackRead));
+  exports.Set("packWrite", Napi::Function::New(env, PackWrite));
+  napi_add_env_cleanup_hook(env, scratch_release_all, nullptr);
 }

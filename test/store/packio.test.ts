@@ -1,16 +1,18 @@
 /**
- * Batched pack reads (native/addon/packio.cc through storage/leveldb.ts):
- * many ranges a call read with pread on the libuv pool, each 4096-byte page
- * optionally checked against its SHA-256 in the same pass. Bad arguments are
+ * Batched pack reads and appends (native/addon/packio.cc through
+ * storage/leveldb.ts): many ranges a call read with pread on the libuv pool,
+ * each 4096-byte page optionally checked against its SHA-256 in the same
+ * pass; appends of many buffers through an aligned scratch buffer, also to a
+ * descriptor opened with O_DIRECT. Bad arguments are
  * refused with clear errors; a short file and a bad descriptor are reported
  * per range; many calls at once each get their own bytes; a backend closed
  * while restores are reading keeps its pack descriptors open until the reads
  * in flight are done.
  */
-import { openSync, closeSync, writeFileSync } from 'node:fs';
+import { constants, openSync, closeSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { packRead } from '../../src/native.js';
+import { packRead, packWrite } from '../../src/native.js';
 import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { sha256 } from '../../storage/pages.js';
@@ -78,6 +80,51 @@ describe('native pack reads', () => {
     } finally {
       f.close();
     }
+  });
+
+  it('appends many buffers at a page-aligned position, also through O_DIRECT, and refuses unaligned writes', async () => {
+    const path = join(tempDir('exa-packio-'), 'w.pack');
+    writeFileSync(path, Buffer.alloc(0));
+    const data = genBytes('packio/write', 2000 * PAGE); // more than one 4 MiB scratch buffer
+    // Pieces of odd sizes whose total is whole pages.
+    const pieces = [data.subarray(0, 100), data.subarray(100, 5 * PAGE + 7), data.subarray(5 * PAGE + 7, 2000 * PAGE)];
+    let fd: number;
+    try {
+      fd = openSync(path, constants.O_WRONLY | constants.O_DIRECT);
+    } catch {
+      fd = openSync(path, 'r+'); // a file system without O_DIRECT (tmpfs): the same call, buffered
+    }
+    try {
+      expect(await packWrite(fd, PAGE, pieces)).toBe(2000 * PAGE);
+      expect(await packWrite(fd, 2001 * PAGE, [data.subarray(0, PAGE)])).toBe(PAGE);
+      const all = await Promise.all(Array.from({ length: 50 }, (_, k) => packWrite(fd, (2002 + k) * PAGE, [data.subarray(k * PAGE, (k + 1) * PAGE)])));
+      expect(all.every((n) => n === PAGE)).toBe(true);
+      const bad: [unknown[], RegExp][] = [
+        [[fd, 100, [data.subarray(0, PAGE)]], /position must be a non-negative multiple of 4096/],
+        [[fd, 0, [data.subarray(0, 100)]], /100 bytes is not a positive multiple of 4096/],
+        [[fd, 0, []], /0 bytes is not a positive multiple/],
+        [[fd, 0, ['x']], /element 0 is not a Buffer/],
+        [[-3, 0, [data.subarray(0, PAGE)]], /fd must be a non-negative integer/],
+        [[fd, 0], /expected \(fd/],
+      ];
+      for (const [args, msg] of bad) {
+        let err: { code?: string; message: string } | null = null;
+        try { await (packWrite as unknown as (...a: unknown[]) => Promise<unknown>)(...args); } catch (e) { err = e as { code?: string; message: string }; }
+        expect(err!.message).toMatch(msg);
+        expect(err!.code).toBe('INVALID_ARGUMENT');
+      }
+      // A failed write names what failed: a read-only descriptor.
+      const ro = openSync(path, 'r');
+      await expect(packWrite(ro, 0, [data.subarray(0, PAGE)])).rejects.toThrow(/packWrite: write of 4096 bytes at 0 failed/);
+      closeSync(ro);
+    } finally {
+      closeSync(fd);
+    }
+    const back = readFileSync(path);
+    expect(back.length).toBe(2052 * PAGE);
+    expect(back.subarray(PAGE, 2001 * PAGE).equals(data)).toBe(true);
+    expect(back.subarray(2001 * PAGE, 2002 * PAGE).equals(data.subarray(0, PAGE))).toBe(true);
+    expect(back.subarray(2002 * PAGE).equals(data.subarray(0, 50 * PAGE))).toBe(true);
   });
 
   it('answers 1,000 concurrent calls each with its own bytes', async () => {
