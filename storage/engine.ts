@@ -745,6 +745,8 @@ export class PutSession {
     }
     this.changed += n;
     const lookupPos: number[] = [];
+    // Each page's Map key, made once (a 32-character string hashed at each use).
+    const keys = new Array<string>(n);
     for (let i = 0; i < n; i++) {
       const map = this.maps[b.region[i]!]!;
       const off = b.index[i]! * ENTRY_BYTES;
@@ -755,6 +757,7 @@ export class PutSession {
       if (b.hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) === 0) continue;
       b.hashes.copy(map, off, ho, ho + HASH_BYTES);
       const k = hashKey(b.hashes, ho);
+      keys[i] = k;
       if (this.sessionRefs.has(k)) {
         const ref = this.sessionRefs.get(k);
         if (ref) ref.copy(map, off + HASH_BYTES);
@@ -773,7 +776,7 @@ export class PutSession {
         lookupPos.forEach((i, j) => {
           const map = this.maps[b.region[i]!]!;
           const off = b.index[i]! * ENTRY_BYTES;
-          const k = hashKey(b.hashes, i * HASH_BYTES);
+          const k = keys[i]!;
           const ref = refs[j];
           if (ref) {
             this.pins.add(k);
@@ -824,14 +827,11 @@ export class PutSession {
         return { hash, data: data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), follows };
       });
       // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
-      for (const p of pages) this.pins.add(hashKey(p.hash));
+      const keys = pages.map((p) => hashKey(p.hash));
+      for (const k of keys) this.pins.add(k);
       const { refs, written } = await this.store.backend.putPages(pages);
       this.checkLive();
-      pages.forEach((p, i) => {
-        const k = hashKey(p.hash);
-        this.pins.add(k);
-        this.sessionRefs.set(k, refs[i]!);
-      });
+      keys.forEach((k, i) => this.sessionRefs.set(k, refs[i]!));
       this.newPages += written;
       this.pending.delete(batch);
       return written;

@@ -327,12 +327,17 @@ export class LevelBackend implements Backend {
 
   // ---- PageStore ----
 
-  async lookup(hashes: readonly Buffer[]): Promise<(PageRef | null)[]> {
+  lookup(hashes: readonly Buffer[]): Promise<(PageRef | null)[]> {
+    return this.lookupKeyed(hashes, null);
+  }
+
+  /** lookup() with the hashes' Map keys when the caller has them. */
+  private async lookupKeyed(hashes: readonly Buffer[], keyOf: readonly string[] | null): Promise<(PageRef | null)[]> {
     if (hashes.length === 0) return [];
     const out = new Array<PageRef | null>(hashes.length).fill(null);
     const ask: number[] = [];
     for (let i = 0; i < hashes.length; i++) {
-      const p = this.pending.size > 0 ? this.pending.get(hashKey(hashes[i]!)) : undefined;
+      const p = this.pending.size > 0 ? this.pending.get(keyOf ? keyOf[i]! : hashKey(hashes[i]!)) : undefined;
       if (p) out[i] = p; else ask.push(i);
     }
     if (ask.length === 0) return out;
@@ -353,16 +358,16 @@ export class LevelBackend implements Backend {
     // Serialized so that two sessions uploading the same page store it once.
     return this.writeLock.run(async () => {
       this.checkOpen();
-      const existing = await this.lookup(pages.map((p) => p.hash));
+      const keyOf = pages.map((p) => hashKey(p.hash));
+      const existing = await this.lookupKeyed(pages.map((p) => p.hash), keyOf);
       const refs = new Array<PageRef>(pages.length);
       const seen = new Map<string, number>();
       const fresh: number[] = [];       // indexes into pages of the pages to write, in order
       const dup: [number, number][] = [];
       for (let i = 0; i < pages.length; i++) {
-        const p = pages[i]!;
         const have = existing[i];
         if (have) { refs[i] = have; continue; }
-        const k = hashKey(p.hash);
+        const k = keyOf[i]!;
         const first = seen.get(k);
         if (first !== undefined) { dup.push([i, first]); continue; }
         seen.set(k, i);
@@ -387,7 +392,7 @@ export class LevelBackend implements Backend {
         fresh.forEach((i, j) => {
           const ref = makeRef(pack.id, slot + j);
           refs[i] = ref;
-          this.pending.set(hashKey(pages[i]!.hash), ref);
+          this.pending.set(keyOf[i]!, ref);
         });
       }
       for (const [i, first] of dup) refs[i] = refs[first]!;
