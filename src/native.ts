@@ -288,6 +288,7 @@ interface NativeAddon {
   // Batched pack-file reads for the LevelDB store (native/addon/packio.cc): pread on the libuv pool, optional SHA-256 check per page.
   packRead(ops: Float64Array, dst: Uint8Array, hashes?: Uint8Array | null): Promise<{ got: Int32Array; ok: Uint8Array | null }>;
   packWrite(fd: number, position: number, bufs: readonly Uint8Array[]): Promise<number>;
+  packAdvise(ops: Float64Array): Promise<number>;
 }
 
 const require = createRequire(import.meta.url);
@@ -377,3 +378,4 @@ export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);
 export const sha256Pages = wrap(addon.sha256Pages);
 export const packRead = wrap(addon.packRead);
 export const packWrite = wrap(addon.packWrite);
+export const packAdvise = wrap(addon.packAdvise);

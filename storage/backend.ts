@@ -78,6 +78,12 @@ export interface PageStore {
    * readPages + hashing when a backend lacks it.
    */
   readPagesVerified?(refs: readonly PageRef[], hashes: Buffer, dst: Buffer): Promise<Uint8Array>;
+  /**
+   * Optional hint at the start of a restore: the refs (n x 8 bytes, in read
+   * order) that will be read soon. A backend may start reading them into a
+   * cache (LevelDB packs: posix_fadvise WILLNEED on dense runs). Never required.
+   */
+  prefetch?(refs: Buffer): Promise<void>;
   /** Delete pages (GC phase 2 only). A page whose ref moved is deleted where it is. */
   deletePages(pages: readonly StoredPage[]): Promise<number>;
   /** Every stored page, in batches, in any order. */

@@ -255,6 +255,24 @@ export class CheckpointStore {
         }
         if (sparse.length) pieces.push({ r: p.r, first: sparse[0]!, count: 0, pages: sparse });
       }
+      // Tell the backend every page this read will need (it may read ahead).
+      if (this.backend.prefetch) {
+        let count = 0;
+        for (const p of pieces) count += p.pages ? p.pages.length : p.count;
+        if (count >= 64) {
+          const refs = Buffer.allocUnsafe(count * REF_BYTES);
+          let k = 0;
+          for (const p of pieces) {
+            const map = maps[p.r]!;
+            const n = p.pages ? p.pages.length : p.count;
+            for (let i = 0; i < n; i++) {
+              const off = (p.pages ? p.pages[i]! : p.first + i) * ENTRY_BYTES;
+              if (!isZeroHash(map, off)) map.copy(refs, (k++) * REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES);
+            }
+          }
+          this.backend.prefetch(refs.subarray(0, k * REF_BYTES)).catch(() => undefined);
+        }
+      }
       // Read two pieces ahead so the backend works while the consumer sends
       // (memory: three pieces, 6 MiB at the default size).
       const ahead: Promise<ImagePiece>[] = [];
@@ -776,6 +794,8 @@ export class PutSession {
         lookupPos.forEach((i, j) => {
           const map = this.maps[b.region[i]!]!;
           const off = b.index[i]! * ENTRY_BYTES;
+          // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
+          if (b.hashes.compare(map, off, off + HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return;
           const k = keys[i]!;
           const ref = refs[j];
           if (ref) {

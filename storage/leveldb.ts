@@ -56,7 +56,7 @@ import { open as openFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { ExaError, toExaError } from '../src/errors.js';
-import { packRead, packWrite } from '../src/native.js';
+import { packAdvise, packRead, packWrite } from '../src/native.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, hashKey, isZeroHash } from './pages.js';
@@ -73,6 +73,8 @@ const REPACK_LIVE_FRACTION = 0.5;
 /** Pages per native read call; larger reads are split so two pool threads share them. */
 const READ_SPLIT_PAGES = 128;
 const PACK_RE = /^([0-9a-f]{8})\.pack$/;
+/** Pages between two needed slots of a pack below which prefetch reads the gap too (256 KiB). */
+const PREFETCH_GAP = 64;
 
 function packName(id: number): string {
   return `${id.toString(16).padStart(8, '0')}.pack`;
@@ -220,6 +222,7 @@ export class LevelBackend implements Backend {
       const m = PACK_RE.exec(name);
       if (!m) continue;
       const id = parseInt(m[1]!, 16);
+      if (this.packs.has(id)) continue; // written by the conversion, already open
       const fh = await openFile(join(this.packDir, name), 'r');
       const size = (await fh.stat()).size;
       this.packs.set(id, new Pack(id, fh, size));
@@ -467,6 +470,48 @@ export class LevelBackend implements Backend {
         for (let j = 0; j < len / PAGE_SIZE; j++) if (j < whole) present[first[k]! + j] = 1;
       }
       if (ok && res.ok) for (let i = from; i < to; i++) ok[i] = res.ok[i - from]!;
+    } finally {
+      for (const p of held) p.release();
+    }
+  }
+
+  /**
+   * Read ahead the pack runs a restore will need (refs in read order): per
+   * pack, slots closer than PREFETCH_GAP merge into one span; spans go to the
+   * kernel (posix_fadvise WILLNEED, native/addon/packio.cc) in the order the
+   * restore first needs each pack. From a cold cache the scattered pages of
+   * increments otherwise cost one 4 KiB random read each.
+   */
+  async prefetch(refs: Buffer): Promise<void> {
+    const n = Math.floor(refs.length / 8);
+    const slots = new Map<number, number[]>(); // pack id -> slots, packs in first-use order
+    for (let i = 0; i < n; i++) {
+      const id = refs.readUInt32BE(i * 8);
+      let l = slots.get(id);
+      if (!l) { l = []; slots.set(id, l); }
+      l.push(refs.readUInt32BE(i * 8 + 4));
+    }
+    const ops: number[] = [];
+    const held: Pack[] = [];
+    for (const [id, l] of slots) {
+      const pack = this.packs.get(id);
+      if (!pack || pack.retired) continue;
+      pack.reads++;
+      held.push(pack);
+      l.sort((a, b) => a - b);
+      let start = l[0]!, end = l[0]!;
+      const emit = (): void => {
+        const last = Math.min(end + 1, pack.slots);
+        if (last > start) ops.push(pack.fh.fd, start * PAGE_SIZE, (last - start) * PAGE_SIZE);
+      };
+      for (const slot of l) {
+        if (slot - end > PREFETCH_GAP) { emit(); start = slot; }
+        end = slot;
+      }
+      emit();
+    }
+    try {
+      if (ops.length > 0) await packAdvise(new Float64Array(ops));
     } finally {
       for (const p of held) p.release();
     }
@@ -768,6 +813,7 @@ export class LevelBackend implements Backend {
     // Packs durable first; then the flip, in one synced batch.
     await this.flushPending(ops);
     // Later appends go to a new pack (the conversion's last one is complete).
+    if (this.current?.direct) { await this.current.direct.close(); this.current.direct = null; }
     this.current = null;
   }
 }

@@ -3,7 +3,7 @@
  * storage/leveldb.ts): many ranges a call read with pread on the libuv pool,
  * each 4096-byte page optionally checked against its SHA-256 in the same
  * pass; appends of many buffers through an aligned scratch buffer, also to a
- * descriptor opened with O_DIRECT. Bad arguments are
+ * descriptor opened with O_DIRECT; read-ahead hints for restores. Bad arguments are
  * refused with clear errors; a short file and a bad descriptor are reported
  * per range; many calls at once each get their own bytes; a backend closed
  * while restores are reading keeps its pack descriptors open until the reads
@@ -12,7 +12,7 @@
 import { constants, openSync, closeSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { packRead, packWrite } from '../../src/native.js';
+import { packAdvise, packRead, packWrite } from '../../src/native.js';
 import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { sha256 } from '../../storage/pages.js';
@@ -125,6 +125,23 @@ describe('native pack reads', () => {
     expect(back.subarray(PAGE, 2001 * PAGE).equals(data)).toBe(true);
     expect(back.subarray(2001 * PAGE, 2002 * PAGE).equals(data.subarray(0, PAGE))).toBe(true);
     expect(back.subarray(2002 * PAGE).equals(data.subarray(0, 50 * PAGE))).toBe(true);
+  });
+
+  it('asks the kernel to read spans ahead and refuses malformed spans', async () => {
+    const f = fileOf(genBytes('packio/advise', 64 * PAGE));
+    try {
+      expect(await packAdvise(new Float64Array([f.fd, 0, 16 * PAGE, f.fd, 32 * PAGE, 32 * PAGE]))).toBe(2);
+      // A bad descriptor is not an error of the call: the span is just not read ahead.
+      expect(await packAdvise(new Float64Array([999_999, 0, PAGE]))).toBe(0);
+      for (const [ops, msg] of [[new Float64Array([f.fd, 0]), /not a multiple of 3/], [new Float64Array([f.fd, 0, 0]), /length > 0/], [[1, 2, 3], /must be a Float64Array/]] as const) {
+        let err: { code?: string; message: string } | null = null;
+        try { await (packAdvise as unknown as (o: unknown) => Promise<number>)(ops); } catch (e) { err = e as { code?: string; message: string }; }
+        expect(err!.message).toMatch(msg);
+        expect(err!.code).toBe('INVALID_ARGUMENT');
+      }
+    } finally {
+      f.close();
+    }
   });
 
   it('answers 1,000 concurrent calls each with its own bytes', async () => {
