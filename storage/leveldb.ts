@@ -223,8 +223,15 @@ export class LevelBackend implements Backend {
       if (!m) continue;
       const id = parseInt(m[1]!, 16);
       if (this.packs.has(id)) continue; // written by the conversion, already open
-      const fh = await openFile(join(this.packDir, name), 'r');
-      const size = (await fh.stat()).size;
+      let fh: FileHandle | null = null;
+      let size: number;
+      try {
+        fh = await openFile(join(this.packDir, name), 'r');
+        size = (await fh.stat()).size;
+      } catch (e) {
+        await fh?.close().catch(() => undefined);
+        throw toExaError(e, `cannot open pack ${name} in ${this.packDir}`);
+      }
       this.packs.set(id, new Pack(id, fh, size));
       if (id >= this.nextPackId) this.nextPackId = id + 1;
     }
