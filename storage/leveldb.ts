@@ -29,7 +29,8 @@
  * last sync (and the packs directory when a pack was created), then writes
  * the pending entries and the manifest in ONE synced LevelDB batch (the
  * commit point). scanPages() (GC) first makes the pending entries durable
- * the same way, so GC sees every stored page. A crash loses only pending
+ * the same way, so GC sees every stored page, and so does putPages() once
+ * 2^18 entries are pending (memory stays bounded in long uploads). A crash loses only pending
  * entries: their bytes are orphans in packs, reclaimed by sweepOrphans.
  * A new pack is started at every open (a crash may leave a torn tail in the
  * pack that was being written; nothing durable names those bytes).
@@ -73,6 +74,8 @@ const REPACK_LIVE_FRACTION = 0.5;
 /** Pages per native read call; larger reads are split so two pool threads share them. */
 const READ_SPLIT_PAGES = 128;
 const PACK_RE = /^([0-9a-f]{8})\.pack$/;
+/** Pending (not yet durable) index entries at which putPages makes them durable without waiting for a commit. */
+const PENDING_FLUSH = 1 << 18;
 /** Pages between two needed slots of a pack below which prefetch reads the gap too (256 KiB). */
 const PREFETCH_GAP = 64;
 
@@ -133,6 +136,8 @@ export interface LevelBackendOptions {
   packBytes?: number;
   /** Append with O_DIRECT where the file system allows it (default true). */
   directIo?: boolean;
+  /** Pending index entries at which putPages makes them durable itself (default 2^18; tests use few). */
+  pendingFlush?: number;
 }
 
 export class LevelBackend implements Backend {
@@ -148,6 +153,7 @@ export class LevelBackend implements Backend {
   private readonly deletedIn = new Map<number, number>();
   private pages = 0;
   private readonly packBytes: number;
+  private readonly pendingFlush: number;
   /** Appends use O_DIRECT (turned off when the file system refuses it). */
   private directIo: boolean;
   private readonly writeLock = new Mutex();
@@ -158,6 +164,7 @@ export class LevelBackend implements Backend {
   private constructor(private readonly db: DB, readonly dir: string, opts: LevelBackendOptions) {
     this.packBytes = opts.packBytes ?? PACK_BYTES;
     this.directIo = opts.directIo ?? true;
+    this.pendingFlush = opts.pendingFlush ?? PENDING_FLUSH;
   }
 
   private get packDir(): string { return join(this.dir, 'packs'); }
@@ -407,6 +414,9 @@ export class LevelBackend implements Backend {
       }
       for (const [i, first] of dup) refs[i] = refs[first]!;
       this.pages += fresh.length;
+      // Bounded memory for long uploads: past PENDING_FLUSH entries (1 GiB of pages,
+      // ~150 MB of JS Map), sync the packs and make the entries durable now.
+      if (this.pending.size >= this.pendingFlush) await this.flushPending();
       return { refs, written: fresh.length };
     });
   }

@@ -177,6 +177,28 @@ describe('LevelDB pack files', () => {
     }
   });
 
+  it('makes the index entries of a long upload durable after their bytes without waiting for its commit', async () => {
+    const dir = tempDir();
+    const b = await LevelBackend.open(dir, { pendingFlush: 16 });
+    const data = genBytes('packs/long', 40 * PAGE);
+    const pages = [...Array(40).keys()].map((i) => ({ hash: sha256(data.subarray(i * PAGE, (i + 1) * PAGE)), data: data.subarray(i * PAGE, (i + 1) * PAGE) }));
+    // After the second call 20 entries are pending (>= 16): made durable; the third call's 10 stay pending.
+    await b.putPages(pages.slice(0, 10));
+    await b.putPages(pages.slice(10, 20));
+    await b.putPages(pages.slice(20, 30));
+    await b.close(); // no commit: as a crash would leave it
+    const again = await LevelBackend.open(dir);
+    try {
+      const found = await again.lookup(pages.map((p) => p.hash));
+      expect(found.slice(0, 20).every((r) => r !== null)).toBe(true);
+      expect(found.slice(20).every((r) => r === null)).toBe(true);
+      const read = await again.readPages(found.slice(0, 20) as Buffer[]);
+      read.forEach((p, i) => expect(p!.equals(pages[i]!.data)).toBe(true));
+    } finally {
+      await again.close();
+    }
+  });
+
   it('keeps committed checkpoints and reclaims the bytes of an upload cut by SIGKILL after a restart', async () => {
     const dir = tempDir();
     let server = await startStore(dir);
