@@ -12,11 +12,14 @@
  *   'J' job                       -> last number (u32 BE)    numbers are never reused
  *   'G' hash(32)                  -> marked-at ms (u64 BE)   GC phase-1 marks
  *   'V'                           -> format (u32 BE) = 3
+ *   'K'                           -> highest pack id ever created (u32 BE)
  *
  * Why packs: with page bytes in LevelDB every byte went through its WAL, a
  * memtable and table files (CRC32C, copies, compaction): 11-14 CPU s per GiB
- * ingested. A pack is written once, one append (pwritev) per batch of pages,
- * and read back with pread at slot x 4096 (native/addon/packio.cc: many
+ * ingested. A pack is written once, one append per batch of pages (with
+ * O_DIRECT from an aligned buffer where the file system allows it: fresh
+ * page-cache pages cost more CPU than the copy, native/addon/packio.cc says
+ * why), and read back with pread at slot x 4096 (packio.cc: many
  * ranges a call on the libuv pool, each page checked against its SHA-256 in
  * the same pass). The ref of a page is its location, so a restore reads
  * pages without an index lookup.
@@ -30,8 +33,9 @@
  * the pending entries and the manifest in ONE synced LevelDB batch (the
  * commit point). scanPages() (GC) first makes the pending entries durable
  * the same way, so GC sees every stored page, and so does putPages() once
- * 2^18 entries are pending (memory stays bounded in long uploads). A crash loses only pending
- * entries: their bytes are orphans in packs, reclaimed by sweepOrphans.
+ * 2^18 entries are pending (memory stays bounded in long uploads). A crash
+ * loses only pending entries: their bytes are orphans in packs, reclaimed by
+ * sweepOrphans.
  * A new pack is started at every open (a crash may leave a torn tail in the
  * pack that was being written; nothing durable names those bytes).
  *
@@ -41,8 +45,10 @@
  * points their index entries at the new place, then the old pack is
  * unlinked; a pack with nothing live is just unlinked). Refs in manifests
  * that name a rewritten pack no longer resolve: the engine looks the hash up
- * again (refs are hints, storage/backend.ts). Pack ids are never reused, so
- * a stale ref never names other bytes. A pack's file descriptor is closed
+ * again (refs are hints, storage/backend.ts). Pack ids are never reused
+ * ('K' keeps the highest one, durable before any pack with it can be
+ * removed), so a stale ref does not name other bytes (and were it to, the
+ * engine's hash check would catch it). A pack's file descriptor is closed
  * only when no read is in flight on it.
  *
  * Upgrade from format 2 (page groups in a second LevelDB, `pages/`): on open,
@@ -65,7 +71,7 @@ import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, hashKey, isZeroHash } from './pages
 type DB = Level<Buffer, Buffer>;
 type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
 
-const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, J = 0x4a, G = 0x47, V = 0x56;
+const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, J = 0x4a, G = 0x47, V = 0x56, K = 0x4b;
 const FORMAT = 3;
 /** A pack is closed for appends once it reaches this size (a batch may overshoot it). */
 const PACK_BYTES = 64 * 1024 * 1024;
@@ -225,6 +231,8 @@ export class LevelBackend implements Backend {
   }
 
   private async openPacks(): Promise<void> {
+    const hw = await this.db.get(Buffer.from([K]));
+    if (hw && hw.length === 4) this.nextPackId = Math.max(this.nextPackId, hw.readUInt32BE(0) + 1);
     for (const name of readdirSync(this.packDir)) {
       const m = PACK_RE.exec(name);
       if (!m) continue;
@@ -249,6 +257,11 @@ export class LevelBackend implements Backend {
     const cur = this.current;
     if (cur && (cur.size === 0 || cur.size + bytes <= this.packBytes)) return cur;
     const id = this.nextPackId++;
+    // The high-water mark goes to the index log (made durable by the next synced
+    // batch, which comes before any sweep can remove this pack).
+    const hw = Buffer.allocUnsafe(4);
+    hw.writeUInt32BE(id);
+    await this.db.put(Buffer.from([K]), hw);
     let fh: FileHandle;
     try {
       fh = await openFile(join(this.packDir, packName(id)), 'wx+');

@@ -149,6 +149,31 @@ describe('LevelDB pack files', () => {
     }
   });
 
+  it('never reuses the id of a removed pack, so an old ref cannot name new bytes', async () => {
+    const dir = tempDir();
+    const open = async (): Promise<CheckpointStore> => new CheckpointStore(await LevelBackend.open(dir, { packBytes: 16 * PAGE }), { gcGraceMs: 0 });
+    const a = genBytes('ids/a', 16 * PAGE), b = genBytes('ids/b', 16 * PAGE);
+    let store = await open();
+    await put(store, 'i', 0, 16, a, [...Array(16).keys()]);
+    await put(store, 'i', 1, 16, b, [...Array(16).keys()]);
+    await store.close();
+    expect(readdirSync(join(dir, 'packs')).sort()).toEqual(['00000001.pack', '00000002.pack']);
+    // Reopened, pack 2 is no longer being written: with checkpoint 2 gone, GC removes it.
+    store = await open();
+    await store.deleteCheckpoints('i', { checkpoints: [2] });
+    await store.gc({ graceMs: 0 });
+    await store.close();
+    expect(readdirSync(join(dir, 'packs'))).toEqual(['00000001.pack']);
+    store = await open();
+    try {
+      await put(store, 'i', 1, 16, b, [...Array(16).keys()]);
+      expect(readdirSync(join(dir, 'packs')).sort()).toEqual(['00000001.pack', '00000003.pack']);
+      expect((await image(store, 'i', 3)).equals(b)).toBe(true);
+    } finally {
+      await store.close();
+    }
+  });
+
   it('never makes an index entry durable before a commit synced its bytes, and GC reclaims bytes no entry names', async () => {
     const dir = tempDir();
     const b = await LevelBackend.open(dir, { packBytes: 16 * PAGE });
