@@ -7,7 +7,7 @@
  *
  * 1. PageStore: content-addressed pages. A page is 4096 bytes named by its
  *    SHA-256 (storage/pages.ts). putPages() returns, for every page, an opaque
- *    8-byte PageRef (its location: a sequence number in LevelDB; e.g. a local
+ *    8-byte PageRef (its location: pack id and slot of a local pack file for LevelDB; e.g. a local
  *    pack number and slot for S3 packs). Refs are recorded in manifests next
  *    to the hash so a restore reads pages without an index lookup; a ref is a
  *    hint, not a promise: the engine verifies every page it reads against the
@@ -44,7 +44,7 @@ export interface NewPage {
    * Locality hint: this page is the image successor of the previous page of
    * the same putPages() call (same region, next index), so a restore will
    * read the two together. A backend may store such runs side by side
-   * (LevelDB: one value per run of up to 16 pages); ignoring it is correct.
+   * (LevelDB packs keep every batch in order anyway); ignoring it is correct.
    */
   follows?: boolean;
 }
@@ -70,6 +70,20 @@ export interface PageStore {
    * neighbouring refs into one read where their medium rewards it (S3 range GETs).
    */
   readPages(refs: readonly PageRef[]): Promise<(Buffer | null)[]>;
+  /**
+   * Optional fast path for restores: read page i of refs into dst at i x 4096
+   * and check it against hashes[32i..32i+32) in the same pass; resolves with
+   * one flag a page (1 = present and matching, 2 = present but not
+   * matching, 0 = missing). The engine falls back to
+   * readPages + hashing when a backend lacks it.
+   */
+  readPagesVerified?(refs: readonly PageRef[], hashes: Buffer, dst: Buffer): Promise<Uint8Array>;
+  /**
+   * Optional hint at the start of a restore: the refs (n x 8 bytes, in read
+   * order) that will be read soon. A backend may start reading them into a
+   * cache (LevelDB packs: posix_fadvise WILLNEED on dense runs). Never required.
+   */
+  prefetch?(refs: Buffer): Promise<void>;
   /** Delete pages (GC phase 2 only). A page whose ref moved is deleted where it is. */
   deletePages(pages: readonly StoredPage[]): Promise<number>;
   /** Every stored page, in batches, in any order. */

@@ -255,6 +255,24 @@ export class CheckpointStore {
         }
         if (sparse.length) pieces.push({ r: p.r, first: sparse[0]!, count: 0, pages: sparse });
       }
+      // Tell the backend every page this read will need (it may read ahead).
+      if (this.backend.prefetch) {
+        let count = 0;
+        for (const p of pieces) count += p.pages ? p.pages.length : p.count;
+        if (count >= 64) {
+          const refs = Buffer.allocUnsafe(count * REF_BYTES);
+          let k = 0;
+          for (const p of pieces) {
+            const map = maps[p.r]!;
+            const n = p.pages ? p.pages.length : p.count;
+            for (let i = 0; i < n; i++) {
+              const off = (p.pages ? p.pages[i]! : p.first + i) * ENTRY_BYTES;
+              if (!isZeroHash(map, off)) map.copy(refs, (k++) * REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES);
+            }
+          }
+          this.backend.prefetch(refs.subarray(0, k * REF_BYTES)).catch(() => undefined);
+        }
+      }
       // Read two pieces ahead so the backend works while the consumer sends
       // (memory: three pieces, 6 MiB at the default size).
       const ahead: Promise<ImagePiece>[] = [];
@@ -297,26 +315,48 @@ export class CheckpointStore {
         pos.push(page);
       }
     }
-    const pages = await this.backend.readPages(refs);
-    // The piece's bytes, then every page of them checked against its hash in
-    // one batch off the JS thread (storage/hash.ts); a page that fails is
-    // looked up again by hash (refetch) or named in a CORRUPT error.
+    // The piece's bytes, every page checked against its hash off the JS thread
+    // (backend.readPagesVerified: read and hashed in one native pass; else
+    // readPages then storage/hash.ts); pages that fail are looked up again by
+    // hash (refetch: the page may have moved) or named in a CORRUPT error.
     const data = Buffer.allocUnsafe(refs.length * PAGE_SIZE);
     const bad: number[] = [];
-    for (let k = 0; k < refs.length; k++) {
-      const page = pages[k];
-      if (page && page.length === PAGE_SIZE) page.copy(data, k * PAGE_SIZE);
-      else bad.push(k);
+    let present: (k: number) => boolean;
+    if (this.backend.readPagesVerified) {
+      const want = Buffer.allocUnsafe(refs.length * HASH_BYTES);
+      for (let k = 0; k < refs.length; k++) map.copy(want, k * HASH_BYTES, pos[k]! * ENTRY_BYTES, pos[k]! * ENTRY_BYTES + HASH_BYTES);
+      const ok = await this.backend.readPagesVerified(refs, want, data);
+      for (let k = 0; k < refs.length; k++) if (ok[k] !== 1) bad.push(k);
+      present = (k) => ok[k] === 2;
+    } else {
+      const pages = await this.backend.readPages(refs);
+      for (let k = 0; k < refs.length; k++) {
+        const page = pages[k];
+        if (page && page.length === PAGE_SIZE) page.copy(data, k * PAGE_SIZE);
+        else bad.push(k);
+      }
+      const got = await hashPages(data);
+      for (let k = 0; k < refs.length; k++) {
+        const off = pos[k]! * ENTRY_BYTES;
+        if (got.compare(map, off, off + HASH_BYTES, k * HASH_BYTES, (k + 1) * HASH_BYTES) !== 0 && (bad.length === 0 || !bad.includes(k))) bad.push(k);
+      }
+      present = (k) => !!pages[k];
     }
-    const got = await hashPages(data);
-    for (let k = 0; k < refs.length; k++) {
-      const off = pos[k]! * ENTRY_BYTES;
-      if (got.compare(map, off, off + HASH_BYTES, k * HASH_BYTES, (k + 1) * HASH_BYTES) !== 0 && (bad.length === 0 || !bad.includes(k))) bad.push(k);
-    }
-    for (const k of bad) {
-      const off = pos[k]! * ENTRY_BYTES;
-      const page = await this.refetch(map.subarray(off, off + HASH_BYTES), pages[k] ?? null, header, region, pos[k]!);
-      page.copy(data, k * PAGE_SIZE);
+    if (bad.length > 0) {
+      // One lookup and one read for all of them (after a repack, many refs of a piece moved).
+      const hashes = bad.map((k) => map.subarray(pos[k]! * ENTRY_BYTES, pos[k]! * ENTRY_BYTES + HASH_BYTES));
+      const now = await this.backend.lookup(hashes);
+      const found = now.flatMap((r, j) => (r ? [j] : []));
+      const read = await this.backend.readPages(found.map((j) => now[j]!));
+      const again = new Array<Buffer | null>(bad.length).fill(null);
+      found.forEach((j, i) => { again[j] = read[i] ?? null; });
+      const good = await checkPages(again, hashes);
+      for (let j = 0; j < bad.length; j++) {
+        const k = bad[j]!;
+        if (good[j]) { again[j]!.copy(data, k * PAGE_SIZE); continue; }
+        const off = pos[k]! * ENTRY_BYTES;
+        throw this.corrupt(map.subarray(off, off + HASH_BYTES), present(k), header, region, pos[k]!);
+      }
     }
     return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
   }
@@ -328,8 +368,12 @@ export class CheckpointStore {
       const [again] = await this.backend.readPages([ref]);
       if (again && again.length === PAGE_SIZE && sha256(again).equals(hash)) return again;
     }
-    const what = got ? 'does not match its hash' : 'is missing from the store';
-    throw new ExaError('CORRUPT', `${ckptName(h.job, h.checkpoint)}: page ${page} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
+    throw this.corrupt(hash, !!got, h, region, page);
+  }
+
+  private corrupt(hash: Buffer, present: boolean, h: ManifestHeader, region: string, page: number): ExaError {
+    const what = present ? 'does not match its hash' : 'is missing from the store';
+    return new ExaError('CORRUPT', `${ckptName(h.job, h.checkpoint)}: page ${page} of region ${JSON.stringify(region)} ${what} (sha256 ${hash.toString('hex')})`,
       { job: h.job, checkpoint: h.checkpoint, region, page, hash: hash.toString('hex') });
   }
 
@@ -719,6 +763,8 @@ export class PutSession {
     }
     this.changed += n;
     const lookupPos: number[] = [];
+    // Each page's Map key, made once (a 32-character string hashed at each use).
+    const keys = new Array<string>(n);
     for (let i = 0; i < n; i++) {
       const map = this.maps[b.region[i]!]!;
       const off = b.index[i]! * ENTRY_BYTES;
@@ -729,6 +775,7 @@ export class PutSession {
       if (b.hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) === 0) continue;
       b.hashes.copy(map, off, ho, ho + HASH_BYTES);
       const k = hashKey(b.hashes, ho);
+      keys[i] = k;
       if (this.sessionRefs.has(k)) {
         const ref = this.sessionRefs.get(k);
         if (ref) ref.copy(map, off + HASH_BYTES);
@@ -747,7 +794,9 @@ export class PutSession {
         lookupPos.forEach((i, j) => {
           const map = this.maps[b.region[i]!]!;
           const off = b.index[i]! * ENTRY_BYTES;
-          const k = hashKey(b.hashes, i * HASH_BYTES);
+          // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
+          if (b.hashes.compare(map, off, off + HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return;
+          const k = keys[i]!;
           const ref = refs[j];
           if (ref) {
             this.pins.add(k);
@@ -798,14 +847,11 @@ export class PutSession {
         return { hash, data: data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), follows };
       });
       // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
-      for (const p of pages) this.pins.add(hashKey(p.hash));
+      const keys = pages.map((p) => hashKey(p.hash));
+      for (const k of keys) this.pins.add(k);
       const { refs, written } = await this.store.backend.putPages(pages);
       this.checkLive();
-      pages.forEach((p, i) => {
-        const k = hashKey(p.hash);
-        this.pins.add(k);
-        this.sessionRefs.set(k, refs[i]!);
-      });
+      keys.forEach((k, i) => this.sessionRefs.set(k, refs[i]!));
       this.newPages += written;
       this.pending.delete(batch);
       return written;

@@ -25,6 +25,7 @@
 
 void exa_addon_register_dma(Napi::Env env, Napi::Object exports); /* native/addon/dma.cc */
 void exa_addon_register_hash(Napi::Env env, Napi::Object exports); /* native/addon/hash.cc */
+void exa_addon_register_packio(Napi::Env env, Napi::Object exports); /* native/addon/packio.cc */
 
 namespace exa_addon {
 
@@ -661,6 +662,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("workloadDetach", Napi::Function::New(env, WorkloadDetach));
   exa_addon_register_dma(env, exports); /* native/addon/dma.cc */
   exa_addon_register_hash(env, exports); /* native/addon/hash.cc */
+  exa_addon_register_packio(env, exports); /* native/addon/packio.cc */
   return exports;
 }
 

@@ -40,6 +40,7 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
       // Page writes run beside the request loop (at most 2), so LevelDB writes
       // batch i while this thread checks the hashes of batch i+1.
       const writes: Promise<void>[] = [];
+      const offers: { batch: number; p: Promise<void> }[] = [];
       let writeError: unknown = null;
       // A cancelled call never finishes its iteration: abort the upload from the event.
       call.on('cancelled', () => session?.abort());
@@ -57,14 +58,28 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
             case 'hashes': {
               if (!session) throw new ExaError('INVALID_ARGUMENT', 'hashes before begin');
               const h = req.hashes!;
-              const want = await session.offerHashes({ batch: h.batch, region: h.region, index: h.index, hashes: h.hashes, zero: h.zero });
-              await emit({ wanted: { batch: h.batch, want } });
+              if (writeError) throw writeError;
+              // Up to 2 hash batches at once: the next batch's checks run on
+              // this thread while the previous one's index lookup runs on the
+              // pool (the engine applies each batch's lookup in order).
+              if (offers.some((x) => x.batch === h.batch)) throw new ExaError('INVALID_ARGUMENT', `batch ${h.batch} is already awaiting its data`);
+              const s = session;
+              const o = s.offerHashes({ batch: h.batch, region: h.region, index: h.index, hashes: h.hashes, zero: h.zero })
+                .then((want) => emit({ wanted: { batch: h.batch, want } }));
+              o.catch((e: unknown) => { writeError ??= e; s.abort(); fail(e); });
+              const entry = { batch: h.batch, p: o };
+              offers.push(entry);
+              void o.finally(() => { const k = offers.indexOf(entry); if (k >= 0) offers.splice(k, 1); }).catch(() => undefined);
+              while (offers.length >= 2) await offers[0]!.p;
               break;
             }
             case 'data': {
               if (!session) throw new ExaError('INVALID_ARGUMENT', 'data before begin');
               const d = req.data!;
               if (writeError) throw writeError;
+              // Data only ever answers a batch whose "wanted" was sent, but a
+              // client may send it early: its offer must have been applied.
+              await offers.find((x) => x.batch === d.batch)?.p;
               const s = session;
               const w = s.supplyData(d.batch, d.data).then((n) => emit({ stored: { batch: d.batch, pages: n } }));
               w.catch((e: unknown) => { writeError ??= e; s.abort(); fail(e); });
@@ -74,6 +89,7 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
             }
             case 'commit': {
               if (!session) throw new ExaError('INVALID_ARGUMENT', 'commit before begin');
+              await Promise.all(offers.map((x) => x.p));
               await Promise.all(writes);
               const header = await session.commit();
               committed = true;

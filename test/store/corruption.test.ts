@@ -1,11 +1,11 @@
 /**
- * Corruption: a byte flipped in a stored page directly in LevelDB (server
+ * Corruption: a byte flipped in a stored page directly in its pack file (server
  * stopped) is reported by verify and by GetImage, naming job, checkpoint,
  * region and page; other checkpoints and ranges stay readable.
  */
 import { spawnSync } from 'node:child_process';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Level } from 'level';
 import { afterEach, describe, expect, it } from 'vitest';
 import { StoreClient } from '../../src/store/client.js';
 import { EXASTORE, Image, PAGE, cleanupDirs, killAll, randomPage, regionsOf, startStore, tempDir } from './helpers.js';
@@ -26,24 +26,22 @@ describe('store corruption', () => {
     c.close();
     await server.kill('SIGTERM');
 
-    // Flip one byte of the stored copy of halo page 123, straight in LevelDB
-    // (a value of the page log holds a group of up to 16 pages, storage/leveldb.ts).
+    // Flip one byte of the stored copy of halo page 123, straight in its pack
+    // file (page bytes live in DATA/packs, 4096 bytes a slot, storage/leveldb.ts).
     const target = img.page(1, 123);
-    const db = new Level<Buffer, Buffer>(join(dir, 'pages'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-    await db.open();
     let flipped = false;
-    for await (const [k, v] of db.iterator({ gte: Buffer.from('D'), lt: Buffer.from('E') })) {
-      let at = -1;
-      for (let off = 0; off + PAGE <= v.length; off += PAGE) if (v.subarray(off, off + PAGE).equals(target)) { at = off; break; }
-      if (at >= 0) {
-        const bad = Buffer.from(v);
-        bad[at + 1000] = bad[at + 1000]! ^ 0x01;
-        await db.put(k, bad);
+    for (const name of readdirSync(join(dir, 'packs'))) {
+      const file = join(dir, 'packs', name);
+      const bytes = readFileSync(file);
+      for (let off = 0; off + PAGE <= bytes.length; off += PAGE) {
+        if (!bytes.subarray(off, off + PAGE).equals(target)) continue;
+        bytes[off + 1000] = bytes[off + 1000]! ^ 0x01;
+        writeFileSync(file, bytes);
         flipped = true;
         break;
       }
+      if (flipped) break;
     }
-    await db.close();
     expect(flipped).toBe(true);
 
     server = await startStore(dir);
