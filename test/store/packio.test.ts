@@ -51,6 +51,40 @@ describe('native pack reads', () => {
     }
   });
 
+  it('reads ranges of one file with small holes between them in one call, in any order, each into its place', async () => {
+    const bytes = genBytes('packio/holes', 200 * PAGE);
+    const f = fileOf(bytes);
+    const g = fileOf(genBytes('packio/holes-2', 16 * PAGE));
+    try {
+      // Runs of 1-3 pages of f with holes of 1-8 pages (read together), one hole of 40 pages (not), a range of
+      // another file in between, the same page twice, listed out of file order; the last range runs past the end.
+      const want: [number, number, number][] = [[5, 1, 0], [0, 2, 1], [3, 1, 3], [14, 3, 4], [6, 1, 7], [22, 1, 8],
+        [62, 2, 9], [64, 1, 11], [3, 1, 12], [100, 4, 13], [199, 2, 17]];
+      const ops: number[] = [];
+      for (const [page, n, at] of want) {
+        ops.push(f.fd, page * PAGE, n * PAGE, at * PAGE);
+        if (at === 4) ops.push(g.fd, 7 * PAGE, PAGE, 19 * PAGE);
+      }
+      const dst = Buffer.alloc(20 * PAGE, 0xee);
+      const r = await packRead(new Float64Array(ops), dst);
+      const got = Array.from(r.got);
+      const expectGot = want.flatMap(([page, n, at]) => {
+        const len = Math.min(n, 200 - page) * PAGE;
+        return at === 4 ? [len, PAGE] : [len];
+      });
+      expect(got).toEqual(expectGot);
+      for (const [page, n, at] of want) {
+        const len = Math.min(n, 200 - page) * PAGE;
+        expect(dst.subarray(at * PAGE, at * PAGE + len).equals(bytes.subarray(page * PAGE, page * PAGE + len)), `page ${page} at ${at}`).toBe(true);
+      }
+      expect(dst.subarray(19 * PAGE, 20 * PAGE).equals(genBytes('packio/holes-2', 16 * PAGE).subarray(7 * PAGE, 8 * PAGE))).toBe(true);
+      expect(dst.subarray(18 * PAGE, 19 * PAGE).every((b) => b === 0xee)).toBe(true); // past the end of f: untouched
+    } finally {
+      f.close();
+      g.close();
+    }
+  });
+
   it('reports a short file and a bad descriptor per range, and refuses bad arguments with clear errors', async () => {
     const f = fileOf(genBytes('packio/short', PAGE + 100));
     try {
