@@ -3,7 +3,7 @@
  * in a child process) on loopback, everything in one run so the ratios are
  * side by side.
  *
- *   npm run bench -- s3 [--json] [--mib 512] [--pack-mib 32] [--concurrency 8] [--rounds 3]
+ *   npm run bench -- s3 [--json] [--mib 512] [--pack-mib 32] [--concurrency 8] [--rounds 7]
  *
  * Figures:
  *  - puts_per_gib: S3 write requests (PUT, multipart create/part/complete,
@@ -106,7 +106,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     // the same bytes (the page area of every pack, in the same 8 MiB ranges and with the
     // same parallelism; no hashing, no bookkeeping), interleaved over `rounds` rounds so
     // that neither side always runs first on this shared, noisy machine; medians reported.
-    const rounds = arg(args, '--rounds', 3);
+    const rounds = arg(args, '--rounds', 7);
     const restoreRuns: number[] = [], rawRuns: number[] = [];
     // CPU seconds of this process and of s3rver per phase: on a shared 2-core machine the
     // throughput figures swing with other load, CPU per byte much less.
