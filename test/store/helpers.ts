@@ -4,17 +4,33 @@
  * client), killed in afterEach; and a deterministic page generator (AES-CTR
  * keystream seeded by name), so no test data is checked in.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { expect } from 'vitest';
 import { StoreClient, type PageBatch, type RegionSpec } from '../../src/store/client.js';
 
 export const PAGE = 4096;
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const EXASTORE = join(ROOT, 'dist', 'src', 'cli', 'exastore.js');
+/** The built native addon, for child scripts that require it directly. */
+export const ADDON = join(ROOT, 'build', 'Release', 'exa_native.node');
+
+/**
+ * Run `script` (node -e, CommonJS) that starts native work on the libuv pool
+ * and exits at once: the process must end cleanly (printed 'exiting', status
+ * 0, no signal, nothing on stderr) although the work is still running.
+ */
+export function expectCleanExitWhileBusy(script: string): void {
+  const r = spawnSync(process.execPath, ['-e', `${script}\nsetImmediate(() => { console.log('exiting'); process.exit(0); });`], { encoding: 'utf8', timeout: 60_000 });
+  expect(r.stderr).toBe('');
+  expect(r.stdout.trim()).toBe('exiting');
+  expect(r.status).toBe(0);
+  expect(r.signal).toBeNull();
+}
 
 /** Deterministic pseudo-random bytes for a seed string. */
 export function genBytes(seed: string, n: number): Buffer {
