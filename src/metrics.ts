@@ -193,6 +193,21 @@ export function parseListen(flag: string, v: string): { host: string; port: numb
 }
 
 /**
+ * The metrics endpoint of a service that has just started: none when
+ * `listen` is unset; when it cannot be served, the service is closed
+ * (`closeService`) before the error is thrown, so nothing is left half up.
+ */
+export async function startServiceMetrics(listen: string | undefined, closeService: () => Promise<unknown>): Promise<MetricsServer | null> {
+  if (!listen) return null;
+  try {
+    return await startMetricsServer(listen);
+  } catch (e) {
+    await closeService();
+    throw e;
+  }
+}
+
+/**
  * Serve GET /metrics (Prometheus text format) and GET /healthz on HOST:PORT.
  * Anything else is 404 (405 for other methods); a failing collector is a 500
  * with its message, and the process keeps serving.

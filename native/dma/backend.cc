@@ -199,6 +199,29 @@ bool same_token(const std::string &a, const std::string &b) {
   return d == 0;
 }
 
+/*
+ * The bytes of a received WRITE payload (or READ reply) go into a job's
+ * buffer through its checkpointer, chunk by chunk as they arrive. The first
+ * failure is kept (a negative errno and its text) and later chunks are
+ * dropped; the caller still drains the rest of the payload from the socket.
+ */
+struct PayloadWrite {
+  int status = 0;
+  std::string error;
+  void chunk(Agent *agent, const std::string &job, const std::string &buffer, uint64_t off, const uint8_t *c, size_t n) {
+    if (status) return;
+    try {
+      agent->remote_write(job, buffer, off, c, n);
+    } catch (const Error &x) {
+      status = x.err < 0 ? x.err : -EIO;
+      error = x.what();
+    } catch (const std::exception &x) {
+      status = -EIO;
+      error = x.what();
+    }
+  }
+};
+
 }  // namespace
 
 Buffer::~Buffer() {
@@ -395,21 +418,11 @@ class Link {
           p->inbox->push(std::move(e));
           break;
         }
-        std::string werr;
-        int wst = 0;
+        PayloadWrite w;
         if (want) {
           /* The bytes land in the issuer's buffer through the checkpointer, like every write. */
           bool ok = recv_payload(fd_, want, buf, [&](const uint8_t *c, uint64_t off, size_t n) {
-            if (wst) return;
-            try {
-              be_->agent_->remote_write(p->local->owner, p->local->name, r.local_off + off, c, n);
-            } catch (const exa::Error &x) {
-              wst = x.err < 0 ? x.err : -EIO;
-              werr = x.what();
-            } catch (const std::exception &x) {
-              wst = -EIO;
-              werr = x.what();
-            }
+            w.chunk(be_->agent_, p->local->owner, p->local->name, r.local_off + off, c, n);
           });
           if (!ok) {
             e.kind = Inbox::FAILED;
@@ -421,11 +434,11 @@ class Link {
             break;
           }
         }
-        if (wst) {
+        if (w.status) {
           e.kind = Inbox::FAILED;
-          e.status = wst;
+          e.status = w.status;
           e.why = std::string(op_name(r.op)) + " from buffer \"" + p->name + "\" of job " + p->job + " at agent " + addr_ +
-                  " into local buffer \"" + p->local->name + "\": " + werr;
+                  " into local buffer \"" + p->local->name + "\": " + w.error;
           be_->n_errors_++;
         } else {
           be_->n_remote_ops_++;
@@ -1721,23 +1734,13 @@ void Backend::serve_peer(PeerConn *pc) {
     }
     if (!apply && rep.status == EXA_DMA_NET_HELD) n_held_++;
     if (h.type == EXA_DMA_NET_WRITE) {
-      int wst = 0;
-      std::string werr;
+      PayloadWrite w;
       bool ok = recv_payload(fd, h.len, buf, [&](const uint8_t *c, uint64_t off, size_t n) {
-        if (!apply || wst) return; /* refused: the payload is drained, not applied */
-        try {
-          agent_->remote_write(job, name, h.offset + off, c, n);
-        } catch (const exa::Error &x) {
-          wst = x.err < 0 ? x.err : -EIO;
-          werr = x.what();
-        } catch (const std::exception &x) {
-          wst = -EIO;
-          werr = x.what();
-        }
+        if (apply) w.chunk(agent_, job, name, h.offset + off, c, n); /* refused: the payload is drained, not applied */
       });
       if (apply) js->active.fetch_sub(1);
       if (!ok) return; /* the sender went away mid-frame: its outcome is unknown to it anyway */
-      if (apply && wst) answer(wst, "write into buffer \"" + name + "\" of job " + job + " on " + here + ": " + werr);
+      if (apply && w.status) answer(w.status, "write into buffer \"" + name + "\" of job " + job + " on " + here + ": " + w.error);
       else if (apply) {
         n_served_ops_++;
         n_served_bytes_ += h.len;

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { HostAgent, splitHostPort } from '../hostagent/daemon.js';
 import { NativeCheckpointer } from '../hostagent/native-port.js';
 import { createLogger, logRpcFailuresTo, type LogFormat } from '../log.js';
-import { parseListen, startMetricsServer, type MetricsServer } from '../metrics.js';
+import { parseListen, startServiceMetrics } from '../metrics.js';
 import { DEFAULT_STORE, intArg, runCli } from './common.js';
 
 export function buildProgram(): Command {
@@ -59,13 +59,7 @@ export function buildProgram(): Command {
       }, ckpt);
       logRpcFailuresTo(logger.child({ host: o.host }));
       await agent.start();
-      let metrics: MetricsServer | null = null;
-      try {
-        metrics = o.metricsListen ? await startMetricsServer(o.metricsListen) : null;
-      } catch (e) {
-        await agent.close();
-        throw e;
-      }
+      const metrics = await startServiceMetrics(o.metricsListen, () => agent.close());
       process.stdout.write(`exaagent ${o.host} ready agent=${agent.address} socket=${join(stateDir, 'agent.sock')}${ckpt.dma ? ` dma=${agent.dmaAddress()}` : ''}${metrics ? ` metrics=http://${metrics.address}/metrics` : ''}\n`);
       await new Promise<void>((resolve) => {
         const stop = (): void => { void Promise.all([agent.close(), metrics?.close()]).then(() => resolve(), () => resolve()); };

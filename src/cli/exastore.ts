@@ -18,7 +18,7 @@ import { DEFAULT_STORE, fmtBytes, intArg, out, progressBar } from './common.js';
 import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
 import { createLogger, logRpcFailuresTo, type LogFormat } from '../log.js';
-import { parseListen, registerCoordinator, registerStore, startMetricsServer, type MetricsServer } from '../metrics.js';
+import { parseListen, registerCoordinator, registerStore, startServiceMetrics } from '../metrics.js';
 import { addS3Commands, serveS3, withS3Options, type S3Flags } from '../s3/cli.js';
 
 interface ClientFlags { store: string; json?: boolean; token?: string; tlsCa?: string }
@@ -86,13 +86,7 @@ export function buildProgram(): Command {
         hostStates: () => coordinator.registry.listHosts().map((h) => h.state),
         jobStates: () => coordinator.registry.listJobs().map((j) => j.state),
       });
-      let metrics: MetricsServer | null = null;
-      try {
-        metrics = o.metricsListen ? await startMetricsServer(o.metricsListen) : null;
-      } catch (e) {
-        await s.close();
-        throw e;
-      }
+      const metrics = await startServiceMetrics(o.metricsListen, () => s.close());
       const metricsUrl = metrics ? `http://${metrics.address}/metrics` : null;
       logRpcFailuresTo(logger);
       // The ready line: tests and scripts wait for it (and probe the port).

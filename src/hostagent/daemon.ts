@@ -365,6 +365,7 @@ export class HostAgent {
       if (rec.state === 'STARTING') await this.waitAttached(rec, 10_000);
       else throw new ExaError('FAILED_PRECONDITION', `job ${job} is ${rec.state.toLowerCase()} and not attached: nothing to checkpoint`);
     }
+    const full = o.full === true || this.needsFull(rec);
     // Probe the store first, so an outage does not consume the job's dirty set.
     let store: StoreClient;
     try {
@@ -372,11 +373,10 @@ export class HostAgent {
       await store.listCheckpoints(job).catch((e: unknown) => { if (toExaError(e).code !== 'NOT_FOUND') throw e; });
     } catch (e) {
       this.noteGap(rec, e);
-      recordCheckpoint({ full: o.full === true || this.needsFull(rec), ok: false });
+      recordCheckpoint({ full, ok: false });
       throw toExaError(e, `checkpoint of job ${job}`);
     }
     const t0 = performance.now();
-    const full = o.full === true || this.needsFull(rec);
     const run = await this.ckpt.checkpoint(job, { full, leaveStopped: o.leaveStopped ?? false });
     return this.upload(rec, run, t0, o);
   }
