@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { EXA_CODE_METADATA_KEY, ExaError, fromGrpcError, toGrpcStatus } from './errors.js';
+import type { TenantTable } from './tenants.js';
 import { rpcLogInterceptor } from './log.js';
 import { rpcMetricsInterceptor } from './metrics.js';
 
@@ -66,9 +67,14 @@ const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_permit_without_calls': 1,
 };
 
+/** Metadata of calls that src/tenants.ts tenantScopeInterceptor has scoped to a tenant's jobs. */
+export const TENANT_SCOPED = new WeakSet<grpc.Metadata>();
+
 export interface ServerAuth {
   /** When set, every call must carry `authorization: Bearer <token>`. */
   token?: string | undefined;
+  /** Tenants whose tokens are accepted too, each scoped to its jobs by tenantScopeInterceptor (src/tenants.ts). */
+  tenants?: TenantTable | undefined;
 }
 
 /** HTTP/2 flow-control window (per stream and per connection) for large page messages. */
@@ -131,10 +137,11 @@ function installSessionHook(): void {
   };
 }
 
-export function createServer(): grpc.Server {
+/** A gRPC server; `interceptors` run after the metrics and logging ones (e.g. src/tenants.ts tenantScopeInterceptor). */
+export function createServer(interceptors: grpc.ServerInterceptor[] = []): grpc.Server {
   installSessionHook();
   // Every call is counted and timed for /metrics (src/metrics.ts); failures are logged (src/log.ts).
-  const server = new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256, interceptors: [rpcMetricsInterceptor(), rpcLogInterceptor()] });
+  const server = new grpc.Server({ ...CHANNEL_OPTIONS, 'grpc.max_concurrent_streams': 256, interceptors: [rpcMetricsInterceptor(), rpcLogInterceptor(), ...interceptors] });
   raiseServerWindows(server);
   return server;
 }
@@ -163,7 +170,11 @@ export function grpcStatusFor(e: unknown): Partial<grpc.StatusObject> & { code: 
 function checkAuth(md: grpc.Metadata, auth: ServerAuth): void {
   if (!auth.token) return;
   const got = md.get('authorization')[0];
-  if (got !== `Bearer ${auth.token}`) throw new ExaError('PERMISSION_DENIED', 'missing or wrong bearer token');
+  if (got === `Bearer ${auth.token}`) return;
+  // A tenant's token, on a call the server's tenantScopeInterceptor has scoped to the tenant's jobs (a server
+  // without the interceptor refuses tenants' tokens rather than letting them reach every job).
+  if (auth.tenants && TENANT_SCOPED.has(md) && typeof got === 'string' && got.startsWith('Bearer ') && auth.tenants.byToken(got.slice(7))) return;
+  throw new ExaError('PERMISSION_DENIED', 'missing or wrong bearer token');
 }
 
 /** Wrap an async unary handler. */

@@ -61,7 +61,11 @@ export interface NativeAgentOptions {
   shadowBudgetBytes?: number;
   /** chmod of the socket file (default 0o600). */
   socketMode?: number;
+  /** Tenants' uids: they may attach too, each only as its tenant's jobs (src/tenants.ts agentTenants). */
+  tenants?: NativeTenantUids[];
 }
+
+export interface NativeTenantUids { tenant: string; uids: number[]; jobs: string[]; prefixes: string[] }
 
 export interface NativeAgentEvent {
   kind: 'attached' | 'detached' | 'checkpoint-request' | 'log';

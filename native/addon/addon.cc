@@ -112,6 +112,35 @@ Napi::Value AgentOpen(const Napi::CallbackInfo &info) {
     Napi::Array a = o.Get("allowUids").As<Napi::Array>();
     for (uint32_t i = 0; i < a.Length(); i++) opts.allow_uids.push_back(a.Get(i).As<Napi::Number>().Uint32Value());
   }
+  /* tenants: [{ tenant, uids: number[], jobs: string[], prefixes: string[] }] (src/tenants.ts, checked there) */
+  if (o.Get("tenants").IsArray()) {
+    Napi::Array a = o.Get("tenants").As<Napi::Array>();
+    auto strings = [&](Napi::Object t, const char *key) {
+      std::vector<std::string> v;
+      if (!t.Get(key).IsArray()) throw Napi::TypeError::New(env, std::string("options.tenants[].") + key + " must be an array");
+      Napi::Array x = t.Get(key).As<Napi::Array>();
+      for (uint32_t k = 0; k < x.Length(); k++) {
+        if (!x.Get(k).IsString()) throw Napi::TypeError::New(env, std::string("options.tenants[].") + key + " must hold strings");
+        v.push_back(x.Get(k).As<Napi::String>().Utf8Value());
+      }
+      return v;
+    };
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      if (!a.Get(i).IsObject() || !a.Get(i).As<Napi::Object>().Get("tenant").IsString() || !a.Get(i).As<Napi::Object>().Get("uids").IsArray())
+        throw Napi::TypeError::New(env, "options.tenants[] must be { tenant, uids, jobs, prefixes }");
+      Napi::Object t = a.Get(i).As<Napi::Object>();
+      exa::TenantUids tu;
+      tu.tenant = t.Get("tenant").As<Napi::String>().Utf8Value();
+      Napi::Array u = t.Get("uids").As<Napi::Array>();
+      for (uint32_t k = 0; k < u.Length(); k++) {
+        if (!u.Get(k).IsNumber()) throw Napi::TypeError::New(env, "options.tenants[].uids must hold numbers");
+        tu.uids.push_back(u.Get(k).As<Napi::Number>().Uint32Value());
+      }
+      tu.jobs = strings(t, "jobs");
+      tu.prefixes = strings(t, "prefixes");
+      opts.tenants.push_back(std::move(tu));
+    }
+  }
   auto *w = new AgentWrap();
   w->events = Napi::ThreadSafeFunction::New(
       env, info[1].As<Napi::Function>(), "exa-agent-events", 0, 1);

@@ -1198,6 +1198,7 @@ struct Agent::Conn {
   int fd = -1;
   int pid = 0, uid = 0;
   bool denied = false;
+  const TenantUids *tenant = nullptr; /* the tenant this peer's uid acts for (opts_.tenants), if any */
   enum Phase { HELLO, UFFDS, READY } phase = HELLO;
   std::shared_ptr<Job> job; /* set at HELLO; published in jobs_ at UFFDS */
   ~Conn() {
@@ -1332,6 +1333,20 @@ std::shared_ptr<Session> Agent::checkpoint(const std::string &job, const CkptOpt
   return s;
 }
 
+bool TenantUids::owns(const std::string &job) const {
+  for (auto &j : jobs)
+    if (j == job) return true;
+  for (auto &p : prefixes)
+    if (job.compare(0, p.size(), p) == 0) return true;
+  return false;
+}
+
+const TenantUids *Agent::tenant_of(uid_t uid) const {
+  for (auto &t : opts_.tenants)
+    if (std::find(t.uids.begin(), t.uids.end(), uid) != t.uids.end()) return &t;
+  return nullptr;
+}
+
 void Agent::decline_requests(const std::string &job, int status, const std::string &text) {
   auto j = find(job);
   if (!j) return;
@@ -1435,7 +1450,8 @@ void Agent::io_loop() {
         c->pid = cr.pid;
         c->uid = (int)cr.uid;
         uid_t me = geteuid();
-        bool ok = cr.uid == me || cr.uid == 0 ||
+        c->tenant = tenant_of(cr.uid);
+        bool ok = cr.uid == me || cr.uid == 0 || c->tenant ||
                   std::find(opts_.allow_uids.begin(), opts_.allow_uids.end(), cr.uid) != opts_.allow_uids.end();
         if (!ok) {
           c->denied = true;
@@ -1555,6 +1571,13 @@ void Agent::handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int 
       exa_msg_hello h;
       memcpy(&h, pl, sizeof h);
       if (!valid_name(h.job, sizeof h.job)) return protocol_error(hdr.seq, "job id is not 1..63 characters of [A-Za-z0-9._-]");
+      if (c.tenant && !c.tenant->owns(h.job)) {
+        log("agent: refusing pid " + std::to_string(c.pid) + " uid " + std::to_string(c.uid) + " as job " + h.job +
+            ": not a job of tenant " + c.tenant->tenant);
+        send_reply(c.fd, hdr.seq, -EACCES, "permission denied: uid " + std::to_string(c.uid) + " acts for tenant " + c.tenant->tenant +
+                                               ", which does not own job \"" + h.job + "\"");
+        return;
+      }
       std::string rel;
       if (!kernel_at_least(5, 19, &rel)) {
         send_reply(c.fd, hdr.seq, -ENOTSUP, "this host runs Linux " + rel + "; exackpt needs >= 5.19 (shmem write-protect)");

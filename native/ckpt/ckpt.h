@@ -51,9 +51,19 @@ struct AgentEvent {
 };
 using EventSink = std::function<void(const AgentEvent &)>;
 
+/* A tenant's local users (src/tenants.ts): their processes may attach only as the tenant's jobs. */
+struct TenantUids {
+  std::string tenant;
+  std::vector<uid_t> uids;
+  std::vector<std::string> jobs;     /* exact job ids */
+  std::vector<std::string> prefixes; /* job id prefixes */
+  bool owns(const std::string &job) const;
+};
+
 struct AgentOptions {
   std::string socket_path;
   std::vector<uid_t> allow_uids;        /* besides the agent's euid and root */
+  std::vector<TenantUids> tenants;      /* their uids may attach too, each only as its tenant's jobs */
   size_t shadow_budget = 256u << 20;    /* bytes of shadow memory per checkpoint */
   unsigned socket_mode = 0600;          /* chmod of the socket file */
 };
@@ -222,6 +232,7 @@ class Agent {
   void handle_message(Conn &c, const uint8_t *buf, size_t n, int *fds, int nfds);
   void drop_conn(size_t idx);
   std::shared_ptr<Job> find(const std::string &job);
+  const TenantUids *tenant_of(uid_t uid) const;
 
   AgentOptions opts_;
   EventSink sink_;

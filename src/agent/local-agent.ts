@@ -23,6 +23,7 @@
 import { EventEmitter } from 'node:events';
 import { ExaError } from '../errors.js';
 import * as native from '../native.js';
+import type { NativeTenantUids } from '../native.js';
 import type {
   AgentHandle, CheckpointSessionHandle, CheckpointStats, NativeCkptOptions, NativeJobInfo, PageBatch,
 } from '../native.js';
@@ -33,6 +34,8 @@ export interface LocalAgentOptions {
   socketPath: string;
   /** uids allowed to attach besides this process's euid and root. */
   allowUids?: number[];
+  /** Tenants' uids: allowed to attach too, each only as its tenant's jobs (src/tenants.ts agentTenants). */
+  tenants?: NativeTenantUids[];
   /** Shadow memory per checkpoint in bytes (default 256 MiB). */
   shadowBudgetBytes?: number;
   /** chmod of the socket file (default 0o600). */
@@ -151,7 +154,7 @@ export class LocalAgent extends EventEmitter {
   private constructor(readonly socketPath: string, private readonly opts: LocalAgentOptions) {
     super();
     this.handle = native.agentOpen(
-      { socketPath: opts.socketPath, allowUids: opts.allowUids ?? [], shadowBudgetBytes: opts.shadowBudgetBytes ?? 256 * 2 ** 20, socketMode: opts.socketMode ?? 0o600 },
+      { socketPath: opts.socketPath, allowUids: opts.allowUids ?? [], shadowBudgetBytes: opts.shadowBudgetBytes ?? 256 * 2 ** 20, socketMode: opts.socketMode ?? 0o600, tenants: opts.tenants ?? [] },
       (ev) => this.onEvent(ev),
     );
     if (opts.dmaSocketPath !== false) {

@@ -19,6 +19,7 @@ import { startStoreServer } from '../store/server.js';
 import { Coordinator } from '../coordinator/service.js';
 import { createLogger, logRpcFailuresTo, type LogFormat } from '../log.js';
 import { parseListen, registerCoordinator, registerStore, startServiceMetrics } from '../metrics.js';
+import { TenantTable } from '../tenants.js';
 import { addS3Commands, serveS3, withS3Options, type S3Flags } from '../s3/cli.js';
 
 interface ClientFlags { store: string; json?: boolean; token?: string; tlsCa?: string }
@@ -59,6 +60,7 @@ export function buildProgram(): Command {
     .option('--host <addr>', 'address to listen on', '127.0.0.1')
     .option('--gc-grace <seconds>', 'GC grace period: a page found unreferenced is deleted only after this long', intArg('--gc-grace'), 3600)
     .option('--token <token>', 'require this bearer token from clients (default $EXA_TOKEN)')
+    .option('--tenants <file>', 'also accept the tenants\' tokens of this YAML file, each reaching only its own jobs (needs --token; see README "Tenants")')
     .option('--tls-cert <pem>', 'serve TLS with this certificate chain (with --tls-key)')
     .option('--tls-key <pem>', 'private key of --tls-cert')
     .option('--down-after <ms>', 'coordinator: a host is shown down after this long without a heartbeat', intArg('--down-after', 100), 3000)
@@ -66,20 +68,22 @@ export function buildProgram(): Command {
     .option('--log-format <format>', 'log lines on stderr as text or json', 'text')
     .option('--log-level <level>', 'trace, debug, info, warn, error, fatal or silent', 'info')
     .option('--json', 'print the ready line as JSON')
-    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tlsCert?: string; tlsKey?: string; metricsListen?: string; logFormat: string; logLevel: string; json?: boolean }) => {
+    .action(async (o: S3Flags & { data?: string; s3?: string; port: number; host: string; gcGrace: number; downAfter: number; token?: string; tenants?: string; tlsCert?: string; tlsKey?: string; metricsListen?: string; logFormat: string; logLevel: string; json?: boolean }) => {
       const logger = createLogger('exastore', { format: o.logFormat as LogFormat, level: o.logLevel });
       const token = o.token ?? process.env.EXA_TOKEN;
       if (!o.tlsCert !== !o.tlsKey) throw new ExaError('INVALID_ARGUMENT', '--tls-cert and --tls-key go together');
       const tls = o.tlsCert && o.tlsKey ? { cert: o.tlsCert, key: o.tlsKey } : undefined;
       if (!o.data && !o.s3) throw new ExaError('INVALID_ARGUMENT', 'serve needs --data DIR (LevelDB) or --s3 s3://bucket/prefix');
       if (o.metricsListen) parseListen('--metrics-listen', o.metricsListen);
+      const tenants = o.tenants ? TenantTable.load(o.tenants) : undefined;
+      tenants?.checkClusterToken(token);
       // With --s3, pages and manifests live in the bucket; --data holds only the local cache (src/s3/cli.ts).
       const s = o.s3
-        ? await serveS3({ ...o, s3: o.s3, gcGraceMs: o.gcGrace * 1000, ...(token ? { token } : {}), tls })
-        : await startStoreServer({ dataDir: o.data!, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls });
+        ? await serveS3({ ...o, s3: o.s3, gcGraceMs: o.gcGrace * 1000, ...(token ? { token } : {}), tls, tenants })
+        : await startStoreServer({ dataDir: o.data!, host: o.host, port: o.port, gcGraceMs: o.gcGrace * 1000, token, tls, tenants });
       // The coordinator (host registry, placement, job specs) is served next to the store.
       const coordinator = new Coordinator({ dataDir: o.data ?? null, heartbeatMs: Math.max(50, Math.round(o.downAfter / 3)), missedBeats: 3 });
-      coordinator.addTo(s.server, { token });
+      coordinator.addTo(s.server, { token, tenants });
       // What /metrics shows besides the gRPC calls (src/metrics.ts).
       registerStore(s.store.backend);
       registerCoordinator({

@@ -7,11 +7,16 @@ import { LocalAgent, type Checkpoint, type PageBatch as NativeBatch } from '../a
 import type { PageBatch } from '../store/client.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import * as native from '../native.js';
+import type { NativeTenantUids } from '../native.js';
 import type { AttachedJob, CheckpointerPort, CheckpointOptions, CheckpointRun, DmaControlPort, NativeCkptStats } from './port.js';
 
 export interface NativePortOptions {
   socketPath: string;
   allowUids?: number[];
+  /** Tenants' uids (src/tenants.ts agentTenants): they may attach only as their tenant's jobs. */
+  tenants?: NativeTenantUids[];
+  /** chmod of the socket file (default 0o600; 0o666 when other uids may attach: SO_PEERCRED decides). */
+  socketMode?: number;
   shadowBudgetBytes?: number;
   /** The DMA backend's TCP data address (host:port, port 0 = ephemeral); false = no DMA backend. */
   dmaListen?: string | false;
@@ -41,6 +46,8 @@ export class NativeCheckpointer implements CheckpointerPort {
       }),
       socketPath: opts.socketPath,
       ...(opts.allowUids ? { allowUids: opts.allowUids } : {}),
+      ...(opts.tenants ? { tenants: opts.tenants } : {}),
+      ...(opts.socketMode !== undefined ? { socketMode: opts.socketMode } : {}),
       ...(opts.shadowBudgetBytes ? { shadowBudgetBytes: opts.shadowBudgetBytes } : {}),
       appCheckpointOptions: (job) => {
         const full = this.appOptions?.(job).full ?? true;

@@ -15,6 +15,7 @@ import { InvalidArgumentError, type Command } from 'commander';
 import { ExaError } from '../errors.js';
 import { StoreClient } from '../store/client.js';
 import type { ServerTls } from '../grpc.js';
+import type { TenantTable } from '../tenants.js';
 import type { Backend, ManifestHeader, PageMaps, PageRef } from '../../storage/backend.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroPage, sha256 } from '../../storage/pages.js';
@@ -62,10 +63,10 @@ export function s3Options(url: string, o: S3Flags, extra: Partial<S3BackendOptio
 }
 
 /** `exastore serve --s3`: the local data directory holds only the S3 cache (DIR/s3cache). */
-export async function serveS3(o: S3Flags & { s3: string; data?: string; host: string; port: number; gcGraceMs: number; token?: string; tls?: ServerTls | undefined }): Promise<RunningS3StoreServer> {
+export async function serveS3(o: S3Flags & { s3: string; data?: string; host: string; port: number; gcGraceMs: number; token?: string; tls?: ServerTls | undefined; tenants?: TenantTable | undefined }): Promise<RunningS3StoreServer> {
   return startS3StoreServer({
     s3: s3Options(o.s3, o, o.data ? { cacheDir: join(o.data, 's3cache') } : {}),
-    host: o.host, port: o.port, gcGraceMs: o.gcGraceMs, ...(o.token ? { token: o.token } : {}), ...(o.tls ? { tls: o.tls } : {}),
+    host: o.host, port: o.port, gcGraceMs: o.gcGraceMs, ...(o.token ? { token: o.token } : {}), ...(o.tls ? { tls: o.tls } : {}), ...(o.tenants ? { tenants: o.tenants } : {}),
   });
 }
 

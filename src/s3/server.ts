@@ -5,6 +5,7 @@
  * local cache (index, manifests, this server's GC marks) and can be deleted.
  */
 import type { ServerTls } from '../grpc.js';
+import type { TenantTable } from '../tenants.js';
 import { serveStore, type RunningStoreServer } from '../store/server.js';
 import { S3Backend, type S3BackendOptions } from '../../storage/s3/backend.js';
 
@@ -16,6 +17,8 @@ export interface S3StoreServerOptions {
   /** Serve TLS with these PEM files (plaintext when absent). */
   tls?: ServerTls | undefined;
   gcGraceMs?: number;
+  /** Tenants' tokens accepted besides `token`, each scoped to its jobs (src/tenants.ts). */
+  tenants?: TenantTable | undefined;
 }
 
 export interface RunningS3StoreServer extends RunningStoreServer {

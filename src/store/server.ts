@@ -5,6 +5,7 @@
  */
 import type * as grpcTypes from '@grpc/grpc-js';
 import { ExaError } from '../errors.js';
+import { tenantScopeInterceptor, type TenantTable } from '../tenants.js';
 import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, messageReader, serverCredentials, serverStream, unary, type ServerAuth, type ServerTls } from '../grpc.js';
 import { grpc } from '../grpc.js';
 import { storeProto } from './proto.js';
@@ -173,6 +174,8 @@ export interface StoreServerOptions {
   /** Serve TLS with these PEM files (plaintext when absent). */
   tls?: ServerTls | undefined;
   gcGraceMs?: number;
+  /** Tenants' tokens accepted besides `token`, each scoped to its jobs (src/tenants.ts). */
+  tenants?: TenantTable | undefined;
 }
 
 export interface RunningStoreServer {
@@ -196,8 +199,8 @@ export type ServeOptions = Omit<StoreServerOptions, 'dataDir'>;
  */
 export async function serveStore(backend: Backend, opts: ServeOptions): Promise<RunningStoreServer> {
   const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
-  const server = createServer();
-  server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token }) as unknown as grpcTypes.UntypedServiceImplementation);
+  const server = createServer(opts.tenants ? [tenantScopeInterceptor(opts.tenants)] : []);
+  server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token, tenants: opts.tenants }) as unknown as grpcTypes.UntypedServiceImplementation);
   const host = opts.host ?? '127.0.0.1';
   let port: number;
   try {
