@@ -17,6 +17,7 @@ import { CheckpointStore, type ProgressEvent, type PutSession } from '../../stor
 import { LevelBackend } from '../../storage/leveldb.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import { headerToInfo, regionFromProto } from './convert.js';
+import { tuneMallocForStreaming } from '../../storage/pagetable.js';
 
 export { storeProto };
 
@@ -195,6 +196,7 @@ export type ServeOptions = Omit<StoreServerOptions, 'dataDir'>;
  * when the address cannot be bound.
  */
 export async function serveStore(backend: Backend, opts: ServeOptions): Promise<RunningStoreServer> {
+  tuneMallocForStreaming();
   const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
   const server = createServer();
   server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token }) as unknown as grpcTypes.UntypedServiceImplementation);
