@@ -297,7 +297,7 @@ interface NativeAddon {
   pageTableNew(): PageTableHandle;
   pageTableGet(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null, found: Uint8Array | null): number;
   pageTableSet(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null): number;
-  pageTableAdd(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null): number;
+  pageTableAdd(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null, added?: Uint8Array | null): number;
   pageTableDelete(t: PageTableHandle, hashes: Uint8Array): number;
   pageTableSize(t: PageTableHandle): number;
   pageTableBytes(t: PageTableHandle): number;

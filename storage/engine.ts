@@ -832,7 +832,9 @@ export class PutSession {
         got.forEach((r, j) => { if (r) { r.copy(refs, j * REF_BYTES); found[j] = 1; } });
       }
       this.checkLive();
-      const pinHashes = Buffer.allocUnsafe(m * HASH_BYTES);
+      // Split into pages present (pinned) and pages missing, both in batch order.
+      const pinHashes = Buffer.allocUnsafe(m * HASH_BYTES), missHashes = Buffer.allocUnsafe(m * HASH_BYTES);
+      const missPos: number[] = [];
       let pinned = 0;
       for (let j = 0; j < m; j++) {
         const i = lookupPos[j]!;
@@ -848,14 +850,22 @@ export class PutSession {
         }
         PENDING_REF.copy(map, off + HASH_BYTES);
         this.addUnresolved(b.region[i]!, b.index[i]!);
+        hashes.copy(missHashes, missPos.length * HASH_BYTES, ho, ho + HASH_BYTES);
+        missPos.push(i);
+      }
+      if (pinned > 0) this.pins.add(pinHashes.subarray(0, pinned * HASH_BYTES), null);
+      if (missPos.length > 0) {
         // Wanted once per session: a repeat (within this batch or from a batch offered meanwhile) waits for those bytes.
-        if (this.sessionRefs.add(hashes.subarray(ho, ho + HASH_BYTES), PENDING_REF) === 1) {
+        const added = new Uint8Array(missPos.length);
+        this.sessionRefs.add(missHashes.subarray(0, missPos.length * HASH_BYTES), PENDING_REF, added);
+        for (let k = 0; k < missPos.length; k++) {
+          if (!added[k]) continue;
+          const i = missPos[k]!;
           want.push(i);
           wantRegion.push(b.region[i]!);
           wantIndex.push(b.index[i]!);
         }
       }
-      if (pinned > 0) this.pins.add(pinHashes.subarray(0, pinned * HASH_BYTES), null);
     });
     if (want.length > 0) {
       const wh = Buffer.allocUnsafe(want.length * HASH_BYTES);

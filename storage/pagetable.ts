@@ -47,9 +47,13 @@ export class PageTable {
     return pageTableSet(this.h, hashes, values);
   }
 
-  /** Insert where absent (present hashes keep their value). Returns how many were added. */
-  add(hashes: Uint8Array, values: Uint8Array | null): number {
-    return pageTableAdd(this.h, hashes, values);
+  /**
+   * Insert where absent (present hashes keep their value). Returns how many
+   * were added; added[i] (optional, n bytes) = 1 where hash i was new (for a
+   * hash repeated within the call, its first occurrence).
+   */
+  add(hashes: Uint8Array, values: Uint8Array | null, added: Uint8Array | null = null): number {
+    return pageTableAdd(this.h, hashes, values, added);
   }
 
   /** Remove; returns how many were present. */

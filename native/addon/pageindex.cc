@@ -12,8 +12,10 @@
 //   pageTableSet(t, hashes, values) -> number of hashes that were new
 //     values: n x 8 bytes, or exactly 8 bytes given to every hash, or null
 //     (8 zero bytes). An existing hash gets the new value.
-//   pageTableAdd(t, hashes, values) -> number added: like set, but a hash
-//     already present keeps its value.
+//   pageTableAdd(t, hashes, values, added?) -> number added: like set, but a
+//     hash already present keeps its value; added (Uint8Array of n, optional)
+//     receives 1 where hash i was new (a hash repeated within the call: its
+//     first occurrence only).
 //   pageTableDelete(t, hashes) -> number removed
 //   pageTableSize(t) -> entries;  pageTableBytes(t) -> bytes of memory held
 //   pageTableEntries(t) -> Buffer of size x 40 bytes (hash then value), any order
@@ -248,6 +250,7 @@ Napi::Value Put(const Napi::CallbackInfo &info, const char *fn, bool overwrite) 
   size_t len;
   const uint8_t *vals = opt_arg(info, 2, fn, "values", n * kVal, kVal, &len);
   const bool one = vals && len == kVal && n != 1;
+  uint8_t *addedOut = overwrite ? nullptr : opt_arg(info, 3, fn, "added", n, 0, &len);
   static const uint8_t zero[kVal] = {0};
   for (size_t i = 0; i < n; i++) {
     if (Table::empty(h + i * kKey)) exa_addon::throw_errno(env, EINVAL, std::string(fn) + ": hash " + std::to_string(i) + " is all zero (not a page hash)");
@@ -262,6 +265,7 @@ Napi::Value Put(const Napi::CallbackInfo &info, const char *fn, bool overwrite) 
     }
     bool hit;
     uint8_t *s = t->find(key, &hit);
+    if (addedOut) addedOut[i] = hit ? 0 : 1;
     if (hit) {
       if (overwrite) memcpy(s + kKey, v, kVal);
       continue;
