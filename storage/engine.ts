@@ -799,8 +799,11 @@ export class PutSession {
     const want: number[] = [];
     if (cand.length === 0) return want;
     // Pages this session already wanted (one native call for the batch).
-    const ch = Buffer.allocUnsafe(cand.length * HASH_BYTES);
-    cand.forEach((i, j) => b.hashes.copy(ch, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+    let ch = b.hashes;
+    if (cand.length < n) {
+      ch = Buffer.allocUnsafe(cand.length * HASH_BYTES);
+      cand.forEach((i, j) => b.hashes.copy(ch, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+    }
     const sref = Buffer.allocUnsafe(cand.length * REF_BYTES);
     const mine = new Uint8Array(cand.length);
     const lookupPos: number[] = [];
@@ -823,6 +826,7 @@ export class PutSession {
     const refs = Buffer.allocUnsafe(m * REF_BYTES);
     const found = new Uint8Array(m);
     const wantRegion: number[] = [], wantIndex: number[] = [];
+    let wantAll = null as Buffer | null; // set inside the lock callback
     const backend = this.store.backend;
     // Look up and pin under the GC lock: GC cannot delete a page between "present" and the pin.
     await this.store.gcLock.run(async () => {
@@ -832,8 +836,12 @@ export class PutSession {
         got.forEach((r, j) => { if (r) { r.copy(refs, j * REF_BYTES); found[j] = 1; } });
       }
       this.checkLive();
-      // Split into pages present (pinned) and pages missing, both in batch order.
-      const pinHashes = Buffer.allocUnsafe(m * HASH_BYTES), missHashes = Buffer.allocUnsafe(m * HASH_BYTES);
+      // Split into pages present (pinned) and pages missing, both in batch order
+      // (when every page is missing, missHashes is `hashes` itself, no copies).
+      const allMissing = !found.includes(1);
+      const pinHashes = allMissing ? hashes : Buffer.allocUnsafe(m * HASH_BYTES);
+      let missHashes = allMissing ? hashes : Buffer.allocUnsafe(m * HASH_BYTES);
+      let aliased = allMissing; // missHashes is `hashes`: entry k of it is missPos[k] while no position was skipped
       const missPos: number[] = [];
       let pinned = 0;
       for (let j = 0; j < m; j++) {
@@ -842,7 +850,13 @@ export class PutSession {
         const off = b.index[i]! * ENTRY_BYTES;
         const ho = j * HASH_BYTES;
         // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
-        if (hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) !== 0) continue;
+        if (hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) !== 0) {
+          if (aliased) {
+            missHashes = Buffer.concat([hashes.subarray(0, missPos.length * HASH_BYTES)], m * HASH_BYTES);
+            aliased = false;
+          }
+          continue;
+        }
         if (found[j]) {
           hashes.copy(pinHashes, (pinned++) * HASH_BYTES, ho, ho + HASH_BYTES);
           refs.copy(map, off + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
@@ -850,7 +864,7 @@ export class PutSession {
         }
         PENDING_REF.copy(map, off + HASH_BYTES);
         this.addUnresolved(b.region[i]!, b.index[i]!);
-        hashes.copy(missHashes, missPos.length * HASH_BYTES, ho, ho + HASH_BYTES);
+        if (!aliased) hashes.copy(missHashes, missPos.length * HASH_BYTES, ho, ho + HASH_BYTES);
         missPos.push(i);
       }
       if (pinned > 0) this.pins.add(pinHashes.subarray(0, pinned * HASH_BYTES), null);
@@ -858,6 +872,8 @@ export class PutSession {
         // Wanted once per session: a repeat (within this batch or from a batch offered meanwhile) waits for those bytes.
         const added = new Uint8Array(missPos.length);
         this.sessionRefs.add(missHashes.subarray(0, missPos.length * HASH_BYTES), PENDING_REF, added);
+        // Every missing page is wanted (the usual case): their hashes in want order are missHashes.
+        if (!added.includes(0)) wantAll = missHashes.subarray(0, missPos.length * HASH_BYTES);
         for (let k = 0; k < missPos.length; k++) {
           if (!added[k]) continue;
           const i = missPos[k]!;
@@ -868,8 +884,11 @@ export class PutSession {
       }
     });
     if (want.length > 0) {
-      const wh = Buffer.allocUnsafe(want.length * HASH_BYTES);
-      want.forEach((i, k) => b.hashes.copy(wh, k * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+      let wh = wantAll;
+      if (!wh || wh.length !== want.length * HASH_BYTES) {
+        wh = Buffer.allocUnsafe(want.length * HASH_BYTES);
+        for (let k = 0; k < want.length; k++) b.hashes.copy(wh, k * HASH_BYTES, want[k]! * HASH_BYTES, (want[k]! + 1) * HASH_BYTES);
+      }
       this.pending.set(b.batch, { hashes: wh, region: Uint32Array.from(wantRegion), index: Uint32Array.from(wantIndex) });
     }
     return want;
