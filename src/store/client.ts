@@ -23,7 +23,6 @@ import { hashEach, hashPages } from '../../storage/hash.js';
 import { HASH_BYTES, PAGE_SIZE, isZeroPage } from '../../storage/pages.js';
 import { infoFromProto, regionToProto, type CheckpointSummary } from './convert.js';
 import { storeProto } from './proto.js';
-import { tuneMallocForStreaming } from '../../storage/pagetable.js';
 
 export type { CheckpointSummary, RegionSpec };
 
@@ -141,7 +140,6 @@ export class StoreClient {
 
   /** Connect (waits until the channel is ready; UNAVAILABLE naming the address otherwise). */
   static async connect(address: string, opts: ClientOptions & { timeoutMs?: number } = {}): Promise<StoreClient> {
-    tuneMallocForStreaming();
     const c = createClient(storeProto().exa.v1.Store, address, opts);
     try {
       await waitForReady(c, address, opts.timeoutMs ?? 10_000);
