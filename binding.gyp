@@ -12,7 +12,7 @@
     },
     {
       "target_name": "exa_native",
-      "sources": ["native/addon/addon.cc", "native/ckpt/ckpt.cc", "native/ckpt/guardian.cc", "native/addon/dma.cc", "native/dma/backend.cc", "native/addon/hash.cc", "native/addon/packio.cc"],
+      "sources": ["native/addon/addon.cc", "native/ckpt/ckpt.cc", "native/ckpt/guardian.cc", "native/addon/dma.cc", "native/dma/backend.cc", "native/addon/hash.cc", "native/addon/packio.cc", "native/addon/pageindex.cc"],
       "dependencies": ["libexa"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")", "native/include"],
       "defines": ["NAPI_VERSION=9", "NODE_ADDON_API_DISABLE_DEPRECATED"],

@@ -4,6 +4,7 @@
  * on the same data.
  *
  *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic] [--profile DIR]
+ *                          [--batch-pages 2048] [--ingest-only]
  *
  * --profile DIR: the store servers run with --cpu-prof into DIR (profile the
  * client with `node --cpu-prof dist/bench/run.js store ...`).
@@ -141,16 +142,27 @@ function procCpu(pid: number | undefined): number {
   } catch { return NaN; }
 }
 
+/** Minor page faults of a process so far (fresh memory touched: a large part of the ingest CPU here), NaN when unreadable. */
+function procMinflt(pid: number | undefined): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ')[7]);
+  } catch { return NaN; }
+}
+
 /**
  * Time a phase and the CPU seconds it cost: this process (the client) and the
  * store server. On a shared 2-core machine MiB/s swings with other people's
  * load; CPU seconds per GiB much less.
  */
-async function measured<T>(server: ChildProcess, fn: () => Promise<T>): Promise<{ s: number; v: T; clientCpu: number; serverCpu: number }> {
+async function measured<T>(server: ChildProcess, fn: () => Promise<T>): Promise<{ s: number; v: T; clientCpu: number; serverCpu: number; clientFaults: number; serverFaults: number }> {
   const c0 = process.cpuUsage(), s0 = procCpu(server.pid);
+  const cf0 = process.resourceUsage().minorPageFault, sf0 = procMinflt(server.pid);
   const r = await timeIt(fn);
   const c = process.cpuUsage(c0);
-  return { ...r, clientCpu: (c.user + c.system) / 1e6, serverCpu: procCpu(server.pid) - s0 };
+  return {
+    ...r, clientCpu: (c.user + c.system) / 1e6, serverCpu: procCpu(server.pid) - s0,
+    clientFaults: process.resourceUsage().minorPageFault - cf0, serverFaults: procMinflt(server.pid) - sf0,
+  };
 }
 
 function timeIt<T>(fn: () => Promise<T>): Promise<{ s: number; v: T }> {
@@ -191,6 +203,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
   const chainMib = arg(args, '--chain-mib', 128);
   const noRestic = args.includes('--no-restic');
   const batchPages = arg(args, '--batch-pages', 2048);
+  // --ingest-only: the two ingest phases and nothing else (for profiling them).
+  const ingestOnly = args.includes('--ingest-only');
   const pi = args.indexOf('--profile');
   serverNodeArgs = pi >= 0 && args[pi + 1] ? ['--cpu-prof', '--cpu-prof-dir', args[pi + 1]!] : [];
   const pages = (mib * 1024 * 1024) / PAGE;
@@ -207,9 +221,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     // ---- ingest, unique pages ----
     let batches = makeBatches(img, all, batchPages, true);
     const gib = mib / 1024;
-    const cpuFigures = (name: string, m: { clientCpu: number; serverCpu: number }): void => {
+    const cpuFigures = (name: string, m: { clientCpu: number; serverCpu: number; clientFaults?: number; serverFaults?: number }): void => {
       figures[`${name}_server_cpu_s_per_gib`] = +(m.serverCpu / gib).toFixed(2);
       figures[`${name}_client_cpu_s_per_gib`] = +(m.clientCpu / gib).toFixed(2);
+      // Minor page faults per GiB (fresh memory: each costs a zeroed 4 KiB page in the kernel).
+      if (m.serverFaults !== undefined) figures[`${name}_server_faults_per_gib`] = Math.round(m.serverFaults / gib);
+      if (m.clientFaults !== undefined) figures[`${name}_client_faults_per_gib`] = Math.round(m.clientFaults / gib);
     };
     const u = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
     figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
@@ -223,6 +240,11 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     if (d.v.newPages !== 0) throw new Error(`dedup ingest stored ${d.v.newPages} pages`);
     log(`ingest dedup: ${mib} MiB in ${d.s.toFixed(2)} s = ${(mib / d.s).toFixed(0)} MiB/s`);
     batches = [];
+    if (ingestOnly) {
+      c.close();
+      figures.load_average_end = +loadavg()[0]!.toFixed(2);
+      return figures;
+    }
 
     // ---- ingest with the client library hashing ----
     const img2 = genBytes('bench/store/base2', pages * PAGE);

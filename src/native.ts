@@ -49,6 +49,8 @@ export interface DmaBackendHandle { readonly kind: 'dma-backend' }
 export interface DmaSessionHandle { readonly kind: 'dma-session' }
 /** One request/completion queue of a DMA session. */
 export interface DmaQueueHandle { readonly kind: 'dma-queue' }
+/** A page hash -> 8-byte value table (native/addon/pageindex.cc); memory freed by pageTableClose. */
+export interface PageTableHandle { readonly kind: 'page-table' }
 
 // ---- data crossing the boundary ------------------------------------------
 
@@ -295,6 +297,19 @@ interface NativeAddon {
   packRead(ops: Float64Array, dst: Uint8Array, hashes?: Uint8Array | null): Promise<{ got: Int32Array; ok: Uint8Array | null }>;
   packWrite(fd: number, position: number, bufs: readonly Uint8Array[]): Promise<number>;
   packAdvise(ops: Float64Array): Promise<number>;
+  // Page hash -> 8-byte value tables for the store's upload path (native/addon/pageindex.cc), synchronous.
+  pageTableNew(): PageTableHandle;
+  pageTableGet(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null, found: Uint8Array | null): number;
+  pageTableSet(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null): number;
+  pageTableAdd(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null, added?: Uint8Array | null): number;
+  pageTableDelete(t: PageTableHandle, hashes: Uint8Array): number;
+  pageTableSize(t: PageTableHandle): number;
+  pageTableBytes(t: PageTableHandle): number;
+  pageTableEntries(t: PageTableHandle): Buffer;
+  pageTableClear(t: PageTableHandle): void;
+  pageTableClose(t: PageTableHandle): void;
+  /** glibc mallopt(M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); false where unsupported. */
+  mallocTune(mmapThreshold: number, trimThreshold: number): boolean;
 }
 
 const require = createRequire(import.meta.url);
@@ -386,3 +401,14 @@ export const sha256VerifyPages = wrap(addon.sha256VerifyPages);
 export const packRead = wrap(addon.packRead);
 export const packWrite = wrap(addon.packWrite);
 export const packAdvise = wrap(addon.packAdvise);
+export const pageTableNew = wrap(addon.pageTableNew);
+export const pageTableGet = wrap(addon.pageTableGet);
+export const pageTableSet = wrap(addon.pageTableSet);
+export const pageTableAdd = wrap(addon.pageTableAdd);
+export const pageTableDelete = wrap(addon.pageTableDelete);
+export const pageTableSize = wrap(addon.pageTableSize);
+export const pageTableBytes = wrap(addon.pageTableBytes);
+export const pageTableEntries = wrap(addon.pageTableEntries);
+export const pageTableClear = wrap(addon.pageTableClear);
+export const pageTableClose = wrap(addon.pageTableClose);
+export const mallocTune = wrap(addon.mallocTune);

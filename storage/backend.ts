@@ -65,6 +65,17 @@ export interface PageStore {
    */
   putPages(pages: readonly NewPage[]): Promise<{ refs: PageRef[]; written: number }>;
   /**
+   * Optional batch forms of lookup() and putPages() without a JS object per
+   * page (the upload path uses them when a backend has them). lookupMany:
+   * hashes n x 32 bytes; refs (n x 8) receives the ref of each page found,
+   * found[i] = 1 where present; resolves with the number found. putPageRun:
+   * n verified pages side by side in data (n x 4096), page i hashing to
+   * hashes[32i..); resolves with their refs (n x 8 bytes) and the number
+   * written, with putPages' semantics.
+   */
+  lookupMany?(hashes: Buffer, refs: Buffer, found: Uint8Array): Promise<number>;
+  putPageRun?(hashes: Buffer, data: Buffer): Promise<{ refs: Buffer; written: number }>;
+  /**
    * The bytes at each ref (null where nothing is stored there). Unverified:
    * the engine checks every page against its hash. Backends should coalesce
    * neighbouring refs into one read where their medium rewards it (S3 range GETs).

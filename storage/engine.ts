@@ -29,7 +29,8 @@
 import { ExaError } from '../src/errors.js';
 import type { Backend, ManifestHeader, PageMaps, PageRef, RegionSpec, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
-import { checkPages, hashPages } from './hash.js';
+import { checkPages, hashPages, verifyPages } from './hash.js';
+import { PageTable } from './pagetable.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, hashKey, isZeroHash, sha256 } from './pages.js';
 
 export interface EngineOptions {
@@ -486,9 +487,9 @@ export class CheckpointStore {
       for (const m of this.readers) addMaps(m);
       const total = this.backend.pageStats().pages;
       let scanned = 0;
-      const isLive = (k: string): boolean => {
+      const isLive = (k: string, hash: Buffer): boolean => {
         if (live.has(k) || this.gcRecent!.has(k)) return true;
-        for (const s of this.sessions) if (s.pins.has(k)) return true;
+        for (const s of this.sessions) if (s.pinned(hash)) return true;
         return false;
       };
       for await (const batch of this.backend.scanPages(4096)) {
@@ -498,7 +499,7 @@ export class CheckpointStore {
         batch.forEach((p, i) => {
           const k = hashKey(p.hash);
           const m = marks[i];
-          if (isLive(k)) {
+          if (isLive(k, p.hash)) {
             res.livePages++;
             if (m != null) revive.push(p.hash);
           } else if (m == null) {
@@ -518,7 +519,7 @@ export class CheckpointStore {
           if (doomed.length > 0) {
             await this.gcLock.run(async () => {
               // Re-check under the lock that uploads take to pin what they were told exists.
-              const still = doomed.filter((p) => !isLive(hashKey(p.hash)));
+              const still = doomed.filter((p) => !isLive(hashKey(p.hash), p.hash));
               const n = await this.backend.deletePages(still);
               await this.backend.deleteMarks(still.map((p) => p.hash));
               res.deletedPages += n;
@@ -710,16 +711,21 @@ function checkRegions(regions: RegionSpec[], maxImagePages: number): RegionSpec[
  * which GC reclaims.
  */
 export class PutSession {
-  /** Hashes this upload was told the store has, or uploaded itself (live for GC). */
-  readonly pins = new Set<string>();
-  /** Batches whose data is awaited: the wanted entries' hashes and positions. */
-  private readonly pending = new Map<number, { hashes: Buffer[]; region: number[]; index: number[] }>();
+  /**
+   * Hashes this upload was told the store has, or uploaded itself (live for
+   * GC). Native tables (storage/pagetable.ts), not JS Maps: no string, Map
+   * entry or GC work per page on the upload path.
+   */
+  readonly pins = new PageTable();
+  /** Batches whose data is awaited: the wanted entries' hashes (n x 32) and positions. */
+  private readonly pending = new Map<number, { hashes: Buffer; region: Uint32Array; index: Uint32Array }>();
   /** Batches whose data is being checked and stored now. */
   private readonly supplying = new Set<number>();
-  /** Map positions whose page bytes come with a later batch's data. */
-  private readonly unresolved: { r: number; i: number }[] = [];
-  /** Hashes wanted in this session: null until their data arrives, then their ref. */
-  private readonly sessionRefs = new Map<string, PageRef | null>();
+  /** Map positions (region, page pairs) whose page bytes come with a later batch's data. */
+  private unresolved = new Uint32Array(4096);
+  private unresolvedCount = 0;
+  /** Hashes wanted in this session: PENDING_REF until their data arrives, then their ref. */
+  private readonly sessionRefs = new PageTable();
   private changed = 0;
   private sent = 0;
   private newPages = 0;
@@ -733,6 +739,22 @@ export class PutSession {
     readonly labels: Record<string, string>,
     readonly maps: PageMaps,
   ) {}
+
+  /** Whether GC must keep this page for this upload. */
+  pinned(hash: Buffer): boolean {
+    return !this.done && this.pins.has(hash);
+  }
+
+  private addUnresolved(r: number, i: number): void {
+    if (this.unresolvedCount * 2 + 2 > this.unresolved.length) {
+      const bigger = new Uint32Array(this.unresolved.length * 2);
+      bigger.set(this.unresolved);
+      this.unresolved = bigger;
+    }
+    this.unresolved[this.unresolvedCount * 2] = r;
+    this.unresolved[this.unresolvedCount * 2 + 1] = i;
+    this.unresolvedCount++;
+  }
 
   /**
    * Describe a batch of pages by hash; returns the positions (into the
@@ -762,62 +784,113 @@ export class PutSession {
       }
     }
     this.changed += n;
-    const lookupPos: number[] = [];
-    // Each page's Map key, made once (a 32-character string hashed at each use).
-    const keys = new Array<string>(n);
+    // The pages that changed against what the map holds (the parent's page, or this session's earlier entry).
+    const cand: number[] = [];
     for (let i = 0; i < n; i++) {
       const map = this.maps[b.region[i]!]!;
       const off = b.index[i]! * ENTRY_BYTES;
       if (zero && zero[i]) { map.fill(0, off, off + ENTRY_BYTES); continue; }
       this.sent++;
       const ho = i * HASH_BYTES;
-      // Unchanged against what the map holds (the parent's page, or this session's earlier entry).
       if (b.hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) === 0) continue;
       b.hashes.copy(map, off, ho, ho + HASH_BYTES);
-      const k = hashKey(b.hashes, ho);
-      keys[i] = k;
-      if (this.sessionRefs.has(k)) {
-        const ref = this.sessionRefs.get(k);
-        if (ref) ref.copy(map, off + HASH_BYTES);
-        else { PENDING_REF.copy(map, off + HASH_BYTES); this.unresolved.push({ r: b.region[i]!, i: b.index[i]! }); }
-        continue;
-      }
-      lookupPos.push(i);
+      cand.push(i);
     }
     const want: number[] = [];
-    const wanted = { hashes: [] as Buffer[], region: [] as number[], index: [] as number[] };
-    if (lookupPos.length > 0) {
-      const hashes = lookupPos.map((i) => b.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES));
-      // Look up and pin under the GC lock: GC cannot delete a page between "present" and the pin.
-      await this.store.gcLock.run(async () => {
-        const refs = await this.store.backend.lookup(hashes);
-        lookupPos.forEach((i, j) => {
-          const map = this.maps[b.region[i]!]!;
-          const off = b.index[i]! * ENTRY_BYTES;
-          // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
-          if (b.hashes.compare(map, off, off + HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) return;
-          const k = keys[i]!;
-          const ref = refs[j];
-          if (ref) {
-            this.pins.add(k);
-            ref.copy(map, off + HASH_BYTES);
-          } else if (this.sessionRefs.has(k)) {
-            // Repeated within this batch: its bytes come once.
-            PENDING_REF.copy(map, off + HASH_BYTES);
-            this.unresolved.push({ r: b.region[i]!, i: b.index[i]! });
-          } else {
-            this.sessionRefs.set(k, null);
-            PENDING_REF.copy(map, off + HASH_BYTES);
-            this.unresolved.push({ r: b.region[i]!, i: b.index[i]! });
-            want.push(i);
-            wanted.hashes.push(hashes[j]!);
-            wanted.region.push(b.region[i]!);
-            wanted.index.push(b.index[i]!);
-          }
-        });
+    if (cand.length === 0) return want;
+    // Pages this session already wanted (one native call for the batch).
+    let ch = b.hashes;
+    if (cand.length < n) {
+      ch = Buffer.allocUnsafe(cand.length * HASH_BYTES);
+      cand.forEach((i, j) => b.hashes.copy(ch, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+    }
+    const sref = Buffer.allocUnsafe(cand.length * REF_BYTES);
+    const mine = new Uint8Array(cand.length);
+    const lookupPos: number[] = [];
+    if (this.sessionRefs.get(ch, sref, mine) === 0) for (const i of cand) lookupPos.push(i);
+    else {
+      cand.forEach((i, j) => {
+        if (!mine[j]) { lookupPos.push(i); return; }
+        const map = this.maps[b.region[i]!]!;
+        const off = b.index[i]! * ENTRY_BYTES;
+        if (sref.compare(PENDING_REF, 0, REF_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES) === 0) {
+          PENDING_REF.copy(map, off + HASH_BYTES);
+          this.addUnresolved(b.region[i]!, b.index[i]!);
+        } else sref.copy(map, off + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
       });
     }
-    if (want.length > 0) this.pending.set(b.batch, wanted);
+    if (lookupPos.length === 0) return want;
+    const m = lookupPos.length;
+    const hashes = m === cand.length ? ch : Buffer.allocUnsafe(m * HASH_BYTES);
+    if (hashes !== ch) lookupPos.forEach((i, j) => b.hashes.copy(hashes, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+    const refs = Buffer.allocUnsafe(m * REF_BYTES);
+    const found = new Uint8Array(m);
+    const wantRegion: number[] = [], wantIndex: number[] = [];
+    let wantAll = null as Buffer | null; // set inside the lock callback
+    const backend = this.store.backend;
+    // Look up and pin under the GC lock: GC cannot delete a page between "present" and the pin.
+    await this.store.gcLock.run(async () => {
+      if (backend.lookupMany) await backend.lookupMany(hashes, refs, found);
+      else {
+        const got = await backend.lookup(Array.from({ length: m }, (_, j) => hashes.subarray(j * HASH_BYTES, (j + 1) * HASH_BYTES)));
+        got.forEach((r, j) => { if (r) { r.copy(refs, j * REF_BYTES); found[j] = 1; } });
+      }
+      this.checkLive();
+      // Split into pages present (pinned) and pages missing, both in batch order
+      // (when every page is missing, missHashes is `hashes` itself, no copies).
+      const allMissing = !found.includes(1);
+      const pinHashes = allMissing ? hashes : Buffer.allocUnsafe(m * HASH_BYTES);
+      let missHashes = allMissing ? hashes : Buffer.allocUnsafe(m * HASH_BYTES);
+      let aliased = allMissing; // missHashes is `hashes`: entry k of it is missPos[k] while no position was skipped
+      const missPos: number[] = [];
+      let pinned = 0;
+      for (let j = 0; j < m; j++) {
+        const i = lookupPos[j]!;
+        const map = this.maps[b.region[i]!]!;
+        const off = b.index[i]! * ENTRY_BYTES;
+        const ho = j * HASH_BYTES;
+        // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
+        if (hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) !== 0) {
+          if (aliased) {
+            missHashes = Buffer.concat([hashes.subarray(0, missPos.length * HASH_BYTES)], m * HASH_BYTES);
+            aliased = false;
+          }
+          continue;
+        }
+        if (found[j]) {
+          hashes.copy(pinHashes, (pinned++) * HASH_BYTES, ho, ho + HASH_BYTES);
+          refs.copy(map, off + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+          continue;
+        }
+        PENDING_REF.copy(map, off + HASH_BYTES);
+        this.addUnresolved(b.region[i]!, b.index[i]!);
+        if (!aliased) hashes.copy(missHashes, missPos.length * HASH_BYTES, ho, ho + HASH_BYTES);
+        missPos.push(i);
+      }
+      if (pinned > 0) this.pins.add(pinHashes.subarray(0, pinned * HASH_BYTES), null);
+      if (missPos.length > 0) {
+        // Wanted once per session: a repeat (within this batch or from a batch offered meanwhile) waits for those bytes.
+        const added = new Uint8Array(missPos.length);
+        this.sessionRefs.add(missHashes.subarray(0, missPos.length * HASH_BYTES), PENDING_REF, added);
+        // Every missing page is wanted (the usual case): their hashes in want order are missHashes.
+        if (!added.includes(0)) wantAll = missHashes.subarray(0, missPos.length * HASH_BYTES);
+        for (let k = 0; k < missPos.length; k++) {
+          if (!added[k]) continue;
+          const i = missPos[k]!;
+          want.push(i);
+          wantRegion.push(b.region[i]!);
+          wantIndex.push(b.index[i]!);
+        }
+      }
+    });
+    if (want.length > 0) {
+      let wh = wantAll;
+      if (!wh || wh.length !== want.length * HASH_BYTES) {
+        wh = Buffer.allocUnsafe(want.length * HASH_BYTES);
+        for (let k = 0; k < want.length; k++) b.hashes.copy(wh, k * HASH_BYTES, want[k]! * HASH_BYTES, (want[k]! + 1) * HASH_BYTES);
+      }
+      this.pending.set(b.batch, { hashes: wh, region: Uint32Array.from(wantRegion), index: Uint32Array.from(wantIndex) });
+    }
     return want;
   }
 
@@ -827,31 +900,40 @@ export class PutSession {
     const w = this.pending.get(batch);
     if (!w) throw new ExaError('INVALID_ARGUMENT', `data for batch ${batch}, which awaits no data`);
     if (this.supplying.has(batch)) throw new ExaError('INVALID_ARGUMENT', `data for batch ${batch} sent twice`);
-    if (data.length !== w.hashes.length * PAGE_SIZE) {
-      throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: ${data.length} bytes of data, expected ${w.hashes.length * PAGE_SIZE} (${w.hashes.length} pages of 4096)`);
+    const n = w.region.length;
+    if (data.length !== n * PAGE_SIZE) {
+      throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: ${data.length} bytes of data, expected ${n * PAGE_SIZE} (${n} pages of 4096)`);
     }
     // The batch stays pending (commit refuses) until its pages are stored.
     this.supplying.add(batch);
     try {
-      // Every page checked against its hash, hashed off the JS thread (storage/hash.ts).
-      const got = await hashPages(data);
+      // Every page checked against its hash: hashed and compared off the JS thread in one native pass (storage/hash.ts).
+      const bad = await verifyPages(data, w.hashes);
       this.checkLive();
-      const pages = w.hashes.map((hash, i) => {
-        if (got.compare(hash, 0, HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES) !== 0) {
-          const reg = this.regions[w.region[i]!]!;
-          throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: page ${w.index[i]} of region ${JSON.stringify(reg.name)}: bytes do not match hash ${hash.toString('hex')}`,
-            { region: reg.name, page: w.index[i] });
-        }
-        // Locality hint for the backend: the image successor of the previous page.
-        const follows = i > 0 && w.region[i] === w.region[i - 1] && w.index[i] === w.index[i - 1]! + 1;
-        return { hash, data: data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), follows };
-      });
+      if (bad.length > 0) {
+        const i = bad[0]!;
+        const reg = this.regions[w.region[i]!]!;
+        throw new ExaError('INVALID_ARGUMENT', `batch ${batch}: page ${w.index[i]} of region ${JSON.stringify(reg.name)}: bytes do not match hash ${w.hashes.toString('hex', i * HASH_BYTES, (i + 1) * HASH_BYTES)}`,
+          { region: reg.name, page: w.index[i] });
+      }
       // Pin first: putPages may answer with a copy another upload stored, which GC must not take meanwhile.
-      const keys = pages.map((p) => hashKey(p.hash));
-      for (const k of keys) this.pins.add(k);
-      const { refs, written } = await this.store.backend.putPages(pages);
+      this.pins.add(w.hashes, null);
+      const backend = this.store.backend;
+      let refs: Buffer, written: number;
+      if (backend.putPageRun) ({ refs, written } = await backend.putPageRun(w.hashes, data));
+      else {
+        const pages = Array.from({ length: n }, (_, i) => ({
+          hash: w.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES),
+          data: data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE),
+          // Locality hint for the backend: the image successor of the previous page.
+          follows: i > 0 && w.region[i] === w.region[i - 1] && w.index[i] === w.index[i - 1]! + 1,
+        }));
+        const r = await backend.putPages(pages);
+        refs = Buffer.concat(r.refs, n * REF_BYTES);
+        written = r.written;
+      }
       this.checkLive();
-      keys.forEach((k, i) => this.sessionRefs.set(k, refs[i]!));
+      this.sessionRefs.set(w.hashes, refs);
       this.newPages += written;
       this.pending.delete(batch);
       return written;
@@ -866,13 +948,28 @@ export class PutSession {
     if (this.pending.size > 0) {
       throw new ExaError('FAILED_PRECONDITION', `commit while batches ${[...this.pending.keys()].slice(0, 10).join(', ')} still await their page data`);
     }
-    for (const u of this.unresolved) {
-      const map = this.maps[u.r]!;
-      const off = u.i * ENTRY_BYTES;
-      if (map.compare(PENDING_REF, 0, REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES) !== 0) continue;
-      const ref = this.sessionRefs.get(hashKey(map, off));
-      if (!ref) throw new ExaError('INTERNAL', `page ${u.i} of region ${this.regions[u.r]!.name} has no stored bytes`);
-      ref.copy(map, off + HASH_BYTES);
+    // The entries still marked pending get the refs their pages were stored at (one native lookup).
+    const todo: number[] = [];
+    for (let k = 0; k < this.unresolvedCount; k++) {
+      const map = this.maps[this.unresolved[2 * k]!]!;
+      const off = this.unresolved[2 * k + 1]! * ENTRY_BYTES;
+      if (map.compare(PENDING_REF, 0, REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES) === 0) todo.push(k);
+    }
+    if (todo.length > 0) {
+      const hs = Buffer.allocUnsafe(todo.length * HASH_BYTES), refs = Buffer.allocUnsafe(todo.length * REF_BYTES);
+      todo.forEach((k, j) => {
+        const off = this.unresolved[2 * k + 1]! * ENTRY_BYTES;
+        this.maps[this.unresolved[2 * k]!]!.copy(hs, j * HASH_BYTES, off, off + HASH_BYTES);
+      });
+      const found = new Uint8Array(todo.length);
+      this.sessionRefs.get(hs, refs, found);
+      todo.forEach((k, j) => {
+        const r = this.unresolved[2 * k]!, i = this.unresolved[2 * k + 1]!;
+        if (!found[j] || refs.compare(PENDING_REF, 0, REF_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES) === 0) {
+          throw new ExaError('INTERNAL', `page ${i} of region ${this.regions[r]!.name} has no stored bytes`);
+        }
+        refs.copy(this.maps[r]!, i * ENTRY_BYTES + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+      });
     }
     let zeroPages = 0;
     for (const m of this.maps) for (let off = 0; off < m.length; off += ENTRY_BYTES) if (isZeroHash(m, off)) zeroPages++;
@@ -893,8 +990,12 @@ export class PutSession {
   }
 
   private finish(): void {
+    if (this.done) return;
     this.done = true;
     this.store.sessions.delete(this);
+    // The session's tables are native memory: freed now (a late call finds the session finished first).
+    this.pins.close();
+    this.sessionRefs.close();
   }
 
   private checkLive(): void {

@@ -39,6 +39,20 @@
  * A new pack is started at every open (a crash may leave a torn tail in the
  * pack that was being written; nothing durable names those bytes).
  *
+ * The page index in memory: at open every 'H' entry is loaded into a native
+ * hash table (storage/pagetable.ts, native/addon/pageindex.cc), kept in step
+ * with every change of the 'H' entries (new pages, GC deletions, repacks) and
+ * holding the pending entries too; lookups of an upload's hashes are answered
+ * from it in one native call per batch, without LevelDB (getMany of 2048 keys
+ * cost ~0.5 CPU s per GiB of deduplicated ingest, the JS Maps of the pending
+ * entries ~1 s per GiB of new pages). It is a cache of the durable index, never
+ * the truth: a crash loses it and the next open rebuilds it. Memory: ~45-54
+ * bytes per stored page (40-byte slots at most 3/4 full), i.e. 11-14 GiB per
+ * TiB of unique pages (2^28 pages). Bound: `memoryIndexMaxPages` (default:
+ * what fits in 1/8 of the machine's RAM); past it the table is dropped and
+ * lookups go to LevelDB again (getMany), correct but slower. The pending
+ * entries live in a second, small native table (at most pendingFlush entries).
+ *
  * GC: deletePages() removes index entries; sweepOrphans() (end of GC phase 2)
  * reclaims space by rewriting packs whose live fraction is below one half
  * (live pages appended to the current pack, synced, then one synced batch
@@ -60,13 +74,15 @@
  */
 import { constants as fsc, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
+import { totalmem } from 'node:os';
 import { join } from 'node:path';
 import { Level } from 'level';
 import { ExaError, toExaError } from '../src/errors.js';
 import { packAdvise, packRead, packWrite } from '../src/native.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
-import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, hashKey, isZeroHash } from './pages.js';
+import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroHash } from './pages.js';
+import { PageTable, joinHashes } from './pagetable.js';
 
 type DB = Level<Buffer, Buffer>;
 type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
@@ -144,7 +160,15 @@ export interface LevelBackendOptions {
   directIo?: boolean;
   /** Pending index entries at which putPages makes them durable itself (default 2^18; tests use few). */
   pendingFlush?: number;
+  /**
+   * Most pages the in-memory page index may hold (default: 1/8 of the RAM at
+   * 54 bytes a page); with more, lookups go to LevelDB. 0 = no in-memory index.
+   */
+  memoryIndexMaxPages?: number;
 }
+
+/** Bytes of the in-memory index per page, upper bound (40-byte slots, at least 3/4 full after growth). */
+export const MEMORY_INDEX_BYTES_PER_PAGE = 54;
 
 export class LevelBackend implements Backend {
   readonly kind = 'leveldb';
@@ -153,8 +177,13 @@ export class LevelBackend implements Backend {
   private nextPackId = 1;
   /** A pack file was created since the packs directory was last synced. */
   private dirDirty = false;
-  /** Index entries of pages written but not yet durable (hash key -> ref). */
-  private readonly pending = new Map<string, PageRef>();
+  /** Index entries of pages written but not yet durable (hash -> ref). */
+  private readonly pending = new PageTable();
+  /** Every index entry, durable and pending (hash -> ref); null when the store outgrew memoryIndexMaxPages. */
+  private index: PageTable | null = null;
+  private readonly memoryIndexMaxPages: number;
+  /** Scratch table for duplicate hashes within one putPages call. */
+  private readonly seen = new PageTable();
   /** Pages removed by deletePages per pack since open (to tell orphans from GC'd pages in sweepOrphans). */
   private readonly deletedIn = new Map<number, number>();
   private pages = 0;
@@ -171,7 +200,11 @@ export class LevelBackend implements Backend {
     this.packBytes = opts.packBytes ?? PACK_BYTES;
     this.directIo = opts.directIo ?? true;
     this.pendingFlush = opts.pendingFlush ?? PENDING_FLUSH;
+    this.memoryIndexMaxPages = opts.memoryIndexMaxPages ?? Math.floor(totalmem() / 8 / MEMORY_INDEX_BYTES_PER_PAGE);
   }
+
+  /** Whether lookups are answered from the in-memory page index (else from LevelDB). */
+  get memoryIndex(): boolean { return this.index !== null; }
 
   private get packDir(): string { return join(this.dir, 'packs'); }
 
@@ -219,15 +252,43 @@ export class LevelBackend implements Backend {
     // A conversion that crashed after its commit leaves the old page database behind.
     rmSync(join(this.dir, 'pages'), { recursive: true, force: true });
     await this.openPacks();
+    // Count the index entries and load them into the in-memory index (while they fit).
     let n = 0;
-    const it = this.db.keys({ gte: Buffer.from([H]), lt: Buffer.from([H + 1]) });
-    for (;;) {
-      const ks = await it.nextv(10_000);
-      if (ks.length === 0) break;
-      n += ks.length;
+    let index: PageTable | null = this.memoryIndexMaxPages > 0 ? new PageTable() : null;
+    const it = this.db.iterator({ gte: Buffer.from([H]), lt: Buffer.from([H + 1]) });
+    try {
+      for (;;) {
+        const es = await it.nextv(10_000);
+        if (es.length === 0) break;
+        n += es.length;
+        if (index && n > this.memoryIndexMaxPages) { index.close(); index = null; }
+        if (!index) continue;
+        const hashes = Buffer.allocUnsafe(es.length * HASH_BYTES), refs = Buffer.allocUnsafe(es.length * REF_BYTES);
+        let k = 0;
+        for (const [key, v] of es) {
+          if (key.length !== 1 + HASH_BYTES || v.length !== REF_BYTES) continue; // not an entry this format writes: lookups miss it
+          key.copy(hashes, k * HASH_BYTES, 1);
+          v.copy(refs, k * REF_BYTES);
+          k++;
+        }
+        index.set(hashes.subarray(0, k * HASH_BYTES), refs.subarray(0, k * REF_BYTES));
+      }
+    } catch (e) {
+      index?.close();
+      throw e;
+    } finally {
+      await it.close();
     }
-    await it.close();
+    this.index = index;
     this.pages = n;
+  }
+
+  /** Drop the in-memory index once the store holds more pages than it may (lookups then go to LevelDB). */
+  private checkIndexBound(): void {
+    if (this.index && this.index.size > this.memoryIndexMaxPages) {
+      this.index.close();
+      this.index = null;
+    }
   }
 
   private async openPacks(): Promise<void> {
@@ -327,7 +388,9 @@ export class LevelBackend implements Backend {
    */
   private flushPending(extra: Op[] = []): Promise<void> {
     return this.syncLock.run(async () => {
-      const entries = [...this.pending];
+      // Snapshot: n x 40 bytes (hash, ref); entries added while the sync runs wait for the next call.
+      const entries = this.pending.size > 0 ? this.pending.entries() : Buffer.alloc(0);
+      const n = entries.length / ENTRY_BYTES;
       const dirty = [...this.packs.values()].filter((p) => p.dirty);
       for (const p of dirty) p.dirty = false;
       const dirDirty = this.dirDirty;
@@ -343,35 +406,58 @@ export class LevelBackend implements Backend {
         this.dirDirty ||= dirDirty;
         throw toExaError(e, `cannot sync packs in ${this.packDir}`);
       }
-      if (entries.length + extra.length > 0) {
+      if (n + extra.length > 0) {
         // A chained batch: abstract-level's array form spent ~10 us of JS per
         // operation (0.72 CPU s for 65,536 index entries, chained: 0.095 s).
+        // Keys are views of one buffer, values views of the snapshot.
         const b = this.db.batch();
-        for (const [k, ref] of entries) b.put(hashKeyOf(H, Buffer.from(k, 'latin1')), ref);
+        const keys = Buffer.allocUnsafe(n * (1 + HASH_BYTES));
+        for (let i = 0; i < n; i++) {
+          const ko = i * (1 + HASH_BYTES), eo = i * ENTRY_BYTES;
+          keys[ko] = H;
+          entries.copy(keys, ko + 1, eo, eo + HASH_BYTES);
+          b.put(keys.subarray(ko, ko + 1 + HASH_BYTES), entries.subarray(eo + HASH_BYTES, eo + ENTRY_BYTES));
+        }
         for (const op of extra) { if (op.type === 'put') b.put(op.key, op.value); else b.del(op.key); }
         await b.write({ sync: true });
       }
-      for (const [k, ref] of entries) if (this.pending.get(k) === ref) this.pending.delete(k);
+      // A pending hash never gets another ref (putPages adds only absent hashes; deletePages skips pending ones).
+      if (n > 0 && this.pending.size === n) this.pending.clear(); // nothing was added meanwhile (the usual case)
+      else if (n > 0) {
+        const hashes = Buffer.allocUnsafe(n * HASH_BYTES);
+        for (let i = 0; i < n; i++) entries.copy(hashes, i * HASH_BYTES, i * ENTRY_BYTES, i * ENTRY_BYTES + HASH_BYTES);
+        this.pending.delete(hashes);
+      }
     });
   }
 
   // ---- PageStore ----
 
-  lookup(hashes: readonly Buffer[]): Promise<(PageRef | null)[]> {
-    return this.lookupKeyed(hashes, null);
+  async lookup(hashes: readonly Buffer[]): Promise<(PageRef | null)[]> {
+    if (hashes.length === 0) return [];
+    const n = hashes.length;
+    const refs = Buffer.allocUnsafe(n * REF_BYTES), found = new Uint8Array(n);
+    await this.lookupMany(joinHashes(hashes), refs, found);
+    const out = new Array<PageRef | null>(n);
+    for (let i = 0; i < n; i++) out[i] = found[i] ? refs.subarray(i * REF_BYTES, (i + 1) * REF_BYTES) : null;
+    return out;
   }
 
-  /** lookup() with the hashes' Map keys when the caller has them. */
-  private async lookupKeyed(hashes: readonly Buffer[], keyOf: readonly string[] | null): Promise<(PageRef | null)[]> {
-    if (hashes.length === 0) return [];
-    const out = new Array<PageRef | null>(hashes.length).fill(null);
+  /**
+   * lookup() without a JS object per page: hashes n x 32 bytes; refs (n x 8)
+   * receives the ref of each page found, found[i] = 1 where present. Returns
+   * the number found. From the in-memory index in one native call; without
+   * it, the pending entries then LevelDB getMany.
+   */
+  async lookupMany(hashes: Buffer, refs: Buffer, found: Uint8Array): Promise<number> {
+    const n = hashes.length / HASH_BYTES;
+    if (n === 0) return 0;
+    if (this.index) return this.index.get(hashes, refs, found);
+    let hits = this.pending.size > 0 ? this.pending.get(hashes, refs, found) : (found.fill(0), 0);
     const ask: number[] = [];
-    for (let i = 0; i < hashes.length; i++) {
-      const p = this.pending.size > 0 ? this.pending.get(keyOf ? keyOf[i]! : hashKey(hashes[i]!)) : undefined;
-      if (p) out[i] = p; else ask.push(i);
-    }
-    if (ask.length === 0) return out;
-    const keys = ask.map((i) => hashKeyOf(H, hashes[i]!));
+    for (let i = 0; i < n; i++) if (!found[i]) ask.push(i);
+    if (ask.length === 0) return hits;
+    const keys = ask.map((i) => hashKeyOf(H, hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES)));
     // Large lookups in two halves, so two pool threads share them.
     let vals: (Buffer | undefined)[];
     if (keys.length < 256) vals = await this.db.getMany(keys);
@@ -380,55 +466,114 @@ export class LevelBackend implements Backend {
       const [a, b] = await Promise.all([this.db.getMany(keys.slice(0, half)), this.db.getMany(keys.slice(half))]);
       vals = a.concat(b);
     }
-    ask.forEach((i, j) => { out[i] = vals[j] ?? null; });
-    return out;
+    ask.forEach((i, j) => {
+      const v = vals[j];
+      if (!v || v.length !== REF_BYTES) return;
+      v.copy(refs, i * REF_BYTES);
+      found[i] = 1;
+      hits++;
+    });
+    return hits;
   }
 
-  putPages(pages: readonly NewPage[]): Promise<{ refs: PageRef[]; written: number }> {
+  async putPages(pages: readonly NewPage[]): Promise<{ refs: PageRef[]; written: number }> {
+    const n = pages.length;
+    if (n === 0) return { refs: [], written: 0 };
+    for (const p of pages) if (p.data.length !== PAGE_SIZE) throw new ExaError('INTERNAL', `a page of ${p.data.length} bytes`);
+    const r = await this.storePages(joinHashes(pages.map((p) => p.hash)), (i) => pages[i]!.data);
+    const refs = new Array<PageRef>(n);
+    for (let i = 0; i < n; i++) refs[i] = r.refs.subarray(i * REF_BYTES, (i + 1) * REF_BYTES);
+    return { refs, written: r.written };
+  }
+
+  /**
+   * putPages() of n pages lying side by side in `data` (n x 4096 bytes, page i
+   * hashing to hashes[32i..32i+32), already verified), without a JS object per
+   * page: resolves with their refs (n x 8 bytes) and the number written.
+   */
+  putPageRun(hashes: Buffer, data: Buffer): Promise<{ refs: Buffer; written: number }> {
+    const n = hashes.length / HASH_BYTES;
+    if (!Number.isInteger(n) || data.length !== n * PAGE_SIZE) {
+      return Promise.reject(new ExaError('INTERNAL', `putPageRun: ${hashes.length} bytes of hashes for ${data.length} bytes of pages`));
+    }
+    return this.storePages(hashes, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+  }
+
+  private storePages(hashes: Buffer, page: (i: number) => Buffer): Promise<{ refs: Buffer; written: number }> {
     // Serialized so that two sessions uploading the same page store it once.
     return this.writeLock.run(async () => {
       this.checkOpen();
-      const keyOf = pages.map((p) => hashKey(p.hash));
-      const existing = await this.lookupKeyed(pages.map((p) => p.hash), keyOf);
-      const refs = new Array<PageRef>(pages.length);
-      const seen = new Map<string, number>();
-      const fresh: number[] = [];       // indexes into pages of the pages to write, in order
+      const n = hashes.length / HASH_BYTES;
+      const refs = Buffer.allocUnsafe(n * REF_BYTES);
+      const have = new Uint8Array(n);
+      const hits = await this.lookupMany(hashes, refs, have);
+      if (hits === n) return { refs, written: 0 };
+      // The pages to write, in order; a hash repeated within the call is written once.
+      const fresh: number[] = [];
       const dup: [number, number][] = [];
-      for (let i = 0; i < pages.length; i++) {
-        const have = existing[i];
-        if (have) { refs[i] = have; continue; }
-        const k = keyOf[i]!;
-        const first = seen.get(k);
-        if (first !== undefined) { dup.push([i, first]); continue; }
-        seen.set(k, i);
+      const m = n - hits;
+      let missing = hashes;
+      if (hits > 0) {
+        missing = Buffer.allocUnsafe(m * HASH_BYTES);
+        let k = 0;
+        for (let i = 0; i < n; i++) if (!have[i]) hashes.copy(missing, (k++) * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES);
+      }
+      let firstOf: Map<string, number> | null = null;
+      if (this.seen.add(missing, null) !== m) {
+        // Rare: repeats within the call (the engine sends each hash once).
+        firstOf = new Map();
+      }
+      this.seen.clear();
+      for (let i = 0; i < n; i++) {
+        if (have[i]) continue;
+        if (firstOf) {
+          const k = hashes.toString('latin1', i * HASH_BYTES, (i + 1) * HASH_BYTES);
+          const first = firstOf.get(k);
+          if (first !== undefined) { dup.push([i, first]); continue; }
+          firstOf.set(k, i);
+        }
         fresh.push(i);
       }
-      if (fresh.length > 0) {
-        // Pages that lie side by side in one message go in as one buffer, without a copy.
-        const bufs: Buffer[] = [];
-        let run: Buffer | null = null;
-        for (const i of fresh) {
-          const d = pages[i]!.data;
-          if (d.length !== PAGE_SIZE) throw new ExaError('INTERNAL', `a page of ${d.length} bytes`);
-          if (run && run.buffer === d.buffer && run.byteOffset + run.length === d.byteOffset) {
-            run = Buffer.from(run.buffer, run.byteOffset, run.length + PAGE_SIZE);
-          } else {
-            if (run) bufs.push(run);
-            run = d;
-          }
+      // Pages that lie side by side in one message go in as one buffer, without a copy.
+      const bufs: Buffer[] = [];
+      let run: Buffer | null = null;
+      for (const i of fresh) {
+        const d = page(i);
+        if (run && run.buffer === d.buffer && run.byteOffset + run.length === d.byteOffset) {
+          run = Buffer.from(run.buffer, run.byteOffset, run.length + PAGE_SIZE);
+        } else {
+          if (run) bufs.push(run);
+          run = d;
         }
-        bufs.push(run!);
-        const { pack, slot } = await this.append(bufs, fresh.length * PAGE_SIZE);
+      }
+      bufs.push(run!);
+      const { pack, slot } = await this.append(bufs, fresh.length * PAGE_SIZE);
+      let newHashes: Buffer, newRefs: Buffer;
+      if (fresh.length === n) {
+        // Every page is new (the usual case of new data): no gathering.
+        for (let i = 0; i < n; i++) {
+          refs.writeUInt32BE(pack.id, i * REF_BYTES);
+          refs.writeUInt32BE(slot + i, i * REF_BYTES + 4);
+        }
+        newHashes = hashes;
+        newRefs = refs;
+      } else {
+        newHashes = Buffer.allocUnsafe(fresh.length * HASH_BYTES);
+        newRefs = Buffer.allocUnsafe(fresh.length * REF_BYTES);
         fresh.forEach((i, j) => {
-          const ref = makeRef(pack.id, slot + j);
-          refs[i] = ref;
-          this.pending.set(keyOf[i]!, ref);
+          newRefs.writeUInt32BE(pack.id, j * REF_BYTES);
+          newRefs.writeUInt32BE(slot + j, j * REF_BYTES + 4);
+          newRefs.copy(refs, i * REF_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+          hashes.copy(newHashes, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES);
         });
       }
-      for (const [i, first] of dup) refs[i] = refs[first]!;
+      this.pending.set(newHashes, newRefs);
+      this.index?.set(newHashes, newRefs);
+      for (const [i, first] of dup) refs.copy(refs, i * REF_BYTES, first * REF_BYTES, (first + 1) * REF_BYTES);
       this.pages += fresh.length;
+      this.checkIndexBound();
       // Bounded memory for long uploads: past PENDING_FLUSH entries (1 GiB of pages,
-      // ~150 MB of JS Map), sync the packs and make the entries durable now.
+      // ~12 MB of native table), sync the packs and make the entries durable now.
       if (this.pending.size >= this.pendingFlush) await this.flushPending();
       return { refs, written: fresh.length };
     });
@@ -552,17 +697,22 @@ export class LevelBackend implements Backend {
       if (pages.length === 0) return 0;
       const current = await this.lookup(pages.map((p) => p.hash));
       const ops: Op[] = [];
+      const gone: Buffer[] = [];
       let removed = 0;
       for (let i = 0; i < pages.length; i++) {
         const p = pages[i]!;
         const cur = current[i];
-        if (!cur || !cur.equals(p.ref) || this.pending.has(hashKey(p.hash))) continue;
+        if (!cur || !cur.equals(p.ref) || this.pending.has(p.hash)) continue;
         ops.push({ type: 'del', key: hashKeyOf(H, p.hash) });
+        gone.push(p.hash);
         const id = p.ref.readUInt32BE(0);
         this.deletedIn.set(id, (this.deletedIn.get(id) ?? 0) + 1);
         removed++;
       }
       // The bytes stay in their pack until sweepOrphans rewrites or drops it.
+      // Out of the in-memory index first: were the write to fail, the index would only
+      // miss pages LevelDB still has (an upload stores such a page again), never the reverse.
+      if (gone.length > 0) this.index?.delete(joinHashes(gone));
       if (ops.length > 0) await this.write(ops);
       this.pages -= removed;
       return removed;
@@ -727,7 +877,8 @@ export class LevelBackend implements Backend {
         l.push({ hash: k.subarray(1), slot: v.readUInt32BE(4) });
       }
       const busy = new Set<number>();
-      for (const ref of this.pending.values()) busy.add(ref.readUInt32BE(0));
+      const pend = this.pending.entries();
+      for (let off = HASH_BYTES; off < pend.length; off += ENTRY_BYTES) busy.add(pend.readUInt32BE(off));
       const victims = [...this.packs.values()].filter((p) => !p.retired && p !== this.current && !p.dirty && !busy.has(p.id)
         && (live.get(p.id)?.length ?? 0) < REPACK_LIVE_FRACTION * Math.max(1, p.slots));
       if (victims.length === 0) return 0;
@@ -750,6 +901,9 @@ export class LevelBackend implements Backend {
       }
       // The copies are durable before any index entry names them (flushPending syncs the packs).
       await this.flushPending(updates);
+      if (this.index) {
+        for (const u of updates) if (u.type === 'put') this.index.set(u.key.subarray(1), u.value);
+      }
       let orphans = 0;
       for (const p of victims) {
         const dead = p.slots - (live.get(p.id)?.length ?? 0);
@@ -778,6 +932,10 @@ export class LevelBackend implements Backend {
     }
     this.packs.clear();
     this.current = null;
+    this.index?.close();
+    this.index = null;
+    this.pending.close();
+    this.seen.close();
   }
 
   /** One atomic batch of the index (chained: far cheaper per operation than the array form). */

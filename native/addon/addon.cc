@@ -26,6 +26,7 @@
 void exa_addon_register_dma(Napi::Env env, Napi::Object exports); /* native/addon/dma.cc */
 void exa_addon_register_hash(Napi::Env env, Napi::Object exports); /* native/addon/hash.cc */
 void exa_addon_register_packio(Napi::Env env, Napi::Object exports); /* native/addon/packio.cc */
+void exa_addon_register_pageindex(Napi::Env env, Napi::Object exports); /* native/addon/pageindex.cc */
 
 namespace exa_addon {
 
@@ -692,6 +693,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exa_addon_register_dma(env, exports); /* native/addon/dma.cc */
   exa_addon_register_hash(env, exports); /* native/addon/hash.cc */
   exa_addon_register_packio(env, exports); /* native/addon/packio.cc */
+  exa_addon_register_pageindex(env, exports); /* native/addon/pageindex.cc */
   return exports;
 }
 

@@ -18,6 +18,7 @@ import { CheckpointStore, type ProgressEvent, type PutSession } from '../../stor
 import { LevelBackend } from '../../storage/leveldb.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import { headerToInfo, regionFromProto } from './convert.js';
+import { tuneMallocForStreaming } from '../../storage/pagetable.js';
 
 export { storeProto };
 
@@ -198,6 +199,7 @@ export type ServeOptions = Omit<StoreServerOptions, 'dataDir'>;
  * when the address cannot be bound.
  */
 export async function serveStore(backend: Backend, opts: ServeOptions): Promise<RunningStoreServer> {
+  tuneMallocForStreaming();
   const store = new CheckpointStore(backend, opts.gcGraceMs !== undefined ? { gcGraceMs: opts.gcGraceMs } : {});
   const server = createServer(opts.tenants ? [tenantScopeInterceptor(opts.tenants)] : []);
   server.addService(storeProto().exa.v1.Store.service, storeHandlers(store, { token: opts.token, tenants: opts.tenants }) as unknown as grpcTypes.UntypedServiceImplementation);
