@@ -77,6 +77,30 @@ export interface ImagePiece {
   data: Buffer;
   /** Sparse piece (delta reads): the page indexes held, ascending; zero/data follow this list. */
   pages?: number[];
+  /**
+   * With ReadImageOptions.reuse: bytes in front of `data` (same ArrayBuffer)
+   * that the consumer may overwrite (a wire header, src/store/codec-image.ts).
+   */
+  headroom?: number;
+  /**
+   * With ReadImageOptions.reuse: hand the piece's buffer back for a later
+   * piece of the same read. After calling it the consumer must not touch
+   * `data` any more. Not calling it is correct (the buffer is then garbage).
+   */
+  release?: () => void;
+}
+
+export interface ReadImageOptions {
+  /** Pages per piece (default 512). */
+  chunkPages?: number;
+  /**
+   * Piece buffers are recycled through ImagePiece.release() (a 1 GiB restore
+   * then allocates a handful of buffers instead of 1 GiB of fresh memory,
+   * which cost page faults and garbage collections) and leave `headroom`
+   * bytes free in front of the data.
+   */
+  reuse?: boolean;
+  headroom?: number;
 }
 
 export interface JobSummaryInfo { job: string; checkpoints: number; latest: number; latestAt: number; logicalBytes: number }
@@ -108,6 +132,19 @@ function imageBytes(regions: readonly RegionSpec[]): number {
 
 function ckptName(job: string, n: number): string {
   return `checkpoint ${n} of job ${job}`;
+}
+
+/** The recycled piece buffers of one readImage (ReadImageOptions.reuse): headroom + piece bytes each. */
+class PieceBuffers {
+  private readonly free: Buffer[] = [];
+  constructor(readonly headroom: number, private readonly pieceBytes: number) {}
+  take(): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.headroom + this.pieceBytes);
+  }
+  give(b: Buffer): void {
+    // More than the read keeps in flight never come back at once; the cap is a guard.
+    if (this.free.length < 8) this.free.push(b);
+  }
 }
 
 export class CheckpointStore {
@@ -206,7 +243,10 @@ export class CheckpointStore {
    * header. Every page is checked against its hash: CORRUPT names job,
    * checkpoint, region and page.
    */
-  async *readImage(job: string, n: number, range: ImageRange = {}, chunkPages = 512): AsyncGenerator<ManifestHeader | ImagePiece> {
+  async *readImage(job: string, n: number, range: ImageRange = {}, chunkOrOpts: number | ReadImageOptions = 512): AsyncGenerator<ManifestHeader | ImagePiece> {
+    const opts: ReadImageOptions = typeof chunkOrOpts === 'number' ? { chunkPages: chunkOrOpts } : chunkOrOpts;
+    const chunkPages = opts.chunkPages ?? 512;
+    if (!Number.isInteger(chunkPages) || chunkPages < 1) throw new ExaError('INVALID_ARGUMENT', `chunkPages ${chunkPages} is not a positive integer`);
     const header = await this.resolve(job, n);
     n = header.checkpoint;
     const maps = await this.getMaps(job, n);
@@ -274,12 +314,14 @@ export class CheckpointStore {
         }
       }
       // Read two pieces ahead so the backend works while the consumer sends
-      // (memory: three pieces, 6 MiB at the default size).
+      // (memory: three pieces, 6 MiB at the default size, plus what the consumer holds).
       const ahead: Promise<ImagePiece>[] = [];
       let k = 0;
+      let buffers: PieceBuffers | null = null;
+      if (opts.reuse) buffers = new PieceBuffers(Math.max(0, opts.headroom ?? 0), chunkPages * PAGE_SIZE);
       const fill = (): void => {
         while (ahead.length < 3 && k < pieces.length) {
-          const p = this.readPiece(header, maps, pieces[k++]!);
+          const p = this.readPiece(header, maps, pieces[k++]!, buffers);
           // No unhandled rejection if the consumer stops early.
           p.catch(() => undefined);
           ahead.push(p);
@@ -297,7 +339,7 @@ export class CheckpointStore {
     }
   }
 
-  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number; pages?: number[] }): Promise<ImagePiece> {
+  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number; pages?: number[] }, buffers: PieceBuffers | null = null): Promise<ImagePiece> {
     const map = maps[p.r]!;
     const region = header.regions[p.r]!.name;
     const n = p.pages ? p.pages.length : p.count;
@@ -319,7 +361,21 @@ export class CheckpointStore {
     // (backend.readPagesVerified: read and hashed in one native pass; else
     // readPages then storage/hash.ts); pages that fail are looked up again by
     // hash (refetch: the page may have moved) or named in a CORRUPT error.
-    const data = Buffer.allocUnsafe(refs.length * PAGE_SIZE);
+    const held = buffers ? buffers.take() : null;
+    const data = held ? held.subarray(buffers!.headroom, buffers!.headroom + refs.length * PAGE_SIZE) : Buffer.allocUnsafe(refs.length * PAGE_SIZE);
+    // (After a failure the buffer is not recycled: a read of the other half may still be writing into it.)
+    await this.fillPiece(header, map, region, refs, pos, data);
+    const piece: ImagePiece = { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
+    if (held) {
+      let given = false;
+      piece.headroom = buffers!.headroom;
+      piece.release = () => { if (!given) { given = true; buffers!.give(held); } };
+    }
+    return piece;
+  }
+
+  /** Read the pages at refs into data (page k at k x 4096), each checked against the hash in map at pos[k]. */
+  private async fillPiece(header: ManifestHeader, map: Buffer, region: string, refs: PageRef[], pos: number[], data: Buffer): Promise<void> {
     const bad: number[] = [];
     let present: (k: number) => boolean;
     if (this.backend.readPagesVerified) {
@@ -358,7 +414,6 @@ export class CheckpointStore {
         throw this.corrupt(map.subarray(off, off + HASH_BYTES), present(k), header, region, pos[k]!);
       }
     }
-    return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
   }
 
   /** A page whose ref failed: ask the backend where the hash lives now; CORRUPT when nowhere good. */
