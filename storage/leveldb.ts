@@ -51,6 +51,11 @@
  * engine's hash check would catch it). A pack's file descriptor is closed
  * only when no read is in flight on it.
  *
+ * Descriptors: packs are opened on their first read, not at open (a 1 TiB
+ * store has ~16k packs); at most maxOpenPacks stay open, the least recently
+ * used idle ones closed first (acquire/release). A pack being read or synced,
+ * the current pack and packs with unsynced appends are never closed.
+ *
  * Upgrade from format 2 (page groups in a second LevelDB, `pages/`): on open,
  * every page is copied into packs (any packs of an interrupted conversion are
  * removed first), the packs are synced, then one synced batch of the index
