@@ -25,6 +25,8 @@
  *    after one untimed restore of each, medians of CHAIN-ROUNDS restores each,
  *    interleaved); restore_chain100_vs_chain1_cpu: the same ratio of the CPU
  *    seconds (client + server) the restores cost.
+ *    restore_chain100_compacted_vs_chain1(_cpu): the same after `compact` of the
+ *    chain's job (checkpoint 100's pages rewritten in image order).
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
  *    at random; exastore gets the dirty pages (what the checkpointer sends),
  *    restic backs up the file. Ratios are exastore / restic. Both restores
@@ -283,6 +285,22 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     figures.restore_chain100_vs_chain1 = +(median(t100) / median(t1)).toFixed(3);
     figures.restore_chain100_vs_chain1_cpu = +(median(cpu100) / median(cpu1)).toFixed(3);
     log(`chain restore: #1 ${median(t1).toFixed(3)} s, #100 ${median(t100).toFixed(3)} s (medians of ${chainRounds}); CPU ${median(cpu1).toFixed(2)} / ${median(cpu100).toFixed(2)} s`);
+    // The same after `exastore compact` (the latest checkpoint's pages rewritten in image order).
+    const comp = await c.compact('bench-chain');
+    figures.chain_compact_pages_moved = comp.pagesMoved;
+    await restoreTo(c, 'bench-chain', parent, null);
+    const c1: number[] = [], c100: number[] = [], ccpu1: number[] = [], ccpu100: number[] = [];
+    for (let i = 0; i < chainRounds; i++) {
+      for (const which of i % 2 === 0 ? [1, parent] : [parent, 1]) {
+        const m = await measured(server.proc, () => restoreTo(c, 'bench-chain', which, null));
+        (which === 1 ? c1 : c100).push(m.s);
+        (which === 1 ? ccpu1 : ccpu100).push(m.clientCpu + m.serverCpu);
+      }
+    }
+    figures.restore_chain100_compacted_s = +median(c100).toFixed(3);
+    figures.restore_chain100_compacted_vs_chain1 = +(median(c100) / median(c1)).toFixed(3);
+    figures.restore_chain100_compacted_vs_chain1_cpu = +(median(ccpu100) / median(ccpu1)).toFixed(3);
+    log(`after compact: #1 ${median(c1).toFixed(3)} s, #100 ${median(c100).toFixed(3)} s; CPU ${median(ccpu1).toFixed(2)} / ${median(ccpu100).toFixed(2)} s`);
     c.close();
 
     // ---- side by side with restic ----

@@ -683,9 +683,13 @@ export class CheckpointStore {
 
   /**
    * Compact a job. Reconstruction never walks a chain (maps are materialized),
-   * so there is no chain to squash: compaction checks that every page of the
-   * job's checkpoints still resolves and lets the backend reclaim the space of
-   * deleted pages (LevelDB compactRange).
+   * so there is no chain to squash. Compaction checks that every page of the
+   * job's checkpoints still resolves, then (backends with relocatePages)
+   * rewrites the pages of the job's latest checkpoint in image order into new
+   * packs, so that restoring it reads long runs however many increments made
+   * it, and repoints the index and the job's maps at the copies in one
+   * durable step (a crash before it changes nothing visible; the old copies
+   * become garbage that GC reclaims). Last, the backend's own housekeeping.
    */
   async compact(job: string, progress?: ProgressFn): Promise<CompactResultInfo> {
     const hs = await this.listCheckpoints(job);
@@ -694,10 +698,64 @@ export class CheckpointStore {
       const p = res.problems[0]!;
       throw new ExaError('CORRUPT', `cannot compact job ${job}: ${p.message}${res.problems.length > 1 ? ` (and ${res.problems.length - 1} more problems)` : ''}`, { job });
     }
+    let pagesMoved = 0, refsUpdated = 0;
+    const b = this.backend;
+    if (b.relocatePages && b.commitRelocation) {
+      const latest = hs[hs.length - 1]!;
+      const maps = await this.getMaps(job, latest.checkpoint);
+      this.readers.add(maps);
+      try {
+        const total = maps.reduce((a, m) => a + m.length / ENTRY_BYTES, 0);
+        const moved = new Map<string, PageRef>();
+        const moves: StoredPage[] = [];
+        let done = 0;
+        // The image in order, every page verified by readImage; each distinct page copied once.
+        for await (const item of this.readImage(job, latest.checkpoint, {}, { chunkPages: 1024 })) {
+          if ('checkpoint' in item) continue;
+          const r = latest.regions.findIndex((x) => x.name === item.region);
+          const map = maps[r]!;
+          const fresh: { hash: Buffer; data: Buffer }[] = [];
+          let k = 0;
+          for (let i = 0; i < item.pageCount; i++) {
+            if (item.zero.length > 0 && item.zero[i]) continue;
+            const off = (item.firstPage + i) * ENTRY_BYTES;
+            const data = item.data.subarray(k * PAGE_SIZE, ++k * PAGE_SIZE);
+            const key = hashKey(map, off);
+            if (moved.has(key)) continue;
+            moved.set(key, PENDING_REF);
+            fresh.push({ hash: Buffer.from(map.subarray(off, off + HASH_BYTES)), data }); // (pieces are not recycled here)
+          }
+          const refs = await b.relocatePages(fresh);
+          fresh.forEach((p, j) => { moved.set(hashKey(p.hash), refs[j]!); moves.push({ hash: p.hash, ref: refs[j]! }); });
+          done += item.pageCount;
+          progress?.({ phase: 'compact-rewrite', done, total, unit: 'pages' });
+        }
+        pagesMoved = moves.length;
+        // Every checkpoint of the job gets the new refs of the pages it shares with the latest one.
+        const updated: { job: string; checkpoint: number; maps: PageMaps }[] = [];
+        for (const h of hs) {
+          const old = h.checkpoint === latest.checkpoint ? maps : await this.getMaps(job, h.checkpoint);
+          const copy = old.map((m) => Buffer.from(m));
+          let changed = 0;
+          for (const m of copy) {
+            for (let off = 0; off < m.length; off += ENTRY_BYTES) {
+              if (isZeroHash(m, off)) continue;
+              const ref = moved.get(hashKey(m, off));
+              if (ref && ref !== PENDING_REF) { ref.copy(m, off + HASH_BYTES); changed++; }
+            }
+          }
+          if (changed > 0) { updated.push({ job, checkpoint: h.checkpoint, maps: copy }); refsUpdated += changed; }
+        }
+        await b.commitRelocation(moves, updated);
+        for (const u of updated) this.mapCache.delete(`${job}\0${u.checkpoint}`);
+      } finally {
+        this.readers.delete(maps);
+      }
+    }
     progress?.({ phase: 'compact-storage', done: 0, total: 1, unit: 'steps' });
     await this.backend.compactStorage();
     progress?.({ phase: 'compact-storage', done: 1, total: 1, unit: 'steps' });
-    return { job, checkpoints: hs.length, pagesMoved: 0, refsUpdated: 0 };
+    return { job, checkpoints: hs.length, pagesMoved, refsUpdated };
   }
 
   /** Commit a finished upload (called by PutSession). */

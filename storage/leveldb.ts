@@ -185,6 +185,8 @@ export class LevelBackend implements Backend {
   private readonly manifestLock = new Mutex();
   private readonly syncLock = new Mutex();
   private closed = false;
+  /** Packs holding copies written by relocatePages whose commitRelocation has not run: never swept. */
+  private readonly relocating = new Set<number>();
   /** Packs whose fh is open, least recently used first (the descriptor cache). */
   private readonly openFds = new Map<number, Pack>();
   private readonly maxOpenPacks: number;
@@ -603,6 +605,44 @@ export class LevelBackend implements Backend {
     }
   }
 
+  /**
+   * Compaction, step 1: append copies of pages (already verified by the
+   * engine) to packs, in the order given, and return their refs. Nothing
+   * names them until commitRelocation; GC leaves those packs alone meanwhile.
+   * A crash before the commit leaves orphan bytes for sweepOrphans.
+   */
+  relocatePages(pages: readonly { hash: Buffer; data: Buffer }[]): Promise<PageRef[]> {
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      if (pages.length === 0) return [];
+      const { pack, slot } = await this.append(pages.map((p) => p.data), pages.length * PAGE_SIZE);
+      this.relocating.add(pack.id);
+      return pages.map((_p, j) => makeRef(pack.id, slot + j));
+    });
+  }
+
+  /**
+   * Compaction, step 2: make the copies durable (packs synced), then in one
+   * synced batch point the index entry of every moved hash that still has
+   * one at its copy, and store the given page maps of checkpoints that still
+   * exist. Old copies become orphans (sweepOrphans reclaims them); maps not
+   * rewritten keep old refs, which the engine resolves by lookup (refs are hints).
+   */
+  commitRelocation(moves: readonly StoredPage[], maps: readonly { job: string; checkpoint: number; maps: PageMaps }[]): Promise<void> {
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      const ops: Op[] = [];
+      const current = await this.lookup(moves.map((m) => m.hash));
+      moves.forEach((m, i) => { if (current[i]) ops.push({ type: 'put', key: hashKeyOf(H, m.hash), value: m.ref }); });
+      for (const m of maps) {
+        if (!(await this.getHeader(m.job, m.checkpoint))) continue; // deleted meanwhile
+        ops.push({ type: 'put', key: ckptKey(P, m.job, m.checkpoint), value: Buffer.concat(m.maps) });
+      }
+      await this.flushPending(ops);
+      for (const m of moves) this.relocating.delete(m.ref.readUInt32BE(0));
+    });
+  }
+
   /** Open pack descriptors now (tests: the cache stays within maxOpenPacks plus packs in use). */
   openPackCount(): number {
     return this.openFds.size;
@@ -835,7 +875,7 @@ export class LevelBackend implements Backend {
         if (!l) { l = []; live.set(id, l); }
         l.push({ hash: k.subarray(1), slot: v.readUInt32BE(4) });
       }
-      const busy = new Set<number>();
+      const busy = new Set<number>(this.relocating);
       for (const ref of this.pending.values()) busy.add(ref.readUInt32BE(0));
       const victims = [...this.packs.values()].filter((p) => !p.retired && p !== this.current && !p.dirty && !busy.has(p.id)
         && (live.get(p.id)?.length ?? 0) < REPACK_LIVE_FRACTION * Math.max(1, p.slots));
