@@ -3,7 +3,7 @@
  * (server = a separate `exastore serve` process), side by side with restic
  * on the same data.
  *
- *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 128] [--no-restic] [--profile DIR]
+ *   npm run bench -- store [--json] [--mib 1024] [--chain-mib 256] [--chain-rounds 7] [--no-restic] [--profile DIR]
  *                          [--batch-pages 2048] [--ingest-only]
  *
  * --profile DIR: the store servers run with --cpu-prof into DIR (profile the
@@ -22,7 +22,12 @@
  *    server process and this process spent per GiB in that phase (steadier
  *    than MiB/s on a shared machine); load_average_start/_end for context.
  *  - restore_chain100_vs_chain1: restore time of checkpoint 100 of a chain of
- *    1% increments over restore time of checkpoint 1 (median of 3 each).
+ *    1% increments over restore time of checkpoint 1 (a CHAIN-MIB image;
+ *    after one untimed restore of each, medians of CHAIN-ROUNDS restores each,
+ *    interleaved); restore_chain100_vs_chain1_cpu: the same ratio of the CPU
+ *    seconds (client + server) the restores cost.
+ *    restore_chain100_compacted_vs_chain1(_cpu): the same after `compact` of the
+ *    chain's job (checkpoint 100's pages rewritten in image order).
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
  *    at random; exastore gets the dirty pages (what the checkpointer sends),
  *    restic backs up the file. Ratios are exastore / restic. Both restores
@@ -116,7 +121,7 @@ async function startServer(dir: string, log: (l: string) => void): Promise<{ pro
 async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: string | null): Promise<number> {
   const fh = file ? await open(file, 'w') : null;
   let bytes = 0;
-  // File writes overlap the stream (at most 4 pieces, 8 MiB, waiting for the disk).
+  // File writes overlap the stream (at most 4 pieces, 16 MiB, waiting for the disk).
   const writes: Promise<unknown>[] = [];
   try {
     for await (const item of c.getImage({ job, checkpoint })) {
@@ -200,7 +205,8 @@ function ensureRestic(log: (l: string) => void): string {
 
 export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
   const mib = arg(args, '--mib', 1024);
-  const chainMib = arg(args, '--chain-mib', 128);
+  const chainMib = arg(args, '--chain-mib', 256);
+  const chainRounds = Math.max(1, arg(args, '--chain-rounds', 7));
   const noRestic = args.includes('--no-restic');
   const batchPages = arg(args, '--batch-pages', 2048);
   // --ingest-only: the two ingest phases and nothing else (for profiling them).
@@ -279,15 +285,44 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       for (const p of list) genBytes(`chain/${k}/${p}`, PAGE).copy(cimg, p * PAGE);
       parent = (await c.putCheckpoint({ job: 'bench-chain', parent, regions: cregions }, makeBatches(cimg, list, batchPages, true))).checkpoint;
     }
-    const t1: number[] = [], t100: number[] = [];
-    for (let i = 0; i < 3; i++) {
-      t1.push((await timeIt(() => restoreTo(c, 'bench-chain', 1, null))).s);
-      t100.push((await timeIt(() => restoreTo(c, 'bench-chain', parent, null))).s);
+    // One untimed restore of each first (the packs were written with O_DIRECT:
+    // whichever restore came first paid for reading them from disk), then
+    // chainRounds rounds, the order alternating within a round so that neither
+    // side always follows the other; medians. CPU seconds (client + server)
+    // per restore are reported beside the times: on a shared machine they
+    // move much less than wall time.
+    await restoreTo(c, 'bench-chain', 1, null);
+    await restoreTo(c, 'bench-chain', parent, null);
+    const t1: number[] = [], t100: number[] = [], cpu1: number[] = [], cpu100: number[] = [];
+    for (let i = 0; i < chainRounds; i++) {
+      for (const which of i % 2 === 0 ? [1, parent] : [parent, 1]) {
+        const m = await measured(server.proc, () => restoreTo(c, 'bench-chain', which, null));
+        (which === 1 ? t1 : t100).push(m.s);
+        (which === 1 ? cpu1 : cpu100).push(m.clientCpu + m.serverCpu);
+      }
     }
+    figures.restore_chain_rounds = chainRounds;
     figures.restore_chain1_s = +median(t1).toFixed(3);
     figures.restore_chain100_s = +median(t100).toFixed(3);
     figures.restore_chain100_vs_chain1 = +(median(t100) / median(t1)).toFixed(3);
-    log(`chain restore: #1 ${median(t1).toFixed(3)} s, #100 ${median(t100).toFixed(3)} s`);
+    figures.restore_chain100_vs_chain1_cpu = +(median(cpu100) / median(cpu1)).toFixed(3);
+    log(`chain restore: #1 ${median(t1).toFixed(3)} s, #100 ${median(t100).toFixed(3)} s (medians of ${chainRounds}); CPU ${median(cpu1).toFixed(2)} / ${median(cpu100).toFixed(2)} s`);
+    // The same after `exastore compact` (the latest checkpoint's pages rewritten in image order).
+    const comp = await c.compact('bench-chain');
+    figures.chain_compact_pages_moved = comp.pagesMoved;
+    await restoreTo(c, 'bench-chain', parent, null);
+    const c1: number[] = [], c100: number[] = [], ccpu1: number[] = [], ccpu100: number[] = [];
+    for (let i = 0; i < chainRounds; i++) {
+      for (const which of i % 2 === 0 ? [1, parent] : [parent, 1]) {
+        const m = await measured(server.proc, () => restoreTo(c, 'bench-chain', which, null));
+        (which === 1 ? c1 : c100).push(m.s);
+        (which === 1 ? ccpu1 : ccpu100).push(m.clientCpu + m.serverCpu);
+      }
+    }
+    figures.restore_chain100_compacted_s = +median(c100).toFixed(3);
+    figures.restore_chain100_compacted_vs_chain1 = +(median(c100) / median(c1)).toFixed(3);
+    figures.restore_chain100_compacted_vs_chain1_cpu = +(median(ccpu100) / median(ccpu1)).toFixed(3);
+    log(`after compact: #1 ${median(c1).toFixed(3)} s, #100 ${median(c100).toFixed(3)} s; CPU ${median(ccpu1).toFixed(2)} / ${median(ccpu100).toFixed(2)} s`);
     c.close();
 
     // ---- side by side with restic ----

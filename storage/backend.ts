@@ -158,6 +158,15 @@ export interface Backend extends PageStore, ManifestStore, GcMarkStore {
    * whose page write is two steps). Called by GC phase 2; returns pages removed.
    */
   sweepOrphans?(): Promise<number>;
+  /**
+   * Optional, for `compact`: append copies of verified pages in the given
+   * order and return their refs (named by nothing until commitRelocation;
+   * a crash before it leaves orphans), then in one durable step repoint the
+   * index entries of those hashes that still have one and store the given
+   * maps of checkpoints that still exist.
+   */
+  relocatePages?(pages: readonly { hash: Buffer; data: Buffer }[]): Promise<PageRef[]>;
+  commitRelocation?(moves: readonly StoredPage[], maps: readonly { job: string; checkpoint: number; maps: PageMaps }[]): Promise<void>;
   /** Physical housekeeping after GC (LevelDB compactRange); optional work. */
   compactStorage(): Promise<void>;
   close(): Promise<void>;

@@ -78,6 +78,30 @@ export interface ImagePiece {
   data: Buffer;
   /** Sparse piece (delta reads): the page indexes held, ascending; zero/data follow this list. */
   pages?: number[];
+  /**
+   * With ReadImageOptions.reuse: bytes in front of `data` (same ArrayBuffer)
+   * that the consumer may overwrite (a wire header, src/store/codec-image.ts).
+   */
+  headroom?: number;
+  /**
+   * With ReadImageOptions.reuse: hand the piece's buffer back for a later
+   * piece of the same read. After calling it the consumer must not touch
+   * `data` any more. Not calling it is correct (the buffer is then garbage).
+   */
+  release?: () => void;
+}
+
+export interface ReadImageOptions {
+  /** Pages per piece (default 512). */
+  chunkPages?: number;
+  /**
+   * Piece buffers are recycled through ImagePiece.release() (a 1 GiB restore
+   * then allocates a handful of buffers instead of 1 GiB of fresh memory,
+   * which cost page faults and garbage collections) and leave `headroom`
+   * bytes free in front of the data.
+   */
+  reuse?: boolean;
+  headroom?: number;
 }
 
 export interface JobSummaryInfo { job: string; checkpoints: number; latest: number; latestAt: number; logicalBytes: number }
@@ -109,6 +133,19 @@ function imageBytes(regions: readonly RegionSpec[]): number {
 
 function ckptName(job: string, n: number): string {
   return `checkpoint ${n} of job ${job}`;
+}
+
+/** The recycled piece buffers of one readImage (ReadImageOptions.reuse): headroom + piece bytes each. */
+class PieceBuffers {
+  private readonly free: Buffer[] = [];
+  constructor(readonly headroom: number, private readonly pieceBytes: number) {}
+  take(): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafeSlow(this.headroom + this.pieceBytes);
+  }
+  give(b: Buffer): void {
+    // More than the read keeps in flight never come back at once; the cap is a guard.
+    if (this.free.length < 8) this.free.push(b);
+  }
 }
 
 export class CheckpointStore {
@@ -207,7 +244,10 @@ export class CheckpointStore {
    * header. Every page is checked against its hash: CORRUPT names job,
    * checkpoint, region and page.
    */
-  async *readImage(job: string, n: number, range: ImageRange = {}, chunkPages = 512): AsyncGenerator<ManifestHeader | ImagePiece> {
+  async *readImage(job: string, n: number, range: ImageRange = {}, chunkOrOpts: number | ReadImageOptions = 512): AsyncGenerator<ManifestHeader | ImagePiece> {
+    const opts: ReadImageOptions = typeof chunkOrOpts === 'number' ? { chunkPages: chunkOrOpts } : chunkOrOpts;
+    const chunkPages = opts.chunkPages ?? 512;
+    if (!Number.isInteger(chunkPages) || chunkPages < 1) throw new ExaError('INVALID_ARGUMENT', `chunkPages ${chunkPages} is not a positive integer`);
     const header = await this.resolve(job, n);
     n = header.checkpoint;
     const maps = await this.getMaps(job, n);
@@ -275,12 +315,14 @@ export class CheckpointStore {
         }
       }
       // Read two pieces ahead so the backend works while the consumer sends
-      // (memory: three pieces, 6 MiB at the default size).
+      // (memory: three pieces, 6 MiB at the default size, plus what the consumer holds).
       const ahead: Promise<ImagePiece>[] = [];
       let k = 0;
+      let buffers: PieceBuffers | null = null;
+      if (opts.reuse) buffers = new PieceBuffers(Math.max(0, opts.headroom ?? 0), chunkPages * PAGE_SIZE);
       const fill = (): void => {
         while (ahead.length < 3 && k < pieces.length) {
-          const p = this.readPiece(header, maps, pieces[k++]!);
+          const p = this.readPiece(header, maps, pieces[k++]!, buffers);
           // No unhandled rejection if the consumer stops early.
           p.catch(() => undefined);
           ahead.push(p);
@@ -298,7 +340,7 @@ export class CheckpointStore {
     }
   }
 
-  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number; pages?: number[] }): Promise<ImagePiece> {
+  private async readPiece(header: ManifestHeader, maps: PageMaps, p: { r: number; first: number; count: number; pages?: number[] }, buffers: PieceBuffers | null = null): Promise<ImagePiece> {
     const map = maps[p.r]!;
     const region = header.regions[p.r]!.name;
     const n = p.pages ? p.pages.length : p.count;
@@ -320,7 +362,21 @@ export class CheckpointStore {
     // (backend.readPagesVerified: read and hashed in one native pass; else
     // readPages then storage/hash.ts); pages that fail are looked up again by
     // hash (refetch: the page may have moved) or named in a CORRUPT error.
-    const data = Buffer.allocUnsafe(refs.length * PAGE_SIZE);
+    const held = buffers ? buffers.take() : null;
+    const data = held ? held.subarray(buffers!.headroom, buffers!.headroom + refs.length * PAGE_SIZE) : Buffer.allocUnsafe(refs.length * PAGE_SIZE);
+    // (After a failure the buffer is not recycled: a read of the other half may still be writing into it.)
+    await this.fillPiece(header, map, region, refs, pos, data);
+    const piece: ImagePiece = { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
+    if (held) {
+      let given = false;
+      piece.headroom = buffers!.headroom;
+      piece.release = () => { if (!given) { given = true; buffers!.give(held); } };
+    }
+    return piece;
+  }
+
+  /** Read the pages at refs into data (page k at k x 4096), each checked against the hash in map at pos[k]. */
+  private async fillPiece(header: ManifestHeader, map: Buffer, region: string, refs: PageRef[], pos: number[], data: Buffer): Promise<void> {
     const bad: number[] = [];
     let present: (k: number) => boolean;
     if (this.backend.readPagesVerified) {
@@ -359,7 +415,6 @@ export class CheckpointStore {
         throw this.corrupt(map.subarray(off, off + HASH_BYTES), present(k), header, region, pos[k]!);
       }
     }
-    return { region, firstPage: p.first, pageCount: n, zero: zero ?? Buffer.alloc(0), data, ...(p.pages ? { pages: p.pages } : {}) };
   }
 
   /** A page whose ref failed: ask the backend where the hash lives now; CORRUPT when nowhere good. */
@@ -629,9 +684,13 @@ export class CheckpointStore {
 
   /**
    * Compact a job. Reconstruction never walks a chain (maps are materialized),
-   * so there is no chain to squash: compaction checks that every page of the
-   * job's checkpoints still resolves and lets the backend reclaim the space of
-   * deleted pages (LevelDB compactRange).
+   * so there is no chain to squash. Compaction checks that every page of the
+   * job's checkpoints still resolves, then (backends with relocatePages)
+   * rewrites the pages of the job's latest checkpoint in image order into new
+   * packs, so that restoring it reads long runs however many increments made
+   * it, and repoints the index and the job's maps at the copies in one
+   * durable step (a crash before it changes nothing visible; the old copies
+   * become garbage that GC reclaims). Last, the backend's own housekeeping.
    */
   async compact(job: string, progress?: ProgressFn): Promise<CompactResultInfo> {
     const hs = await this.listCheckpoints(job);
@@ -640,10 +699,64 @@ export class CheckpointStore {
       const p = res.problems[0]!;
       throw new ExaError('CORRUPT', `cannot compact job ${job}: ${p.message}${res.problems.length > 1 ? ` (and ${res.problems.length - 1} more problems)` : ''}`, { job });
     }
+    let pagesMoved = 0, refsUpdated = 0;
+    const b = this.backend;
+    if (b.relocatePages && b.commitRelocation) {
+      const latest = hs[hs.length - 1]!;
+      const maps = await this.getMaps(job, latest.checkpoint);
+      this.readers.add(maps);
+      try {
+        const total = maps.reduce((a, m) => a + m.length / ENTRY_BYTES, 0);
+        const moved = new Map<string, PageRef>();
+        const moves: StoredPage[] = [];
+        let done = 0;
+        // The image in order, every page verified by readImage; each distinct page copied once.
+        for await (const item of this.readImage(job, latest.checkpoint, {}, { chunkPages: 1024 })) {
+          if ('checkpoint' in item) continue;
+          const r = latest.regions.findIndex((x) => x.name === item.region);
+          const map = maps[r]!;
+          const fresh: { hash: Buffer; data: Buffer }[] = [];
+          let k = 0;
+          for (let i = 0; i < item.pageCount; i++) {
+            if (item.zero.length > 0 && item.zero[i]) continue;
+            const off = (item.firstPage + i) * ENTRY_BYTES;
+            const data = item.data.subarray(k * PAGE_SIZE, ++k * PAGE_SIZE);
+            const key = hashKey(map, off);
+            if (moved.has(key)) continue;
+            moved.set(key, PENDING_REF);
+            fresh.push({ hash: Buffer.from(map.subarray(off, off + HASH_BYTES)), data }); // (pieces are not recycled here)
+          }
+          const refs = await b.relocatePages(fresh);
+          fresh.forEach((p, j) => { moved.set(hashKey(p.hash), refs[j]!); moves.push({ hash: p.hash, ref: refs[j]! }); });
+          done += item.pageCount;
+          progress?.({ phase: 'compact-rewrite', done, total, unit: 'pages' });
+        }
+        pagesMoved = moves.length;
+        // Every checkpoint of the job gets the new refs of the pages it shares with the latest one.
+        const updated: { job: string; checkpoint: number; maps: PageMaps }[] = [];
+        for (const h of hs) {
+          const old = h.checkpoint === latest.checkpoint ? maps : await this.getMaps(job, h.checkpoint);
+          const copy = old.map((m) => Buffer.from(m));
+          let changed = 0;
+          for (const m of copy) {
+            for (let off = 0; off < m.length; off += ENTRY_BYTES) {
+              if (isZeroHash(m, off)) continue;
+              const ref = moved.get(hashKey(m, off));
+              if (ref && ref !== PENDING_REF) { ref.copy(m, off + HASH_BYTES); changed++; }
+            }
+          }
+          if (changed > 0) { updated.push({ job, checkpoint: h.checkpoint, maps: copy }); refsUpdated += changed; }
+        }
+        await b.commitRelocation(moves, updated);
+        for (const u of updated) this.mapCache.delete(`${job}\0${u.checkpoint}`);
+      } finally {
+        this.readers.delete(maps);
+      }
+    }
     progress?.({ phase: 'compact-storage', done: 0, total: 1, unit: 'steps' });
     await this.backend.compactStorage();
     progress?.({ phase: 'compact-storage', done: 1, total: 1, unit: 'steps' });
-    return { job, checkpoints: hs.length, pagesMoved: 0, refsUpdated: 0 };
+    return { job, checkpoints: hs.length, pagesMoved, refsUpdated };
   }
 
   /** Commit a finished upload (called by PutSession). */

@@ -65,6 +65,11 @@
  * engine's hash check would catch it). A pack's file descriptor is closed
  * only when no read is in flight on it.
  *
+ * Descriptors: packs are opened on their first read, not at open (a 1 TiB
+ * store has ~16k packs); at most maxOpenPacks stay open, the least recently
+ * used idle ones closed first (acquire/release). A pack being read or synced,
+ * the current pack and packs with unsynced appends are never closed.
+ *
  * Upgrade from format 2 (page groups in a second LevelDB, `pages/`): on open,
  * every page is copied into packs (any packs of an interrupted conversion are
  * removed first), the packs are synced, then one synced batch of the index
@@ -72,7 +77,7 @@
  * sets the format to 3; only then is `pages/` removed (again at the next open
  * if a crash came first).
  */
-import { constants as fsc, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { constants as fsc, mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
 import { totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -134,9 +139,15 @@ function prefixRange(prefix: Buffer): { gte: Buffer; lt: Buffer } {
   return { gte: prefix, lt };
 }
 
-/** One pack file: appended to while it is the current pack, read at any time. */
+/**
+ * One pack file: appended to while it is the current pack, read at any time.
+ * Its descriptor is opened on demand and may be closed again by the backend's
+ * bounded cache of open packs (LevelBackend.acquire/release): never while a
+ * read or sync holds it (reads > 0), while it is the current pack, or while
+ * it has unsynced writes.
+ */
 class Pack {
-  /** Reads in flight (the fd stays open until they are done). */
+  /** Reads (and syncs) in flight: the fd stays open until they are done. */
   reads = 0;
   /** Unlinked: close the fd when the last read is done. */
   retired = false;
@@ -144,11 +155,12 @@ class Pack {
   dirty = false;
   /** While this is the current pack: a second descriptor opened with O_DIRECT for appends (null: buffered appends through fh). */
   direct: FileHandle | null = null;
-  constructor(readonly id: number, readonly fh: FileHandle, public size: number) {}
+  /** The open descriptor (null while closed; the next read opens it again). */
+  fh: FileHandle | null;
+  /** An open of fh in flight (concurrent readers share it). */
+  opening: Promise<FileHandle> | null = null;
+  constructor(readonly id: number, fh: FileHandle | null, public size: number) { this.fh = fh; }
   get slots(): number { return Math.floor(this.size / PAGE_SIZE); }
-  release(): void {
-    if (--this.reads === 0 && this.retired) void this.fh.close().catch(() => undefined);
-  }
 }
 
 export interface LevelBackendOptions {
@@ -165,6 +177,13 @@ export interface LevelBackendOptions {
    * 54 bytes a page); with more, lookups go to LevelDB. 0 = no in-memory index.
    */
   memoryIndexMaxPages?: number;
+  /**
+   * Pack files kept open for reads (default 512, i.e. 32 GiB of 64 MiB packs;
+   * a 1 TiB store has ~16k packs, more than a process may open). Beyond it the
+   * least recently used idle descriptors are closed; a read reopens them.
+   * Packs being read, synced or written stay open whatever the count.
+   */
+  maxOpenPacks?: number;
 }
 
 /** Bytes of the in-memory index per page, upper bound (40-byte slots, at least 3/4 full after growth). */
@@ -195,12 +214,18 @@ export class LevelBackend implements Backend {
   private readonly manifestLock = new Mutex();
   private readonly syncLock = new Mutex();
   private closed = false;
+  /** Packs holding copies written by relocatePages whose commitRelocation has not run: never swept. */
+  private readonly relocating = new Set<number>();
+  /** Packs whose fh is open, least recently used first (the descriptor cache). */
+  private readonly openFds = new Map<number, Pack>();
+  private readonly maxOpenPacks: number;
 
   private constructor(private readonly db: DB, readonly dir: string, opts: LevelBackendOptions) {
     this.packBytes = opts.packBytes ?? PACK_BYTES;
     this.directIo = opts.directIo ?? true;
     this.pendingFlush = opts.pendingFlush ?? PENDING_FLUSH;
     this.memoryIndexMaxPages = opts.memoryIndexMaxPages ?? Math.floor(totalmem() / 8 / MEMORY_INDEX_BYTES_PER_PAGE);
+    this.maxOpenPacks = Math.max(1, opts.maxOpenPacks ?? 512);
   }
 
   /** Whether lookups are answered from the in-memory page index (else from LevelDB). */
@@ -299,16 +324,14 @@ export class LevelBackend implements Backend {
       if (!m) continue;
       const id = parseInt(m[1]!, 16);
       if (this.packs.has(id)) continue; // written by the conversion, already open
-      let fh: FileHandle | null = null;
+      // Only its size now: the descriptor is opened by the first read (bounded cache).
       let size: number;
       try {
-        fh = await openFile(join(this.packDir, name), 'r');
-        size = (await fh.stat()).size;
+        size = statSync(join(this.packDir, name)).size;
       } catch (e) {
-        await fh?.close().catch(() => undefined);
         throw toExaError(e, `cannot open pack ${name} in ${this.packDir}`);
       }
-      this.packs.set(id, new Pack(id, fh, size));
+      this.packs.set(id, new Pack(id, null, size));
       if (id >= this.nextPackId) this.nextPackId = id + 1;
     }
   }
@@ -330,6 +353,7 @@ export class LevelBackend implements Backend {
       throw toExaError(e, `cannot create pack ${packName(id)} in ${this.packDir}`);
     }
     const p = new Pack(id, fh, 0);
+    this.openFds.set(id, p);
     if (this.directIo) {
       // Appends bypass the page cache (native/addon/packio.cc says why); reads stay buffered.
       try {
@@ -342,6 +366,7 @@ export class LevelBackend implements Backend {
     this.packs.set(id, p);
     this.current = p;
     this.dirDirty = true;
+    this.trimFds();
     return p;
   }
 
@@ -361,12 +386,13 @@ export class LevelBackend implements Backend {
       for (let i = 0; i < bufs.length; i += 512) {
         const chunk = bufs.slice(i, i + 512);
         const want = chunk.reduce((a, b) => a + b.length, 0);
-        let done = (await pack.fh.writev(chunk, pos)).bytesWritten;
+        // (The current pack is never closed by the descriptor cache.)
+        let done = (await pack.fh!.writev(chunk, pos)).bytesWritten;
         if (done < want) {
           // A short write: the rest from one copy.
           const all = Buffer.concat(chunk, want);
           while (done < want) {
-            const n = (await pack.fh.write(all, done, want - done, pos + done)).bytesWritten;
+            const n = (await pack.fh!.write(all, done, want - done, pos + done)).bytesWritten;
             if (n <= 0) throw new Error('the write made no progress');
             done += n;
           }
@@ -396,7 +422,7 @@ export class LevelBackend implements Backend {
       const dirDirty = this.dirDirty;
       this.dirDirty = false;
       try {
-        await Promise.all(dirty.map((p) => p.fh.datasync()));
+        await Promise.all(dirty.map((p) => this.syncPack(p)));
         if (dirDirty) {
           const d = await openFile(this.packDir, 'r');
           try { await d.sync(); } finally { await d.close(); }
@@ -616,27 +642,43 @@ export class LevelBackend implements Backend {
     // Ranges: fd, file offset, length, dst offset (relative to this part's view of dst).
     const ops: number[] = [];
     const first: number[] = [];       // first page index of each range
-    const held = new Set<Pack>();
-    let prevPack = -1, prevSlot = -1;
+    // The packs this part reads, held (open, not closed by the descriptor cache) until the read is done.
+    const held = new Map<number, number>(); // pack id -> fd (-1: cannot be opened)
+    const holding: Pack[] = [];
+    const opens: Promise<void>[] = [];
     for (let i = from; i < to; i++) {
       const r = refs[i]!;
-      if (r.length !== 8) { prevPack = -1; continue; }
-      const id = r.readUInt32BE(0), slot = r.readUInt32BE(4);
+      if (r.length !== 8) continue;
+      const id = r.readUInt32BE(0);
+      if (held.has(id)) continue;
       const pack = this.packs.get(id);
-      if (!pack || pack.retired || (slot + 1) * PAGE_SIZE > pack.size) { prevPack = -1; continue; }
-      if (id === prevPack && slot === prevSlot + 1 && first.length > 0 && ops[ops.length - 1]! + ops[ops.length - 2]! === (i - from) * PAGE_SIZE) {
-        ops[ops.length - 2]! += PAGE_SIZE;
-      } else {
-        if (!held.has(pack)) { pack.reads++; held.add(pack); }
-        ops.push(pack.fh.fd, slot * PAGE_SIZE, PAGE_SIZE, (i - from) * PAGE_SIZE);
-        first.push(i);
-      }
-      prevPack = id;
-      prevSlot = slot;
+      if (!pack || pack.retired) continue;
+      held.set(id, -1);
+      holding.push(pack);
+      opens.push(this.acquire(pack).then((fd) => { held.set(id, fd); }));
     }
-    if (ops.length === 0) return;
-    const view = dst.subarray(from * PAGE_SIZE, to * PAGE_SIZE);
     try {
+      await Promise.all(opens);
+      let prevPack = -1, prevSlot = -1;
+      for (let i = from; i < to; i++) {
+        const r = refs[i]!;
+        if (r.length !== 8) { prevPack = -1; continue; }
+        const id = r.readUInt32BE(0), slot = r.readUInt32BE(4);
+        const pack = this.packs.get(id);
+        const fd = held.get(id) ?? -1;
+        // A pack that is gone (repacked) or cannot be opened: its pages are missing here (the engine looks them up again).
+        if (!pack || fd < 0 || (slot + 1) * PAGE_SIZE > pack.size) { prevPack = -1; continue; }
+        if (id === prevPack && slot === prevSlot + 1 && first.length > 0 && ops[ops.length - 1]! + ops[ops.length - 2]! === (i - from) * PAGE_SIZE) {
+          ops[ops.length - 2]! += PAGE_SIZE;
+        } else {
+          ops.push(fd, slot * PAGE_SIZE, PAGE_SIZE, (i - from) * PAGE_SIZE);
+          first.push(i);
+        }
+        prevPack = id;
+        prevSlot = slot;
+      }
+      if (ops.length === 0) return;
+      const view = dst.subarray(from * PAGE_SIZE, to * PAGE_SIZE);
       const res = await packRead(new Float64Array(ops), view, hashes ? hashes.subarray(from * HASH_BYTES, to * HASH_BYTES) : null);
       for (let k = 0; k < first.length; k++) {
         const got = res.got[k]!;
@@ -646,8 +688,111 @@ export class LevelBackend implements Backend {
       }
       if (ok && res.ok) for (let i = from; i < to; i++) ok[i] = res.ok[i - from]!;
     } finally {
-      for (const p of held) p.release();
+      for (const p of holding) this.release(p);
     }
+  }
+
+  /**
+   * Hold a pack for a read (or sync): its descriptor is opened if the cache
+   * closed it, and stays open until release(). Resolves with the fd, or -1
+   * (still held: release it) when the file cannot be opened (a repack
+   * unlinked it meanwhile).
+   */
+  private async acquire(pack: Pack): Promise<number> {
+    pack.reads++;
+    if (!pack.fh) {
+      pack.opening ??= openFile(join(this.packDir, packName(pack.id)), 'r').then(
+        (fh) => { pack.opening = null; pack.fh = fh; this.openFds.set(pack.id, pack); return fh; },
+        (e: unknown) => { pack.opening = null; throw e; });
+      try {
+        await pack.opening;
+      } catch {
+        return -1;
+      }
+    }
+    // Most recently used last.
+    this.openFds.delete(pack.id);
+    this.openFds.set(pack.id, pack);
+    return pack.fh ? pack.fh.fd : -1;
+  }
+
+  private release(pack: Pack): void {
+    if (--pack.reads > 0) return;
+    if (pack.retired) void this.closeFd(pack);
+    else this.trimFds();
+  }
+
+  /** fdatasync a pack, held meanwhile so that the descriptor cache leaves its fd alone. */
+  private async syncPack(pack: Pack): Promise<void> {
+    const fd = await this.acquire(pack);
+    try {
+      if (fd < 0) throw new ExaError('INTERNAL', `pack ${packName(pack.id)} cannot be opened to sync it`);
+      await pack.fh!.datasync();
+    } finally {
+      this.release(pack);
+    }
+  }
+
+  private closeFd(pack: Pack): Promise<void> {
+    this.openFds.delete(pack.id);
+    const fh = pack.fh;
+    pack.fh = null;
+    return fh ? fh.close().catch(() => undefined) : Promise.resolve();
+  }
+
+  /** Close the least recently used idle descriptors beyond maxOpenPacks. */
+  private trimFds(): void {
+    if (this.openFds.size <= this.maxOpenPacks) return;
+    for (const p of this.openFds.values()) {
+      if (this.openFds.size <= this.maxOpenPacks) break;
+      if (p.reads > 0 || p.dirty || p === this.current || p.opening) continue;
+      void this.closeFd(p);
+    }
+  }
+
+  /**
+   * Compaction, step 1: append copies of pages (already verified by the
+   * engine) to packs, in the order given, and return their refs. Nothing
+   * names them until commitRelocation; GC leaves those packs alone meanwhile.
+   * A crash before the commit leaves orphan bytes for sweepOrphans.
+   */
+  relocatePages(pages: readonly { hash: Buffer; data: Buffer }[]): Promise<PageRef[]> {
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      if (pages.length === 0) return [];
+      const { pack, slot } = await this.append(pages.map((p) => p.data), pages.length * PAGE_SIZE);
+      this.relocating.add(pack.id);
+      return pages.map((_p, j) => makeRef(pack.id, slot + j));
+    });
+  }
+
+  /**
+   * Compaction, step 2: make the copies durable (packs synced), then in one
+   * synced batch point the index entry of every moved hash that still has
+   * one at its copy, and store the given page maps of checkpoints that still
+   * exist. Old copies become orphans (sweepOrphans reclaims them); maps not
+   * rewritten keep old refs, which the engine resolves by lookup (refs are hints).
+   */
+  commitRelocation(moves: readonly StoredPage[], maps: readonly { job: string; checkpoint: number; maps: PageMaps }[]): Promise<void> {
+    return this.writeLock.run(async () => {
+      this.checkOpen();
+      const ops: Op[] = [];
+      const current = await this.lookup(moves.map((m) => m.hash));
+      moves.forEach((m, i) => { if (current[i]) ops.push({ type: 'put', key: hashKeyOf(H, m.hash), value: m.ref }); });
+      for (const m of maps) {
+        if (!(await this.getHeader(m.job, m.checkpoint))) continue; // deleted meanwhile
+        ops.push({ type: 'put', key: ckptKey(P, m.job, m.checkpoint), value: Buffer.concat(m.maps) });
+      }
+      await this.flushPending(ops);
+      // The in-memory index answers lookups: it must name the copies too (the old ones become orphans).
+      if (this.index) for (const op of ops) if (op.type === 'put' && op.key[0] === H) this.index.set(op.key.subarray(1), op.value);
+      for (const m of moves) this.relocating.delete(m.ref.readUInt32BE(0));
+    });
+  }
+
+  /** Open pack descriptors now (tests: the cache stays within maxOpenPacks plus packs in use). */
+  openPackCount(): number {
+    return this.openFds.size;
   }
 
   /**
@@ -668,16 +813,23 @@ export class LevelBackend implements Backend {
     }
     const ops: number[] = [];
     const held: Pack[] = [];
-    for (const [id, l] of slots) {
+    const fds = new Map<number, number>();
+    try {
+    for (const [id] of slots) {
       const pack = this.packs.get(id);
       if (!pack || pack.retired) continue;
-      pack.reads++;
       held.push(pack);
+      fds.set(id, await this.acquire(pack));
+    }
+    for (const [id, l] of slots) {
+      const pack = this.packs.get(id);
+      const fd = fds.get(id) ?? -1;
+      if (!pack || fd < 0) continue;
       l.sort((a, b) => a - b);
       let start = l[0]!, end = l[0]!;
       const emit = (): void => {
         const last = Math.min(end + 1, pack.slots);
-        if (last > start) ops.push(pack.fh.fd, start * PAGE_SIZE, (last - start) * PAGE_SIZE);
+        if (last > start) ops.push(fd, start * PAGE_SIZE, (last - start) * PAGE_SIZE);
       };
       for (const slot of l) {
         if (slot - end > PREFETCH_GAP) { emit(); start = slot; }
@@ -685,10 +837,9 @@ export class LevelBackend implements Backend {
       }
       emit();
     }
-    try {
       if (ops.length > 0) await packAdvise(new Float64Array(ops));
     } finally {
-      for (const p of held) p.release();
+      for (const p of held) this.release(p);
     }
   }
 
@@ -876,7 +1027,7 @@ export class LevelBackend implements Backend {
         if (!l) { l = []; live.set(id, l); }
         l.push({ hash: k.subarray(1), slot: v.readUInt32BE(4) });
       }
-      const busy = new Set<number>();
+      const busy = new Set<number>(this.relocating);
       const pend = this.pending.entries();
       for (let off = HASH_BYTES; off < pend.length; off += ENTRY_BYTES) busy.add(pend.readUInt32BE(off));
       const victims = [...this.packs.values()].filter((p) => !p.retired && p !== this.current && !p.dirty && !busy.has(p.id)
@@ -912,7 +1063,7 @@ export class LevelBackend implements Backend {
         p.retired = true;
         this.packs.delete(p.id);
         rmSync(join(this.packDir, packName(p.id)), { force: true });
-        if (p.reads === 0) await p.fh.close().catch(() => undefined);
+        if (p.reads === 0) await this.closeFd(p);
       }
       return orphans;
     });
@@ -928,7 +1079,7 @@ export class LevelBackend implements Backend {
     for (const p of this.packs.values()) {
       p.retired = true;
       if (p.direct) await p.direct.close().catch(() => undefined);
-      if (p.reads === 0) await p.fh.close().catch(() => undefined);
+      if (p.reads === 0) await this.closeFd(p);
     }
     this.packs.clear();
     this.current = null;

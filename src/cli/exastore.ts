@@ -144,11 +144,11 @@ export function buildProgram(): Command {
       out(o.json, r, () => `gc${o.dryRun ? ' (dry run)' : ''}: ${r.livePages} live pages, ${r.markedPages} newly marked, ${r.revivedPages} revived, ${r.deletedPages} deleted (${fmtBytes(r.reclaimedBytes)}), ${r.pendingPages} waiting for the grace period`);
     }));
 
-  clientCommand(program, 'compact <job>', "check that every page of a job's checkpoints resolves and reclaim the space of deleted pages")
+  clientCommand(program, 'compact <job>', "check every page of a job's checkpoints, rewrite the latest checkpoint's pages in image order (its restores then read long runs) and reclaim space")
     .action(async (job: string, o: ClientFlags) => withClient(o, async (c) => {
       const pb = progressBar(o.json);
       const r = await c.compact(job, pb.onProgress).finally(pb.stop);
-      out(o.json, r, () => `compacted job ${r.job}: ${r.checkpoints} checkpoints checked`);
+      out(o.json, r, () => `compacted job ${r.job}: ${r.checkpoints} checkpoints checked, ${r.pagesMoved} pages rewritten in image order, ${r.refsUpdated} page refs updated`);
     }));
 
   clientCommand(program, 'stat [job]', 'logical bytes, stored bytes and dedup ratio, per job and overall')

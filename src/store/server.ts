@@ -19,6 +19,11 @@ import { LevelBackend } from '../../storage/leveldb.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import { headerToInfo, regionFromProto } from './convert.js';
 import { tuneMallocForStreaming } from '../../storage/pagetable.js';
+import { HEADROOM, headroomFor, type ImagePagesIn } from './codec-image.js';
+import type { ImageChunk } from '../gen/exa/v1/ImageChunk.js';
+
+/** Pages per GetImage message: 4 MiB (grpc-js streams 4 MiB messages faster than 1-2 MiB ones; MAX_MESSAGE_BYTES is 48 MiB). */
+export const IMAGE_PIECE_PAGES = 1024;
 
 export { storeProto };
 
@@ -112,9 +117,15 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
 
     GetImage: serverStream(auth, async (req, emit) => {
       const range = { region: req.region, firstPage: req.first_page, pageCount: req.page_count, since: req.since };
-      for await (const item of store.readImage(req.job, req.checkpoint, range)) {
-        if ('checkpoint' in item) await emit({ info: headerToInfo(item) });
-        else await emit({ pages: { region: item.region, first_page: item.firstPage, page_count: item.pageCount, zero: item.zero, data: item.data, pages: item.pages ?? [] } });
+      // 4 MiB pieces in recycled buffers with room for the message header in
+      // front: src/store/codec-image.ts serializes them without copying the pages.
+      const opts = { chunkPages: IMAGE_PIECE_PAGES, reuse: true, headroom: headroomFor(IMAGE_PIECE_PAGES) };
+      for await (const item of store.readImage(req.job, req.checkpoint, range, opts)) {
+        if ('checkpoint' in item) { await emit({ info: headerToInfo(item) }); continue; }
+        const pages: ImagePagesIn = { region: item.region, first_page: item.firstPage, page_count: item.pageCount, zero: item.zero, data: item.data, pages: item.pages ?? [], [HEADROOM]: item.headroom ?? 0 };
+        // emit resolves after grpc-js has framed (copied) the message: the buffer is free again.
+        await emit({ pages } as ImageChunk);
+        item.release?.();
       }
     }),
 
