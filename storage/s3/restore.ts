@@ -116,12 +116,7 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     }
   });
   // By location (the ref as two 32-bit halves), so pages of one pack in slot order form chunks.
-  const order = new Uint32Array(count);
-  for (let k = 0; k < count; k++) order[k] = k;
-  // (Often in order already: a checkpoint written in one go lies in its packs in page order.)
-  let sorted = true;
-  for (let k = 1; k < count && sorted; k++) sorted = hiOf[k - 1]! < hiOf[k]! || (hiOf[k - 1] === hiOf[k] && loOf[k - 1]! <= loOf[k]!);
-  if (!sorted) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+  const order = byLocation(hiOf, loOf, count);
   const chunkPages = opts.chunkPages ?? 2048;
   const chunks: Uint32Array[] = [];
   for (let k = 0; k < count; k += chunkPages) chunks.push(order.subarray(k, k + chunkPages));
@@ -143,10 +138,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
     return again;
   };
-  const put = async (e: number, page: Buffer): Promise<void> => {
-    const w = sink.write(regionOf[e]!, pageOf[e]!, page);
-    if (w) await w;
-  };
+  /** Write one page; a promise only when the sink returns one (no microtask per page otherwise). */
+  const put = (e: number, page: Buffer): void | Promise<void> => sink.write(regionOf[e]!, pageOf[e]!, page);
   /** The general path: readPages() (one Buffer per page), hashes checked in batches. */
   const readGeneral = async (entries: ArrayLike<number>): Promise<void> => {
     const n = entries.length;
@@ -165,7 +158,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     const good = await checkPages(pages, want);
     for (let k = 0; k < n; k++) {
       const e = entries[k]!;
-      await put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+      const w = put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+      if (w) await w;
     }
   };
 
@@ -176,16 +170,21 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // (no JS object per page), 1 MiB at a time while the body still arrives,
   // then written to the sink from it.
   const slots = slotReader(backend);
+  // Word views of the page maps where they are 4-byte aligned (a 40-byte entry is 10 words, its hash the first 8).
+  const maps32 = maps.map((m) => (m.byteOffset % 4 === 0 ? new Uint32Array(m.buffer, m.byteOffset, Math.floor(m.length / 4)) : null));
   const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
   const worker = async (): Promise<void> => {
-    let buf: Buffer | null = null, want: Buffer | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
+    let buf: Buffer | null = null, want: Buffer | null = null, want32: Uint32Array | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
       if (!slots) {
         await readGeneral(chunk);
       } else {
         buf ??= Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE);
-        want ??= Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+        if (!want) {
+          want = Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+          want32 = new Uint32Array(want.buffer, want.byteOffset, want.length / 4);
+        }
         index ??= new Uint32Array(chunkPages);
         inBuf ??= new Uint32Array(chunkPages);
         let k = 0;
@@ -215,9 +214,15 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
               const e = chunk[q]!;
               index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
               inBuf![n] = e;
-              // 32 bytes by hand: Buffer.copy per page costs a native call each.
-              const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
-              for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
+              // By hand (Buffer.copy per page costs a native call each): 8 words when the map is 4-byte aligned.
+              const r32 = maps32[regionOf[e]!];
+              if (r32) {
+                const from = pageOf[e]! * (ENTRY_BYTES / 4), to = n * (HASH_BYTES / 4);
+                for (let x = 0; x < HASH_BYTES / 4; x++) want32![to + x] = r32[from + x]!;
+              } else {
+                const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
+                for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
+              }
               n++;
             }
             return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
@@ -262,7 +267,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
             for (let i = s.n0; i < upTo; i++) {
               const e = inBuf[i]!;
               const at = ix[i]! * PAGE_SIZE;
-              await put(e, bad.has(i) ? await recover(e, b.subarray(at, at + PAGE_SIZE)) : b.subarray(at, at + PAGE_SIZE));
+              const w = put(e, bad.has(i) ? await recover(e, b.subarray(at, at + PAGE_SIZE)) : b.subarray(at, at + PAGE_SIZE));
+              if (w) await w;
             }
           }
           await readGeneral(others);
@@ -274,6 +280,39 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   };
   await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 16, chunks.length) }, worker));
   return { header, pages: count, zeroPages, bytes: count * PAGE_SIZE };
+}
+
+/**
+ * The entries 0..count-1 ordered by (hi, lo). A checkpoint written in one go
+ * lies in its packs in page order, so the entries form a few ascending runs
+ * (one per pack, packs in random id order): those runs are put in order by
+ * their first key, in O(count) plus a sort of the runs; when runs overlap
+ * (pages of one pack spread out of order), a full sort.
+ */
+export function byLocation(hiOf: Uint32Array, loOf: Uint32Array, count: number): Uint32Array {
+  const order = new Uint32Array(count);
+  const before = (a: number, b: number): boolean => hiOf[a]! < hiOf[b]! || (hiOf[a] === hiOf[b] && loOf[a]! <= loOf[b]!);
+  const starts: number[] = [];
+  for (let k = 0; k < count; k++) if (k === 0 || !before(k - 1, k)) starts.push(k);
+  if (starts.length <= 1 || starts.length > 4096) {
+    for (let k = 0; k < count; k++) order[k] = k;
+    if (starts.length > 1) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+    return order;
+  }
+  const runs = starts.map((start, i) => ({ start, end: starts[i + 1] ?? count }));
+  runs.sort((x, y) => hiOf[x.start]! - hiOf[y.start]! || loOf[x.start]! - loOf[y.start]!);
+  let o = 0;
+  for (let r = 0; r < runs.length; r++) {
+    const { start, end } = runs[r]!;
+    // Runs that interleave (a pack's pages in two runs around another's) need the full sort.
+    if (r > 0 && !before(runs[r - 1]!.end - 1, start)) {
+      for (let k = 0; k < count; k++) order[k] = k;
+      order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+      return order;
+    }
+    for (let k = start; k < end; k++) order[o++] = k;
+  }
+  return order;
 }
 
 /** A sink into one zeroed Buffer per region (fine for tests and modest images). */
