@@ -37,6 +37,8 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
  */
 interface SlotReader {
   readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null>;
+  /** Range GETs the backend runs at once (more wait in its queue). */
+  readonly readConcurrency?: number;
 }
 
 function slotReader(b: Backend): SlotReader | null {
@@ -197,131 +199,152 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // Word views of the page maps where they are 4-byte aligned (a 40-byte entry is 10 words, its hash the first 8).
   const maps32 = maps.map((m) => (m.byteOffset % 4 === 0 ? new Uint32Array(m.buffer, m.byteOffset, Math.floor(m.length / 4)) : null));
   const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
+  // GET buffers: a worker holds one only while its chunk is read, checked and written, and
+  // there are at most the backend's GETs in flight + 2 (workers beyond that wait for one), so
+  // no more memory is touched (page-faulted in, zeroed by the kernel) than those GETs fill.
+  const workers = Math.min(opts.concurrency ?? 16, chunks.length);
+  const maxBufs = Math.max(1, Math.min(workers, (slots?.readConcurrency ?? workers) + 2));
+  const freeBufs: Buffer[] = [], bufWaiters: ((b: Buffer) => void)[] = [];
+  let madeBufs = 0;
+  const takeBuf = async (): Promise<Buffer> => {
+    const b = freeBufs.pop();
+    if (b) return b;
+    if (madeBufs < maxBufs) { madeBufs++; return Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE); }
+    return new Promise<Buffer>((r) => bufWaiters.push(r));
+  };
+  const giveBuf = (b: Buffer): void => {
+    const w = bufWaiters.shift();
+    if (w) w(b); else freeBufs.push(b);
+  };
   const worker = async (): Promise<void> => {
-    let buf: Buffer | null = null, want: Buffer | null = null, want32: Uint32Array | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
+    let want: Buffer | null = null, want32: Uint32Array | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
       if (!slots) {
         await readGeneral(chunk);
       } else {
-        buf ??= Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE);
-        if (!want) {
-          want = Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
-          want32 = new Uint32Array(want.buffer, want.byteOffset, want.length / 4);
-        }
-        index ??= new Uint32Array(chunkPages);
-        inBuf ??= new Uint32Array(chunkPages);
-        let k = 0;
-        while (k < chunk.length) {
-          // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
-          const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
-          let used = 0;
-          while (k < chunk.length) {
-            const e = chunk[k]!;
-            const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
-            const r = runs[runs.length - 1];
-            if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
-              used += slot - r.last;
-              r.last = slot; r.end = ++k;
-              continue;
-            }
-            if (used + 1 > bufPages) break;
-            runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
-            used += 1;
-            k++;
+        const buf = await takeBuf();
+        try {
+          if (!want) {
+            want = Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+            want32 = new Uint32Array(want.buffer, want.byteOffset, want.length / 4);
           }
-          // Every page of the batch gets its place in the buffer and its expected hash first.
-          let n = 0;
-          const st = runs.map((r) => {
-            const n0 = n;
-            for (let q = r.start; q < r.end; q++) {
-              const e = chunk[q]!;
-              index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
-              inBuf![n] = e;
-              // By hand (Buffer.copy per page costs a native call each): 8 words when the map is 4-byte aligned.
-              const r32 = maps32[regionOf[e]!];
-              if (r32) {
-                const from = pageOf[e]! * (ENTRY_BYTES / 4), to = n * (HASH_BYTES / 4);
-                for (let x = 0; x < HASH_BYTES / 4; x++) want32![to + x] = r32[from + x]!;
-              } else {
-                const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
-                for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
-              }
-              n++;
-            }
-            return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
-          });
-          const b = buf, w = want, ix = index;
-          // Pages are checked while the body still streams in, a step at a time: when the last
-          // byte arrives only the last step is left to hash.
-          const check = (s: typeof st[number], upTo: number): void => {
-            const from = s.checked;
-            const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
-            p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
-            s.checks.push(p);
-            s.checked = upTo;
-          };
-          const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
-            const pages = r.at + Math.floor(bytes / PAGE_SIZE);
-            while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
-            if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
-          };
-          const got = await Promise.all(runs.map((r, j) => {
-            const s = st[j]!;
-            return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
-              onData: (bytes) => arrive(s, r, bytes, false),
-              // A retried GET writes its part of the buffer again: no check may be reading it then.
-              beforeRetry: async () => {
-                await Promise.allSettled(s.checks);
-                s.checks = [];
-                s.arrived = s.checked = s.n0;
-              },
-            });
-          }));
-          // Pages that arrived are checked in place; the others take the general path.
-          const others: number[] = [];
-          const bad = new Set<number>();
-          for (let j = 0; j < runs.length; j++) {
-            const s = st[j]!, g = got[j];
-            if (g) arrive(s, runs[j]!, g.length, true);
-            else await Promise.allSettled(s.checks);
-            for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
-            const upTo = g ? s.arrived : s.n0;
-            for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
-            for (let i = s.n0; i < upTo;) {
-              const e = inBuf[i]!;
-              const at = ix[i]! * PAGE_SIZE;
-              if (bad.has(i)) {
-                const w = put(e, await recover(e, b.subarray(at, at + PAGE_SIZE)));
-                if (w) await w;
-                i++;
+          index ??= new Uint32Array(chunkPages);
+          inBuf ??= new Uint32Array(chunkPages);
+          let k = 0;
+          while (k < chunk.length) {
+            // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
+            const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
+            let used = 0;
+            while (k < chunk.length) {
+              const e = chunk[k]!;
+              const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
+              const r = runs[runs.length - 1];
+              if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
+                used += slot - r.last;
+                r.last = slot; r.end = ++k;
                 continue;
               }
-              if (sink.writeRun) {
-                // Consecutive pages of one region lying side by side in the buffer, none bad.
-                const region = regionOf[e]!, page = pageOf[e]!, slot = ix[i]!;
-                let j = i + 1;
-                while (j < upTo && regionOf[inBuf[j]!] === region && pageOf[inBuf[j]!] === page + (j - i) && ix[j] === slot + (j - i) && (bad.size === 0 || !bad.has(j))) j++;
-                if (j - i > 1) {
-                  const w = sink.writeRun(region, page, j - i, b.subarray(at, at + (j - i) * PAGE_SIZE));
+              if (used + 1 > bufPages) break;
+              runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
+              used += 1;
+              k++;
+            }
+            // Every page of the batch gets its place in the buffer and its expected hash first.
+            let n = 0;
+            const st = runs.map((r) => {
+              const n0 = n;
+              for (let q = r.start; q < r.end; q++) {
+                const e = chunk[q]!;
+                index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
+                inBuf![n] = e;
+                // By hand (Buffer.copy per page costs a native call each): 8 words when the map is 4-byte aligned.
+                const r32 = maps32[regionOf[e]!];
+                if (r32) {
+                  const from = pageOf[e]! * (ENTRY_BYTES / 4), to = n * (HASH_BYTES / 4);
+                  for (let x = 0; x < HASH_BYTES / 4; x++) want32![to + x] = r32[from + x]!;
+                } else {
+                  const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
+                  for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
+                }
+                n++;
+              }
+              return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
+            });
+            const b = buf, w = want, ix = index;
+            // Pages are checked while the body still streams in, a step at a time: when the last
+            // byte arrives only the last step is left to hash.
+            const check = (s: typeof st[number], upTo: number): void => {
+              const from = s.checked;
+              const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
+              p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
+              s.checks.push(p);
+              s.checked = upTo;
+            };
+            const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
+              const pages = r.at + Math.floor(bytes / PAGE_SIZE);
+              while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
+              if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
+            };
+            const got = await Promise.all(runs.map((r, j) => {
+              const s = st[j]!;
+              return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
+                onData: (bytes) => arrive(s, r, bytes, false),
+                // A retried GET writes its part of the buffer again: no check may be reading it then.
+                beforeRetry: async () => {
+                  await Promise.allSettled(s.checks);
+                  s.checks = [];
+                  s.arrived = s.checked = s.n0;
+                },
+              });
+            }));
+            // Pages that arrived are checked in place; the others take the general path.
+            const others: number[] = [];
+            const bad = new Set<number>();
+            for (let j = 0; j < runs.length; j++) {
+              const s = st[j]!, g = got[j];
+              if (g) arrive(s, runs[j]!, g.length, true);
+              else await Promise.allSettled(s.checks);
+              for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
+              const upTo = g ? s.arrived : s.n0;
+              for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
+              for (let i = s.n0; i < upTo;) {
+                const e = inBuf[i]!;
+                const at = ix[i]! * PAGE_SIZE;
+                if (bad.has(i)) {
+                  const w = put(e, await recover(e, b.subarray(at, at + PAGE_SIZE)));
                   if (w) await w;
-                  i = j;
+                  i++;
                   continue;
                 }
+                if (sink.writeRun) {
+                  // Consecutive pages of one region lying side by side in the buffer, none bad.
+                  const region = regionOf[e]!, page = pageOf[e]!, slot = ix[i]!;
+                  let j = i + 1;
+                  while (j < upTo && regionOf[inBuf[j]!] === region && pageOf[inBuf[j]!] === page + (j - i) && ix[j] === slot + (j - i) && (bad.size === 0 || !bad.has(j))) j++;
+                  if (j - i > 1) {
+                    const w = sink.writeRun(region, page, j - i, b.subarray(at, at + (j - i) * PAGE_SIZE));
+                    if (w) await w;
+                    i = j;
+                    continue;
+                  }
+                }
+                const w = put(e, b.subarray(at, at + PAGE_SIZE));
+                if (w) await w;
+                i++;
               }
-              const w = put(e, b.subarray(at, at + PAGE_SIZE));
-              if (w) await w;
-              i++;
             }
+            await readGeneral(others);
           }
-          await readGeneral(others);
+        } finally {
+          giveBuf(buf);
         }
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: count });
     }
   };
-  await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 16, chunks.length) }, worker));
+  await Promise.all(Array.from({ length: workers }, worker));
   return { header, pages: count, zeroPages, bytes: count * PAGE_SIZE };
 }
 
