@@ -18,7 +18,10 @@
       "defines": ["NAPI_VERSION=9", "NODE_ADDON_API_DISABLE_DEPRECATED"],
       "cflags_cc": ["-std=c++17", "-fexceptions", "-Wno-deprecated-declarations", "-Wno-missing-field-initializers"],
       "cflags_cc!": ["-fno-exceptions"],
-      "libraries": ["-lpthread"]
+      "libraries": ["-lpthread"],
+      # Multi-buffer SHA-256 (native/addon/hash.cc) when libipsec-mb-dev is installed; OpenSSL otherwise.
+      "variables": {"exa_ipsec_mb": "<!(node -p \"require('fs').existsSync('/usr/include/intel-ipsec-mb.h') ? 1 : 0\")"},
+      "conditions": [["exa_ipsec_mb==1", {"defines": ["EXA_HAVE_IPSEC_MB"], "libraries": ["-lIPSec_MB"]}]]
     },
     {
       "target_name": "exa_workload",

@@ -23,8 +23,11 @@
  *  - restore_vs_raw = restore_mbps / raw_get_mbps (target >= 0.8);
  *  - ingest_mbps, ordered_restore_mbps (the engine's in-order readImage,
  *    what GetImage streams) and page_hash_mbps_one_thread (SHA-256 of 4 KiB
- *    pages on one thread: the CPU cost the restore pays and raw GETs do not)
- *    for context;
+ *    pages on one thread through node:crypto, one call per page) for
+ *    context; sha256_engine: what the restore's native page checks run on
+ *    ("ipsec-mb VERSION ARCH", multi-buffer, or "openssl") and
+ *    page_check_native_mbps, the speed of those checks (1 MiB calls, one
+ *    at a time, libuv pool);
  *  - *_cpu_s_per_gb: CPU seconds of the benchmark process (client) and of
  *    s3rver (server) per GB restored / fetched raw (medians over rounds):
  *    far steadier than MB/s on a shared machine.
@@ -40,6 +43,8 @@ import { HASH_BYTES, PAGE_SIZE, sha256 } from '../storage/pages.js';
 import { S3Backend } from '../storage/s3/backend.js';
 import { parsePackKey } from '../storage/s3/format.js';
 import { restoreCheckpoint } from '../storage/s3/restore.js';
+import { sha256Engine } from '../src/native.js';
+import { hashPages, verifyPages } from '../storage/hash.js';
 
 /**
  * s3rver in its own process, as an S3 server is in real life: in this
@@ -126,7 +131,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         let check = 0;
         const c1 = cpu();
         const t1 = performance.now();
-        const res = await restoreCheckpoint(r, 'bench', 1, { write: (_r, _p, d) => { check ^= d[0]!; } }, { concurrency: 2 * concurrency, chunkPages: 2048 });
+        // The sink touches the first byte of every page, whether it comes alone or in a run.
+        const sink = {
+          write: (_r: number, _p: number, d: Buffer): void => { check ^= d[0]!; },
+          writeRun: (_r: number, _p: number, count: number, d: Buffer): void => { for (let k = 0; k < count; k++) check ^= d[k * PAGE_SIZE]!; },
+        };
+        const res = await restoreCheckpoint(r, 'bench', 1, sink, { concurrency: 2 * concurrency, chunkPages: 2048 });
         const restoreS = (performance.now() - t1) / 1000;
         restoreCpu.push(since(c1));
         if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
@@ -175,6 +185,14 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const th = performance.now();
     for (let off = 0; off < sample.length; off += PAGE_SIZE) sha256(sample.subarray(off, off + PAGE_SIZE));
     const hashMbps = sample.length / 1e6 / ((performance.now() - th) / 1000);
+    // ... and how fast the restore's own checks run: native verify calls of 1 MiB, one at a time.
+    const sampleHashes = await hashPages(sample);
+    const tv = performance.now();
+    for (let off = 0; off < sample.length; off += 2 ** 20) {
+      const bad = await verifyPages(sample.subarray(off, off + 2 ** 20), sampleHashes.subarray((off / PAGE_SIZE) * HASH_BYTES, ((off + 2 ** 20) / PAGE_SIZE) * HASH_BYTES));
+      if (bad.length > 0) throw new Error('page check failed on its own hashes');
+    }
+    const checkMbps = sample.length / 1e6 / ((performance.now() - tv) / 1000);
     const median = (xs: number[]): number => { const v = [...xs].sort((x, y) => x - y); return v[Math.floor(v.length / 2)]!; };
 
     // The ordered path GetImage uses (engine readImage), for context.
@@ -198,6 +216,9 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       restore_mbps_rounds: restoreRuns.map((x) => Math.round(x)), raw_get_mbps_rounds: rawRuns.map((x) => Math.round(x)),
       ordered_restore_mbps: Number((bytes / 1e6 / orderedS).toFixed(1)),
       page_hash_mbps_one_thread: Number(hashMbps.toFixed(0)),
+      // The implementation the restore's native page checks use (native/addon/hash.cc).
+      sha256_engine: sha256Engine(),
+      page_check_native_mbps: Number(checkMbps.toFixed(0)),
       // CPU seconds per GB moved (median over rounds): this process, and s3rver.
       restore_client_cpu_s_per_gb: Number(median(restoreCpu.map((c) => c.client / (bytes / 1e9))).toFixed(2)),
       restore_server_cpu_s_per_gb: Number(median(restoreCpu.map((c) => c.server / (bytes / 1e9))).toFixed(2)),

@@ -293,6 +293,8 @@ interface NativeAddon {
   sha256Pages(pages: Uint8Array | readonly (Uint8Array | null | undefined)[], pageSize?: number): Promise<Buffer>;
   /** First i whose page (data page index[i], or i) does not hash to want[32i..), or -1 (native/addon/hash.cc). */
   sha256VerifyPages(data: Uint8Array, want: Uint8Array, index?: Uint32Array | null, pageSize?: number): Promise<number>;
+  /** Which SHA-256 implementation the two above use: "ipsec-mb VERSION ARCH" (multi-buffer) or "openssl". */
+  sha256Engine(): string;
   // Batched pack-file reads for the LevelDB store (native/addon/packio.cc): pread on the libuv pool, optional SHA-256 check per page.
   packRead(ops: Float64Array, dst: Uint8Array, hashes?: Uint8Array | null): Promise<{ got: Int32Array; ok: Uint8Array | null }>;
   packWrite(fd: number, position: number, bufs: readonly Uint8Array[]): Promise<number>;
@@ -398,6 +400,7 @@ export const dmaSync = wrap(addon.dmaSync);
 export const dmaTestPostRaw = wrap(addon.dmaTestPostRaw);
 export const sha256Pages = wrap(addon.sha256Pages);
 export const sha256VerifyPages = wrap(addon.sha256VerifyPages);
+export const sha256Engine = wrap(addon.sha256Engine);
 export const packRead = wrap(addon.packRead);
 export const packWrite = wrap(addon.packWrite);
 export const packAdvise = wrap(addon.packAdvise);

@@ -153,6 +153,8 @@ export class S3Backend implements Backend {
   readonly packGraceMs: number;
   private readonly uploads: Limiter;
   private readonly reads: Limiter;
+  /** Range GETs run at once (readConcurrency option, default 8). */
+  readonly readConcurrency: number;
 
   private readonly packsByBase = new Map<string, Pack>();
   private readonly packsByRef = new Map<number, Pack>();
@@ -185,7 +187,8 @@ export class S3Backend implements Backend {
     this.missRefreshMs = opts.missRefreshMs ?? 1_000;
     this.packGraceMs = opts.packGraceMs ?? 60 * 60 * 1000;
     this.uploads = new Limiter(opts.uploadConcurrency ?? 4);
-    this.reads = new Limiter(opts.readConcurrency ?? 8);
+    this.readConcurrency = Math.max(1, opts.readConcurrency ?? 8);
+    this.reads = new Limiter(this.readConcurrency);
   }
 
   /**

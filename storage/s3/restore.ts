@@ -27,6 +27,8 @@ const MAX_RUN_PAGES = 2048;
 const MAX_GAP_PAGES = 16;
 /** Pages of a GET body checked per native call while the rest of the body arrives (1 MiB). */
 const CHECK_STEP_PAGES = 256;
+/** Word loads of page maps byte-swap refs on little-endian hosts (all that node runs on here); others read bytes. */
+const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 
 /**
  * Backends that read runs of slots of one pack straight into the caller's
@@ -35,6 +37,8 @@ const CHECK_STEP_PAGES = 256;
  */
 interface SlotReader {
   readSlots(refId: number, first: number, last: number, into: Buffer, hooks?: GetHooks): Promise<Buffer | null>;
+  /** Range GETs the backend runs at once (more wait in its queue). */
+  readonly readConcurrency?: number;
 }
 
 function slotReader(b: Backend): SlotReader | null {
@@ -50,6 +54,14 @@ function slotReader(b: Backend): SlotReader | null {
  */
 export interface PageSink {
   write(region: number, page: number, data: Buffer): void | Promise<void>;
+  /**
+   * Optional: `count` consecutive pages of one region, from page `first`,
+   * side by side in `data` (count x 4096 bytes), all checked; lent like
+   * write()'s. The S3 path hands over pages that arrived together this way
+   * (one call and one view per run instead of per page); pages it cannot
+   * group go to write().
+   */
+  writeRun?(region: number, first: number, count: number, data: Buffer): void | Promise<void>;
 }
 
 export interface RestoreOptions {
@@ -108,6 +120,20 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   const regionOf = new Uint32Array(total), pageOf = new Uint32Array(total), hiOf = new Uint32Array(total), loOf = new Uint32Array(total);
   let count = 0, zeroPages = 0;
   maps.forEach((m, r) => {
+    if (LITTLE_ENDIAN && m.byteOffset % 4 === 0) {
+      // Word loads (a 40-byte entry is 10 words): the hash is zero when its 8 words are; the
+      // ref's two big-endian halves are words 8 and 9 byte-swapped.
+      const w = new Uint32Array(m.buffer, m.byteOffset, m.length >>> 2);
+      for (let i = 0, o = 0; o < w.length; i++, o += ENTRY_BYTES / 4) {
+        if ((w[o]! | w[o + 1]! | w[o + 2]! | w[o + 3]! | w[o + 4]! | w[o + 5]! | w[o + 6]! | w[o + 7]!) === 0) { zeroPages++; continue; }
+        const a = w[o + 8]!, b = w[o + 9]!;
+        regionOf[count] = r; pageOf[count] = i;
+        hiOf[count] = ((a << 24) | ((a & 0xff00) << 8) | ((a >>> 8) & 0xff00) | (a >>> 24)) >>> 0;
+        loOf[count] = ((b << 24) | ((b & 0xff00) << 8) | ((b >>> 8) & 0xff00) | (b >>> 24)) >>> 0;
+        count++;
+      }
+      return;
+    }
     for (let i = 0, off = 0; off < m.length; i++, off += ENTRY_BYTES) {
       if (isZeroHash(m, off)) { zeroPages++; continue; }
       regionOf[count] = r; pageOf[count] = i;
@@ -116,12 +142,7 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     }
   });
   // By location (the ref as two 32-bit halves), so pages of one pack in slot order form chunks.
-  const order = new Uint32Array(count);
-  for (let k = 0; k < count; k++) order[k] = k;
-  // (Often in order already: a checkpoint written in one go lies in its packs in page order.)
-  let sorted = true;
-  for (let k = 1; k < count && sorted; k++) sorted = hiOf[k - 1]! < hiOf[k]! || (hiOf[k - 1] === hiOf[k] && loOf[k - 1]! <= loOf[k]!);
-  if (!sorted) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+  const order = byLocation(hiOf, loOf, count);
   const chunkPages = opts.chunkPages ?? 2048;
   const chunks: Uint32Array[] = [];
   for (let k = 0; k < count; k += chunkPages) chunks.push(order.subarray(k, k + chunkPages));
@@ -143,10 +164,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     if (!again || again.length !== PAGE_SIZE || !sha256(again).equals(hash)) throw fail(e, hash, bad ? 'does not match its hash' : 'is missing from the store');
     return again;
   };
-  const put = async (e: number, page: Buffer): Promise<void> => {
-    const w = sink.write(regionOf[e]!, pageOf[e]!, page);
-    if (w) await w;
-  };
+  /** Write one page; a promise only when the sink returns one (no microtask per page otherwise). */
+  const put = (e: number, page: Buffer): void | Promise<void> => sink.write(regionOf[e]!, pageOf[e]!, page);
   /** The general path: readPages() (one Buffer per page), hashes checked in batches. */
   const readGeneral = async (entries: ArrayLike<number>): Promise<void> => {
     const n = entries.length;
@@ -165,7 +184,8 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
     const good = await checkPages(pages, want);
     for (let k = 0; k < n; k++) {
       const e = entries[k]!;
-      await put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+      const w = put(e, good[k] ? pages[k]! : await recover(e, pages[k]));
+      if (w) await w;
     }
   };
 
@@ -176,104 +196,197 @@ export async function restoreCheckpoint(backend: Backend, job: string, n: number
   // (no JS object per page), 1 MiB at a time while the body still arrives,
   // then written to the sink from it.
   const slots = slotReader(backend);
+  // Word views of the page maps where they are 4-byte aligned (a 40-byte entry is 10 words, its hash the first 8).
+  const maps32 = maps.map((m) => (m.byteOffset % 4 === 0 ? new Uint32Array(m.buffer, m.byteOffset, Math.floor(m.length / 4)) : null));
   const bufPages = Math.max(1, Math.min(chunkPages, MAX_RUN_PAGES));
+  // GET buffers: a worker holds one only while its chunk is read, checked and written, and
+  // there are at most the backend's GETs in flight + 2 (workers beyond that wait for one), so
+  // no more memory is touched (page-faulted in, zeroed by the kernel) than those GETs fill.
+  const workers = Math.min(opts.concurrency ?? 16, chunks.length);
+  const maxBufs = Math.max(1, Math.min(workers, (slots?.readConcurrency ?? workers) + 2));
+  const freeBufs: Buffer[] = [], bufWaiters: ((b: Buffer) => void)[] = [];
+  let madeBufs = 0;
+  const takeBuf = async (): Promise<Buffer> => {
+    const b = freeBufs.pop();
+    if (b) return b;
+    if (madeBufs < maxBufs) { madeBufs++; return Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE); }
+    return new Promise<Buffer>((r) => bufWaiters.push(r));
+  };
+  const giveBuf = (b: Buffer): void => {
+    const w = bufWaiters.shift();
+    if (w) w(b); else freeBufs.push(b);
+  };
   const worker = async (): Promise<void> => {
-    let buf: Buffer | null = null, want: Buffer | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
+    let want: Buffer | null = null, want32: Uint32Array | null = null, index: Uint32Array | null = null, inBuf: Uint32Array | null = null;
     while (next < chunks.length) {
       const chunk = chunks[next++]!;
       if (!slots) {
         await readGeneral(chunk);
       } else {
-        buf ??= Buffer.allocUnsafeSlow(bufPages * PAGE_SIZE);
-        want ??= Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
-        index ??= new Uint32Array(chunkPages);
-        inBuf ??= new Uint32Array(chunkPages);
-        let k = 0;
-        while (k < chunk.length) {
-          // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
-          const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
-          let used = 0;
+        const buf = await takeBuf();
+        try {
+          if (!want) {
+            want = Buffer.allocUnsafeSlow(chunkPages * HASH_BYTES);
+            want32 = new Uint32Array(want.buffer, want.byteOffset, want.length / 4);
+          }
+          index ??= new Uint32Array(chunkPages);
+          inBuf ??= new Uint32Array(chunkPages);
+          let k = 0;
           while (k < chunk.length) {
-            const e = chunk[k]!;
-            const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
-            const r = runs[runs.length - 1];
-            if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
-              used += slot - r.last;
-              r.last = slot; r.end = ++k;
-              continue;
+            // Runs that fit the buffer together: [start, end) of chunk each, placed side by side.
+            const runs: { start: number; end: number; id: number; first: number; last: number; at: number }[] = [];
+            let used = 0;
+            while (k < chunk.length) {
+              const e = chunk[k]!;
+              const id = hiOf[e]! * 0x10000 + (loOf[e]! >>> 16), slot = loOf[e]! & 0xffff;
+              const r = runs[runs.length - 1];
+              if (r && r.id === id && slot - r.last <= MAX_GAP_PAGES && slot - r.first < bufPages && r.at + slot - r.first < bufPages) {
+                used += slot - r.last;
+                r.last = slot; r.end = ++k;
+                continue;
+              }
+              if (used + 1 > bufPages) break;
+              runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
+              used += 1;
+              k++;
             }
-            if (used + 1 > bufPages) break;
-            runs.push({ start: k, end: k + 1, id, first: slot, last: slot, at: used });
-            used += 1;
-            k++;
-          }
-          // Every page of the batch gets its place in the buffer and its expected hash first.
-          let n = 0;
-          const st = runs.map((r) => {
-            const n0 = n;
-            for (let q = r.start; q < r.end; q++) {
-              const e = chunk[q]!;
-              index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
-              inBuf![n] = e;
-              // 32 bytes by hand: Buffer.copy per page costs a native call each.
-              const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
-              for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
-              n++;
-            }
-            return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
-          });
-          const b = buf, w = want, ix = index;
-          // Pages are checked while the body still streams in, a step at a time: when the last
-          // byte arrives only the last step is left to hash.
-          const check = (s: typeof st[number], upTo: number): void => {
-            const from = s.checked;
-            const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
-            p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
-            s.checks.push(p);
-            s.checked = upTo;
-          };
-          const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
-            const pages = r.at + Math.floor(bytes / PAGE_SIZE);
-            while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
-            if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
-          };
-          const got = await Promise.all(runs.map((r, j) => {
-            const s = st[j]!;
-            return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
-              onData: (bytes) => arrive(s, r, bytes, false),
-              // A retried GET writes its part of the buffer again: no check may be reading it then.
-              beforeRetry: async () => {
-                await Promise.allSettled(s.checks);
-                s.checks = [];
-                s.arrived = s.checked = s.n0;
-              },
+            // Every page of the batch gets its place in the buffer and its expected hash first.
+            let n = 0;
+            const st = runs.map((r) => {
+              const n0 = n;
+              for (let q = r.start; q < r.end; q++) {
+                const e = chunk[q]!;
+                index![n] = r.at + (loOf[e]! & 0xffff) - r.first;
+                inBuf![n] = e;
+                // By hand (Buffer.copy per page costs a native call each): 8 words when the map is 4-byte aligned.
+                const r32 = maps32[regionOf[e]!];
+                if (r32) {
+                  const from = pageOf[e]! * (ENTRY_BYTES / 4), to = n * (HASH_BYTES / 4);
+                  for (let x = 0; x < HASH_BYTES / 4; x++) want32![to + x] = r32[from + x]!;
+                } else {
+                  const m = maps[regionOf[e]!]!, off = entryOff(e), to = n * HASH_BYTES;
+                  for (let x = 0; x < HASH_BYTES; x++) want![to + x] = m[off + x]!;
+                }
+                n++;
+              }
+              return { n0, n1: n, arrived: n0, checked: n0, checks: [] as Promise<number[]>[] };
             });
-          }));
-          // Pages that arrived are checked in place; the others take the general path.
-          const others: number[] = [];
-          const bad = new Set<number>();
-          for (let j = 0; j < runs.length; j++) {
-            const s = st[j]!, g = got[j];
-            if (g) arrive(s, runs[j]!, g.length, true);
-            else await Promise.allSettled(s.checks);
-            for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
-            const upTo = g ? s.arrived : s.n0;
-            for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
-            for (let i = s.n0; i < upTo; i++) {
-              const e = inBuf[i]!;
-              const at = ix[i]! * PAGE_SIZE;
-              await put(e, bad.has(i) ? await recover(e, b.subarray(at, at + PAGE_SIZE)) : b.subarray(at, at + PAGE_SIZE));
+            const b = buf, w = want, ix = index;
+            // Pages are checked while the body still streams in, a step at a time: when the last
+            // byte arrives only the last step is left to hash.
+            const check = (s: typeof st[number], upTo: number): void => {
+              const from = s.checked;
+              const p = verifyPages(b, w.subarray(from * HASH_BYTES, upTo * HASH_BYTES), ix.subarray(from, upTo)).then((bad) => bad.map((x) => x + from));
+              p.catch(() => undefined); // awaited below; not an unhandled rejection if the GET fails first
+              s.checks.push(p);
+              s.checked = upTo;
+            };
+            const arrive = (s: typeof st[number], r: typeof runs[number], bytes: number, last: boolean): void => {
+              const pages = r.at + Math.floor(bytes / PAGE_SIZE);
+              while (s.arrived < s.n1 && ix[s.arrived]! < pages) s.arrived++;
+              if (s.arrived - s.checked >= (last ? 1 : CHECK_STEP_PAGES)) check(s, s.arrived);
+            };
+            const got = await Promise.all(runs.map((r, j) => {
+              const s = st[j]!;
+              return slots.readSlots(r.id, r.first, r.last, b.subarray(r.at * PAGE_SIZE, (r.at + r.last - r.first + 1) * PAGE_SIZE), {
+                onData: (bytes) => arrive(s, r, bytes, false),
+                // A retried GET writes its part of the buffer again: no check may be reading it then.
+                beforeRetry: async () => {
+                  await Promise.allSettled(s.checks);
+                  s.checks = [];
+                  s.arrived = s.checked = s.n0;
+                },
+              });
+            }));
+            // Pages that arrived are checked in place; the others take the general path.
+            const others: number[] = [];
+            const bad = new Set<number>();
+            for (let j = 0; j < runs.length; j++) {
+              const s = st[j]!, g = got[j];
+              if (g) arrive(s, runs[j]!, g.length, true);
+              else await Promise.allSettled(s.checks);
+              for (const list of g ? await Promise.all(s.checks) : []) for (const x of list) bad.add(x);
+              const upTo = g ? s.arrived : s.n0;
+              for (let i = upTo; i < s.n1; i++) others.push(inBuf[i]!);
+              for (let i = s.n0; i < upTo;) {
+                const e = inBuf[i]!;
+                const at = ix[i]! * PAGE_SIZE;
+                if (bad.has(i)) {
+                  const w = put(e, await recover(e, b.subarray(at, at + PAGE_SIZE)));
+                  if (w) await w;
+                  i++;
+                  continue;
+                }
+                if (sink.writeRun) {
+                  // Consecutive pages of one region lying side by side in the buffer, none bad.
+                  const region = regionOf[e]!, page = pageOf[e]!, slot = ix[i]!;
+                  let j = i + 1;
+                  while (j < upTo && regionOf[inBuf[j]!] === region && pageOf[inBuf[j]!] === page + (j - i) && ix[j] === slot + (j - i) && (bad.size === 0 || !bad.has(j))) j++;
+                  if (j - i > 1) {
+                    const w = sink.writeRun(region, page, j - i, b.subarray(at, at + (j - i) * PAGE_SIZE));
+                    if (w) await w;
+                    i = j;
+                    continue;
+                  }
+                }
+                const w = put(e, b.subarray(at, at + PAGE_SIZE));
+                if (w) await w;
+                i++;
+              }
             }
+            await readGeneral(others);
           }
-          await readGeneral(others);
+        } finally {
+          giveBuf(buf);
         }
       }
       done += chunk.length;
       opts.onProgress?.({ pages: done, total: count });
     }
   };
-  await Promise.all(Array.from({ length: Math.min(opts.concurrency ?? 16, chunks.length) }, worker));
+  await Promise.all(Array.from({ length: workers }, worker));
   return { header, pages: count, zeroPages, bytes: count * PAGE_SIZE };
+}
+
+/**
+ * The entries 0..count-1 ordered by (hi, lo). A checkpoint written in one go
+ * lies in its packs in page order, so the entries form a few ascending runs
+ * within one pack each (packs in random id order): those runs are put in
+ * order by their first key, in O(count) plus a sort of the runs; when runs
+ * overlap (pages of one pack out of order), a full sort.
+ */
+export function byLocation(hiOf: Uint32Array, loOf: Uint32Array, count: number): Uint32Array {
+  const order = new Uint32Array(count);
+  const before = (a: number, b: number): boolean => hiOf[a]! < hiOf[b]! || (hiOf[a] === hiOf[b] && loOf[a]! <= loOf[b]!);
+  const starts: number[] = [];
+  // A run is ascending and within one pack (the pack id is hi and the top half of lo), so runs
+  // of different packs never overlap and need no merging.
+  // (Plain loads and compares: this runs once per restore, mostly before the JIT has warmed up.)
+  if (count > 0) starts.push(0);
+  for (let k = 1, ph = hiOf[0]!, pl = loOf[0]!; k < count; k++) {
+    const h = hiOf[k]!, l = loOf[k]!;
+    if (h !== ph || l >>> 16 !== pl >>> 16 || l < pl) starts.push(k);
+    ph = h; pl = l;
+  }
+  if (starts.length <= 1 || starts.length > 4096) {
+    for (let k = 0; k < count; k++) order[k] = k;
+    if (starts.length > 1) order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+    return order;
+  }
+  const runs = starts.map((start, i) => ({ start, end: starts[i + 1] ?? count }));
+  runs.sort((x, y) => hiOf[x.start]! - hiOf[y.start]! || loOf[x.start]! - loOf[y.start]!);
+  let o = 0;
+  for (let r = 0; r < runs.length; r++) {
+    const { start, end } = runs[r]!;
+    // Runs that interleave (a pack's pages in two runs around another's) need the full sort.
+    if (r > 0 && !before(runs[r - 1]!.end - 1, start)) {
+      for (let k = 0; k < count; k++) order[k] = k;
+      order.sort((a, b) => hiOf[a]! - hiOf[b]! || loOf[a]! - loOf[b]!);
+      return order;
+    }
+    for (let k = start; k < end; k++) order[o++] = k;
+  }
+  return order;
 }
 
 /** A sink into one zeroed Buffer per region (fine for tests and modest images). */
@@ -282,5 +395,6 @@ export function bufferSink(header: ManifestHeader): PageSink & { regions: Map<st
   return {
     regions: new Map(header.regions.map((r, i) => [r.name, bufs[i]!])),
     write(region, page, data) { data.copy(bufs[region]!, page * PAGE_SIZE); },
+    writeRun(region, first, count, data) { data.copy(bufs[region]!, first * PAGE_SIZE, 0, count * PAGE_SIZE); },
   };
 }
