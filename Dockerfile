@@ -3,7 +3,7 @@ FROM node:20-bookworm
 
 # The native addon (node-gyp) needs a C/C++ toolchain and python3.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential python3 \
+ && apt-get install -y --no-install-recommends build-essential python3 libipsec-mb-dev \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/exackpt
