@@ -16,7 +16,10 @@
  *  - raw_get_mbps: plain parallel range GETs of the same bytes (every pack's
  *    pages, in the restore's 8 MiB ranges, same parallelism) from the same
  *    server with the same client, HTTP agent and body path (S3Io.getInto
- *    into a buffer each worker reuses), no hashing, no bookkeeping;
+ *    into a buffer each worker reuses), no hashing, no bookkeeping; the two
+ *    take turns at going first, round by round, and each starts after a full
+ *    garbage collection of this process (since 2026-11-25, session 4; before,
+ *    the raw GETs always ran right after the restore, on its garbage);
  *  - sdk_get_mbps (context): the same GETs with the SDK collecting each body
  *    into a new buffer (S3Io.get), the way the raw GETs were made before
  *    2026-11-25;
@@ -33,6 +36,8 @@
  *    far steadier than MB/s on a shared machine.
  */
 import { randomBytes } from 'node:crypto';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -69,6 +74,16 @@ function arg(args: string[], name: string, def: number): number {
   const v = Number(args[i + 1]);
   if (!Number.isFinite(v) || v <= 0) throw new Error(`${name} needs a positive number`);
   return v;
+}
+
+/** A full garbage collection of this process's heap, between timed phases (untimed). */
+let gcFn: (() => void) | null = null;
+function fullGc(): void {
+  if (!gcFn) {
+    setFlagsFromString('--expose-gc');
+    gcFn = runInNewContext('gc') as () => void;
+  }
+  gcFn();
 }
 
 export async function run(args: string[], log: (line: string) => void): Promise<Record<string, unknown>> {
@@ -129,18 +144,21 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       const r = await S3Backend.open({ ...base, cacheDir: join(dir, `cache-r${round}`) });
       try {
         let check = 0;
-        const c1 = cpu();
-        const t1 = performance.now();
-        // The sink touches the first byte of every page, whether it comes alone or in a run.
-        const sink = {
-          write: (_r: number, _p: number, d: Buffer): void => { check ^= d[0]!; },
-          writeRun: (_r: number, _p: number, count: number, d: Buffer): void => { for (let k = 0; k < count; k++) check ^= d[k * PAGE_SIZE]!; },
+        const restorePhase = async (): Promise<void> => {
+          fullGc();
+          const c1 = cpu();
+          const t1 = performance.now();
+          // The sink touches the first byte of every page, whether it comes alone or in a run.
+          const sink = {
+            write: (_r: number, _p: number, d: Buffer): void => { check ^= d[0]!; },
+            writeRun: (_r: number, _p: number, count: number, d: Buffer): void => { for (let k = 0; k < count; k++) check ^= d[k * PAGE_SIZE]!; },
+          };
+          const res = await restoreCheckpoint(r, 'bench', 1, sink, { concurrency: 2 * concurrency, chunkPages: 2048 });
+          const restoreS = (performance.now() - t1) / 1000;
+          restoreCpu.push(since(c1));
+          if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
+          restoreRuns.push(bytes / 1e6 / restoreS);
         };
-        const res = await restoreCheckpoint(r, 'bench', 1, sink, { concurrency: 2 * concurrency, chunkPages: 2048 });
-        const restoreS = (performance.now() - t1) / 1000;
-        restoreCpu.push(since(c1));
-        if (res.bytes !== bytes) throw new Error(`restored ${res.bytes} bytes, expected ${bytes}`);
-        restoreRuns.push(bytes / 1e6 / restoreS);
         const packs = (await r.io.list('packs/')).filter((o) => parsePackKey(o.key));
         const ranges: { key: string; start: number; end: number }[] = [];
         for (const o of packs) {
@@ -152,6 +170,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         // client has), then, for context, the same GETs collected the SDK's way (S3Io.get:
         // transformToByteArray, a new buffer per body), which the ratio does not use.
         const rawGets = async (into: boolean): Promise<{ s: number; got: number; cpu: { client: number; server: number } }> => {
+          fullGc();
           let next = 0, got = 0;
           const c2 = cpu();
           const t2 = performance.now();
@@ -168,9 +187,15 @@ export async function run(args: string[], log: (line: string) => void): Promise<
           if (got !== bytes) throw new Error(`raw GETs read ${got} bytes, expected ${bytes}`);
           return { s, got, cpu: c };
         };
-        const raw = await rawGets(true);
-        rawCpu.push(raw.cpu);
-        rawRuns.push(raw.got / 1e6 / raw.s);
+        // The restore and the raw GETs take turns at going first (even rounds: the restore), so that
+        // neither always inherits the other's garbage or s3rver's state; each phase starts after a
+        // full collection of this process's heap (untimed), so none pays for another's garbage.
+        const rawPhase = async (): Promise<void> => {
+          const raw = await rawGets(true);
+          rawCpu.push(raw.cpu);
+          rawRuns.push(raw.got / 1e6 / raw.s);
+        };
+        if (round % 2 === 0) { await restorePhase(); await rawPhase(); } else { await rawPhase(); await restorePhase(); }
         const sdk = await rawGets(false);
         sdkCpu.push(sdk.cpu);
         sdkRuns.push(sdk.got / 1e6 / sdk.s);
