@@ -10,32 +10,10 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { StoreClient } from '../../src/store/client.js';
 import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
-import { ENTRY_BYTES, HASH_BYTES, sha256 } from '../../storage/pages.js';
-import { Image, PAGE, cleanupDirs, diffImage, genBytes, killAll, randomPage, regionsOf, rng, startStore, tempDir } from './helpers.js';
+import { ENTRY_BYTES, HASH_BYTES } from '../../storage/pages.js';
+import { Image, PAGE, cleanupDirs, diffImage, genBytes, killAll, randomPage, regionsOf, rng, startStore, tempDir, engineImage, enginePut } from './helpers.js';
 
 afterEach(async () => { await killAll(); cleanupDirs(); });
-
-async function image(store: CheckpointStore, job: string, n: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  for await (const item of store.readImage(job, n)) {
-    if ('checkpoint' in item) continue;
-    let k = 0;
-    for (let i = 0; i < item.pageCount; i++) {
-      if (item.zero.length > 0 && item.zero[i]) parts.push(Buffer.alloc(PAGE));
-      else parts.push(item.data.subarray(k * PAGE, ++k * PAGE));
-    }
-  }
-  return Buffer.concat(parts);
-}
-
-async function put(store: CheckpointStore, job: string, parent: number, pages: number, img: Buffer, which: number[]): Promise<number> {
-  const s = await store.beginPut({ job, parent, regions: [{ name: 'mem', pageCount: pages, address: '', flags: 0 }] });
-  const data = Buffer.concat(which.map((i) => img.subarray(i * PAGE, (i + 1) * PAGE)));
-  const hashes = Buffer.concat(which.map((i) => sha256(img.subarray(i * PAGE, (i + 1) * PAGE))));
-  const want = await s.offerHashes({ batch: 0, region: which.map(() => 0), index: which, hashes });
-  if (want.length > 0) await s.supplyData(0, Buffer.concat(want.map((k) => data.subarray(k * PAGE, (k + 1) * PAGE))));
-  return (await s.commit()).checkpoint;
-}
 
 describe('compact in image order', () => {
   it('lays the latest checkpoint out in image order and keeps every checkpoint bit-exact, also after GC', async () => {
@@ -46,12 +24,12 @@ describe('compact in image order', () => {
       const rand = rng(5);
       const versions = new Map<number, Buffer>();
       let img = genBytes('compact/0', pages * PAGE);
-      versions.set(await put(store, 'c', 0, pages, img, [...Array(pages).keys()]), img);
+      versions.set(await enginePut(store, 'c', 0, pages, img, [...Array(pages).keys()]), img);
       for (let k = 1; k < 25; k++) {
         img = Buffer.from(img);
         const dirty = [...new Set(Array.from({ length: 12 }, () => Math.floor(rand() * pages)))].sort((a, b) => a - b);
         for (const i of dirty) genBytes(`compact/${k}/${i}`, PAGE).copy(img, i * PAGE);
-        versions.set(await put(store, 'c', k, pages, img, dirty), img);
+        versions.set(await enginePut(store, 'c', k, pages, img, dirty), img);
       }
       const latest = Math.max(...versions.keys());
       const r = await store.compact('c');
@@ -63,11 +41,11 @@ describe('compact in image order', () => {
         expect(map!.readUInt32BE(i * ENTRY_BYTES + HASH_BYTES)).toBe(map!.readUInt32BE(HASH_BYTES));
         expect(map!.readUInt32BE(i * ENTRY_BYTES + HASH_BYTES + 4)).toBe(map!.readUInt32BE(HASH_BYTES + 4) + i);
       }
-      for (const [n, v] of versions) expect((await image(store, 'c', n)).equals(v), `checkpoint ${n}`).toBe(true);
+      for (const [n, v] of versions) expect((await engineImage(store, 'c', n)).equals(v), `checkpoint ${n}`).toBe(true);
       // GC reclaims the old copies (their packs are now mostly dead) and nothing is lost.
       await store.deleteCheckpoints('c', { checkpoints: [...versions.keys()].filter((n) => n > 1 && n < latest) });
       await store.gc({ graceMs: 0 });
-      for (const n of [1, latest]) expect((await image(store, 'c', n)).equals(versions.get(n)!), `checkpoint ${n} after GC`).toBe(true);
+      for (const n of [1, latest]) expect((await engineImage(store, 'c', n)).equals(versions.get(n)!), `checkpoint ${n} after GC`).toBe(true);
       expect((await store.verify({ allPages: true })).problems).toEqual([]);
     } finally {
       await store.close();

@@ -12,6 +12,8 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { expect } from 'vitest';
 import { StoreClient, type PageBatch, type RegionSpec } from '../../src/store/client.js';
+import type { CheckpointStore } from '../../storage/engine.js';
+import { sha256 } from '../../storage/pages.js';
 
 export const PAGE = 4096;
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -183,4 +185,36 @@ export function diffImage(expected: Image, got: Map<string, Buffer>): string | n
     }
   }
   return null;
+}
+
+/** Checkpoint n of a job read in-process through the engine (pieces of `chunkPages` when given), zero pages expanded. */
+export async function engineImage(store: CheckpointStore, job: string, n: number, chunkPages?: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const item of chunkPages === undefined ? store.readImage(job, n) : store.readImage(job, n, {}, chunkPages)) {
+    if ('checkpoint' in item) continue;
+    // Zero pages are flagged, not sent: expand them.
+    let k = 0;
+    for (let i = 0; i < item.pageCount; i++) {
+      if (item.zero.length > 0 && item.zero[i]) parts.push(Buffer.alloc(PAGE));
+      else parts.push(item.data.subarray(k * PAGE, ++k * PAGE));
+    }
+  }
+  return Buffer.concat(parts);
+}
+
+/**
+ * Upload pages `which` of `img` (one region "mem" of `pages` pages) in-process through the engine as a
+ * checkpoint of `job` on `parent`, in batches of `batchPages` (default: one batch); its number.
+ */
+export async function enginePut(store: CheckpointStore, job: string, parent: number, pages: number, img: Buffer, which: number[], batchPages = Math.max(1, which.length)): Promise<number> {
+  const s = await store.beginPut({ job, parent, regions: [{ name: 'mem', pageCount: pages, address: '', flags: 0 }] });
+  const data = Buffer.concat(which.map((i) => img.subarray(i * PAGE, (i + 1) * PAGE)));
+  const hashes = Buffer.concat(which.map((i) => sha256(img.subarray(i * PAGE, (i + 1) * PAGE))));
+  for (let b = 0; b * batchPages < which.length; b++) {
+    const idx = which.slice(b * batchPages, (b + 1) * batchPages);
+    const first = b * batchPages;
+    const want = await s.offerHashes({ batch: b, region: idx.map(() => 0), index: idx, hashes: hashes.subarray(first * 32, (first + idx.length) * 32) });
+    if (want.length > 0) await s.supplyData(b, Buffer.concat(want.map((k) => data.subarray((first + k) * PAGE, (first + k + 1) * PAGE))));
+  }
+  return (await s.commit()).checkpoint;
 }

@@ -9,36 +9,9 @@ import { readdirSync, readlinkSync } from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
-import { sha256 } from '../../storage/pages.js';
-import { cleanupDirs, genBytes, PAGE, tempDir } from './helpers.js';
+import { cleanupDirs, genBytes, PAGE, tempDir, engineImage, enginePut } from './helpers.js';
 
 afterEach(() => { cleanupDirs(); });
-
-async function image(store: CheckpointStore, job: string, n: number, chunk: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  for await (const item of store.readImage(job, n, {}, chunk)) {
-    if ('checkpoint' in item) continue;
-    let k = 0;
-    for (let i = 0; i < item.pageCount; i++) {
-      if (item.zero.length > 0 && item.zero[i]) parts.push(Buffer.alloc(PAGE));
-      else parts.push(item.data.subarray(k * PAGE, ++k * PAGE));
-    }
-  }
-  return Buffer.concat(parts);
-}
-
-async function put(store: CheckpointStore, job: string, parent: number, pages: number, img: Buffer, which: number[]): Promise<number> {
-  const s = await store.beginPut({ job, parent, regions: [{ name: 'mem', pageCount: pages, address: '', flags: 0 }] });
-  const data = Buffer.concat(which.map((i) => img.subarray(i * PAGE, (i + 1) * PAGE)));
-  const hashes = Buffer.concat(which.map((i) => sha256(img.subarray(i * PAGE, (i + 1) * PAGE))));
-  // Batches of 16 pages: with 16-page packs every batch lands in a pack of its own.
-  for (let b = 0; b * 16 < which.length; b++) {
-    const idx = which.slice(b * 16, (b + 1) * 16);
-    const want = await s.offerHashes({ batch: b, region: idx.map(() => 0), index: idx, hashes: hashes.subarray(b * 16 * 32, (b * 16 + idx.length) * 32) });
-    if (want.length > 0) await s.supplyData(b, Buffer.concat(want.map((k) => data.subarray((b * 16 + k) * PAGE, (b * 16 + k + 1) * PAGE))));
-  }
-  return (await s.commit()).checkpoint;
-}
 
 /** Pack files this process has open now (from /proc/self/fd). */
 function openPackFiles(dir: string): number {
@@ -57,12 +30,12 @@ describe('pack descriptor cache', () => {
     const opts = { packBytes: 16 * PAGE, maxOpenPacks: 3 };
     let store = new CheckpointStore(await LevelBackend.open(dir, opts), { gcGraceMs: 0 });
     let img = genBytes('fds/0', pages * PAGE);
-    versions.set(await put(store, 'f', 0, pages, img, [...Array(pages).keys()]), img);
+    versions.set(await enginePut(store, 'f', 0, pages, img, [...Array(pages).keys()], 16), img);
     for (let k = 1; k <= 8; k++) {
       img = Buffer.from(img);
       const changed = [...Array(pages).keys()].filter((i) => (i * 7 + k * 13) % 5 === 0);
       for (const i of changed) genBytes(`fds/${k}/${i}`, PAGE).copy(img, i * PAGE);
-      versions.set(await put(store, 'f', k, pages, img, changed), img);
+      versions.set(await enginePut(store, 'f', k, pages, img, changed, 16), img);
     }
     await store.close();
 
@@ -76,7 +49,7 @@ describe('pack descriptor cache', () => {
       // Restores of every checkpoint, twice, at once, while old checkpoints are deleted and GC rewrites mostly-dead packs.
       const kept = [...versions.keys()].filter((n) => n % 3 !== 1);
       const reads = [...kept, ...kept].map(async (n, j) => {
-        const got = await image(store, 'f', n, 8 + (j % 3) * 24);
+        const got = await engineImage(store, 'f', n, 8 + (j % 3) * 24);
         expect(got.equals(versions.get(n)!), `checkpoint ${n}`).toBe(true);
       });
       const gc = (async () => {
@@ -91,7 +64,7 @@ describe('pack descriptor cache', () => {
         clearInterval(watch);
       }
       expect(peak).toBeGreaterThan(0);
-      for (const n of kept) expect((await image(store, 'f', n, 64)).equals(versions.get(n)!)).toBe(true);
+      for (const n of kept) expect((await engineImage(store, 'f', n, 64)).equals(versions.get(n)!)).toBe(true);
       expect((await store.verify({ allPages: true })).ok).toBe(true);
       // Idle again: within the cap (the current pack counts in it).
       expect(backend.openPackCount()).toBeLessThanOrEqual(3);

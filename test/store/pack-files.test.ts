@@ -18,34 +18,11 @@ import type { ManifestHeader } from '../../storage/backend.js';
 import { CheckpointStore } from '../../storage/engine.js';
 import { LevelBackend } from '../../storage/leveldb.js';
 import { sha256 } from '../../storage/pages.js';
-import { Image, cleanupDirs, diffImage, genBytes, killAll, PAGE, randomPage, regionsOf, startStore, tempDir } from './helpers.js';
+import { Image, cleanupDirs, diffImage, genBytes, killAll, PAGE, randomPage, regionsOf, startStore, tempDir, engineImage, enginePut } from './helpers.js';
 
 afterEach(async () => { await killAll(); cleanupDirs(); });
 
 type DB = Level<Buffer, Buffer>;
-
-async function image(store: CheckpointStore, job: string, n: number): Promise<Buffer> {
-  const parts: Buffer[] = [];
-  for await (const item of store.readImage(job, n)) {
-    if ('checkpoint' in item) continue;
-    // Zero pages are flagged, not sent: expand them.
-    let k = 0;
-    for (let i = 0; i < item.pageCount; i++) {
-      if (item.zero.length > 0 && item.zero[i]) parts.push(Buffer.alloc(PAGE));
-      else parts.push(item.data.subarray(k * PAGE, ++k * PAGE));
-    }
-  }
-  return Buffer.concat(parts);
-}
-
-async function put(store: CheckpointStore, job: string, parent: number, pages: number, img: Buffer, which: number[]): Promise<number> {
-  const s = await store.beginPut({ job, parent, regions: [{ name: 'mem', pageCount: pages, address: '', flags: 0 }] });
-  const data = Buffer.concat(which.map((i) => img.subarray(i * PAGE, (i + 1) * PAGE)));
-  const hashes = Buffer.concat(which.map((i) => sha256(img.subarray(i * PAGE, (i + 1) * PAGE))));
-  const want = await s.offerHashes({ batch: 0, region: which.map(() => 0), index: which, hashes });
-  if (want.length > 0) await s.supplyData(0, Buffer.concat(want.map((k) => data.subarray(k * PAGE, (k + 1) * PAGE))));
-  return (await s.commit()).checkpoint;
-}
 
 function packBytes(dir: string): number {
   return readdirSync(join(dir, 'packs')).reduce((a, n) => a + statSync(join(dir, 'packs', n)).size, 0);
@@ -59,11 +36,11 @@ describe('LevelDB pack files', () => {
     try {
       const pages = 40;
       const img = genBytes('packs/base', pages * PAGE);
-      expect(await put(store, 'g', 0, pages, img, [...Array(pages).keys()])).toBe(1);
+      expect(await enginePut(store, 'g', 0, pages, img, [...Array(pages).keys()])).toBe(1);
       const next = Buffer.from(img);
       const changed = [...Array(30).keys()].map((i) => i + 5);
       for (const i of changed) genBytes(`packs/new/${i}`, PAGE).copy(next, i * PAGE);
-      expect(await put(store, 'g', 1, pages, next, changed)).toBe(2);
+      expect(await enginePut(store, 'g', 1, pages, next, changed)).toBe(2);
       expect(store.backend.pageStats().pages).toBe(pages + changed.length);
       expect(packBytes(dir)).toBe((pages + changed.length) * PAGE);
 
@@ -79,7 +56,7 @@ describe('LevelDB pack files', () => {
       const parts: Buffer[] = [];
       for await (const item of reader) if (!('checkpoint' in item)) parts.push(item.data);
       expect(Buffer.concat(parts).equals(next)).toBe(true);
-      expect((await image(store, 'g', 2)).equals(next)).toBe(true);
+      expect((await engineImage(store, 'g', 2)).equals(next)).toBe(true);
       const v = await store.verify({ allPages: true });
       expect(v.problems).toEqual([]);
     } finally {
@@ -90,8 +67,8 @@ describe('LevelDB pack files', () => {
     try {
       expect(again.backend.pageStats().pages).toBe(40);
       const more = genBytes('packs/more', 20 * PAGE);
-      expect(await put(again, 'h', 0, 20, more, [...Array(20).keys()])).toBe(1);
-      expect((await image(again, 'h', 1)).equals(more)).toBe(true);
+      expect(await enginePut(again, 'h', 0, 20, more, [...Array(20).keys()])).toBe(1);
+      expect((await engineImage(again, 'h', 1)).equals(more)).toBe(true);
       expect((await again.verify({ allPages: true })).ok).toBe(true);
     } finally {
       await again.close();
@@ -105,7 +82,7 @@ describe('LevelDB pack files', () => {
       const pages = 64;
       const versions = new Map<number, Buffer>();
       let img = genBytes('repack/0', pages * PAGE);
-      versions.set(await put(store, 'r', 0, pages, img, [...Array(pages).keys()]), img);
+      versions.set(await enginePut(store, 'r', 0, pages, img, [...Array(pages).keys()]), img);
       for (let k = 1; k <= 12; k++) {
         // Half the pages change: some to fresh bytes, some back to bytes of a deleted checkpoint (garbage GC may be moving).
         const next = Buffer.from(img);
@@ -117,9 +94,9 @@ describe('LevelDB pack files', () => {
         }
         const latest = Math.max(...versions.keys());
         const [n, , restored] = await Promise.all([
-          put(store, 'r', latest, pages, next, changed),
+          enginePut(store, 'r', latest, pages, next, changed),
           store.gc({ graceMs: 0 }),
-          image(store, 'r', latest),
+          engineImage(store, 'r', latest),
         ]);
         expect(restored.equals(versions.get(latest)!), `checkpoint ${latest} read during GC`).toBe(true);
         versions.set(n, next);
@@ -134,7 +111,7 @@ describe('LevelDB pack files', () => {
       // Packs were rewritten or dropped along the way (ids are never reused: gaps show it).
       const ids = readdirSync(join(dir, 'packs')).map((n) => parseInt(n, 16)).sort((a, b) => a - b);
       expect(ids.length).toBeLessThan(ids[ids.length - 1]!);
-      for (const [c, want] of versions) expect((await image(store, 'r', c)).equals(want), `checkpoint ${c}`).toBe(true);
+      for (const [c, want] of versions) expect((await engineImage(store, 'r', c)).equals(want), `checkpoint ${c}`).toBe(true);
       const v = await store.verify({ allPages: true });
       expect(v.problems).toEqual([]);
     } finally {
@@ -154,8 +131,8 @@ describe('LevelDB pack files', () => {
     const open = async (): Promise<CheckpointStore> => new CheckpointStore(await LevelBackend.open(dir, { packBytes: 16 * PAGE }), { gcGraceMs: 0 });
     const a = genBytes('ids/a', 16 * PAGE), b = genBytes('ids/b', 16 * PAGE);
     let store = await open();
-    await put(store, 'i', 0, 16, a, [...Array(16).keys()]);
-    await put(store, 'i', 1, 16, b, [...Array(16).keys()]);
+    await enginePut(store, 'i', 0, 16, a, [...Array(16).keys()]);
+    await enginePut(store, 'i', 1, 16, b, [...Array(16).keys()]);
     await store.close();
     expect(readdirSync(join(dir, 'packs')).sort()).toEqual(['00000001.pack', '00000002.pack']);
     // Reopened, pack 2 is no longer being written: with checkpoint 2 gone, GC removes it.
@@ -166,9 +143,9 @@ describe('LevelDB pack files', () => {
     expect(readdirSync(join(dir, 'packs'))).toEqual(['00000001.pack']);
     store = await open();
     try {
-      await put(store, 'i', 1, 16, b, [...Array(16).keys()]);
+      await enginePut(store, 'i', 1, 16, b, [...Array(16).keys()]);
       expect(readdirSync(join(dir, 'packs')).sort()).toEqual(['00000001.pack', '00000003.pack']);
-      expect((await image(store, 'i', 3)).equals(b)).toBe(true);
+      expect((await engineImage(store, 'i', 3)).equals(b)).toBe(true);
     } finally {
       await store.close();
     }
@@ -195,8 +172,8 @@ describe('LevelDB pack files', () => {
       expect(packBytes(dir)).toBe(0);
       // The same pages stored again are found and read back.
       const img = Buffer.from(data);
-      expect(await put(store, 'j', 0, 24, img, [...Array(24).keys()])).toBe(1);
-      expect((await image(store, 'j', 1)).equals(img)).toBe(true);
+      expect(await enginePut(store, 'j', 0, 24, img, [...Array(24).keys()])).toBe(1);
+      expect((await engineImage(store, 'j', 1)).equals(img)).toBe(true);
     } finally {
       await store.close();
     }
@@ -279,8 +256,8 @@ describe('LevelDB pack files', () => {
     const store = new CheckpointStore(await LevelBackend.open(dir), { gcGraceMs: 0 });
     try {
       expect(existsSync(join(dir, 'pages'))).toBe(false);
-      expect((await image(store, 'old', 1)).equals(img1)).toBe(true);
-      expect((await image(store, 'old', 2)).equals(img2)).toBe(true);
+      expect((await engineImage(store, 'old', 1)).equals(img1)).toBe(true);
+      expect((await engineImage(store, 'old', 2)).equals(img2)).toBe(true);
       expect(store.backend.pageStats().pages).toBe(pages + 4);
       const v = await store.verify({ allPages: true });
       expect(v.problems).toEqual([]);
@@ -288,15 +265,15 @@ describe('LevelDB pack files', () => {
       expect(await (store.backend as LevelBackend).readPages([Buffer.alloc(8)])).toEqual([null]);
       const img3 = Buffer.from(img2);
       genBytes('v2/three', PAGE).copy(img3, 5 * PAGE);
-      expect(await put(store, 'old', 2, pages, img3, [5])).toBe(3);
+      expect(await enginePut(store, 'old', 2, pages, img3, [5])).toBe(3);
       expect((await store.gc({ graceMs: 0 })).deletedPages).toBe(0);
     } finally {
       await store.close();
     }
     const again = new CheckpointStore(await LevelBackend.open(dir), { gcGraceMs: 0 });
     try {
-      expect((await image(again, 'old', 3)).equals((() => { const b = Buffer.from(img2); genBytes('v2/three', PAGE).copy(b, 5 * PAGE); return b; })())).toBe(true);
-      expect((await image(again, 'old', 1)).equals(img1)).toBe(true);
+      expect((await engineImage(again, 'old', 3)).equals((() => { const b = Buffer.from(img2); genBytes('v2/three', PAGE).copy(b, 5 * PAGE); return b; })())).toBe(true);
+      expect((await engineImage(again, 'old', 1)).equals(img1)).toBe(true);
     } finally {
       await again.close();
     }
