@@ -126,11 +126,12 @@ async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: 
   try {
     for await (const item of c.getImage({ job, checkpoint })) {
       if ('info' in item) continue;
-      if (fh) {
-        writes.push(fh.write(item.data, 0, item.data.length, item.firstPage * PAGE));
-        if (writes.length >= 4) await writes.shift();
-      }
       bytes += item.data.length;
+      if (fh) {
+        // The piece's buffer goes back to the receive pool once written.
+        writes.push(fh.write(item.data, 0, item.data.length, item.firstPage * PAGE).finally(() => item.release()));
+        if (writes.length >= 4) await writes.shift();
+      } else item.release();
     }
     await Promise.all(writes);
   } finally {

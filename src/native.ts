@@ -299,6 +299,8 @@ interface NativeAddon {
   packRead(ops: Float64Array, dst: Uint8Array, hashes?: Uint8Array | null): Promise<{ got: Int32Array; ok: Uint8Array | null }>;
   packWrite(fd: number, position: number, bufs: readonly Uint8Array[]): Promise<number>;
   packAdvise(ops: Float64Array): Promise<number>;
+  /** A Buffer of `size` bytes starting on a 4096-byte boundary (native/addon/packio.cc). */
+  alignedBuffer(size: number): Buffer;
   // Page hash -> 8-byte value tables for the store's upload path (native/addon/pageindex.cc), synchronous.
   pageTableNew(): PageTableHandle;
   pageTableGet(t: PageTableHandle, hashes: Uint8Array, values: Uint8Array | null, found: Uint8Array | null): number;
@@ -404,6 +406,7 @@ export const sha256Engine = wrap(addon.sha256Engine);
 export const packRead = wrap(addon.packRead);
 export const packWrite = wrap(addon.packWrite);
 export const packAdvise = wrap(addon.packAdvise);
+export const alignedBuffer = wrap(addon.alignedBuffer);
 export const pageTableNew = wrap(addon.pageTableNew);
 export const pageTableGet = wrap(addon.pageTableGet);
 export const pageTableSet = wrap(addon.pageTableSet);

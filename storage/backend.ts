@@ -61,7 +61,9 @@ export interface PageStore {
    * Store pages the engine found missing. Idempotent per hash: a page already
    * present keeps its ref and is not written again. Returns one ref per input,
    * in order, and the number of pages actually written. Need not be durable
-   * until the next putManifest() resolves.
+   * until the next putManifest() resolves. The page buffers are the
+   * caller's again once the promise settles (the upload path recycles them):
+   * a backend that needs the bytes later copies them.
    */
   putPages(pages: readonly NewPage[]): Promise<{ refs: PageRef[]; written: number }>;
   /**
@@ -71,7 +73,7 @@ export interface PageStore {
    * found[i] = 1 where present; resolves with the number found. putPageRun:
    * n verified pages side by side in data (n x 4096), page i hashing to
    * hashes[32i..); resolves with their refs (n x 8 bytes) and the number
-   * written, with putPages' semantics.
+   * written, with putPages' semantics (data is the caller's again once it settles).
    */
   lookupMany?(hashes: Buffer, refs: Buffer, found: Uint8Array): Promise<number>;
   putPageRun?(hashes: Buffer, data: Buffer): Promise<{ refs: Buffer; written: number }>;

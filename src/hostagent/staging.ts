@@ -99,6 +99,7 @@ async function writeImage(
       } else {
         writeSync(fd, item.data, 0, item.data.length, item.firstPage * PAGE_SIZE);
       }
+      item.release();
       done += item.pageCount;
       opts.onProgress?.(done, info ? info.regions.reduce((a, r) => a + r.pageCount, 0) : 0);
     }

@@ -23,6 +23,7 @@ import { hashEach, hashPages } from '../../storage/hash.js';
 import { HASH_BYTES, PAGE_SIZE, isZeroPage } from '../../storage/pages.js';
 import { infoFromProto, regionToProto, type CheckpointSummary } from './convert.js';
 import { storeProto } from './proto.js';
+import { releaseReceived } from '../grpc-recv-pool.js';
 
 export type { CheckpointSummary, RegionSpec };
 
@@ -101,6 +102,12 @@ export interface ImagePiece {
   pageCount: number;
   data: Buffer;
   pages?: number[];
+  /**
+   * Hand `data` back to the receive pool (src/grpc-recv-pool.ts) once it has
+   * been consumed (copied or written out): later pieces then reuse its memory
+   * instead of allocating. Optional to call; after it, `data` must not be used.
+   */
+  release(): void;
 }
 
 export interface JobSummary { job: string; checkpoints: number; latest: number; latestAt: string; logicalBytes: number }
@@ -282,7 +289,11 @@ export class StoreClient {
             k++;
           }
         }
-        yield { region: p.region, firstPage: p.first_page, pageCount: p.page_count, data, ...(p.pages.length ? { pages: p.pages } : {}) };
+        const received = p.data;
+        yield {
+          region: p.region, firstPage: p.first_page, pageCount: p.page_count, data, ...(p.pages.length ? { pages: p.pages } : {}),
+          release: () => releaseReceived(received),
+        };
       }
       done = true;
     } catch (e) {
@@ -311,6 +322,7 @@ export class StoreClient {
       }
       const buf = regions.get(item.region)!;
       item.data.copy(buf, (item.firstPage - (req.region ? base : 0)) * PAGE_SIZE);
+      item.release();
     }
     if (!info) throw new ExaError('INTERNAL', `image of job ${req.job}: the store sent no header`);
     return { info, regions };

@@ -3,6 +3,7 @@ import * as grpc from '@grpc/grpc-js';
 import { loadProto } from '../grpc.js';
 import type { ProtoGrpcType as StoreProto } from '../gen/exa_store.js';
 import { installImageCodec, installServerFramePatch } from './codec-image.js';
+import { installRecvPool } from '../grpc-recv-pool.js';
 
 let patched = false;
 
@@ -20,6 +21,8 @@ export function storeProto(): StoreProto {
     installImageCodec(service as unknown as Record<string, unknown>);
     v1.Store = grpc.makeClientConstructor(service, 'Store');
     installServerFramePatch();
+    // Large received messages (PutCheckpoint data, GetImage pieces) land in recycled buffers.
+    installRecvPool();
   }
   return pkg;
 }

@@ -9,6 +9,7 @@ import { tenantScopeInterceptor, type TenantTable } from '../tenants.js';
 import { bidiStream, bindServer, createServer, MAX_MESSAGE_BYTES, messageReader, serverCredentials, serverStream, unary, type ServerAuth, type ServerTls } from '../grpc.js';
 import { grpc } from '../grpc.js';
 import { storeProto } from './proto.js';
+import { releaseReceived } from '../grpc-recv-pool.js';
 import type { StoreHandlers } from '../gen/exa/v1/Store.js';
 import type { PutRequest__Output } from '../gen/exa/v1/PutRequest.js';
 import type { PutResponse } from '../gen/exa/v1/PutResponse.js';
@@ -88,7 +89,8 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
               // client may send it early: its offer must have been applied.
               await offers.find((x) => x.batch === d.batch)?.p;
               const s = session;
-              const w = s.supplyData(d.batch, d.data).then((n) => emit({ stored: { batch: d.batch, pages: n } }));
+              // Once supplyData has settled nobody holds the pages: the message's buffer goes back to the receive pool.
+              const w = s.supplyData(d.batch, d.data).finally(() => releaseReceived(d.data)).then((n) => emit({ stored: { batch: d.batch, pages: n } }));
               w.catch((e: unknown) => { writeError ??= e; s.abort(); fail(e); });
               writes.push(w);
               while (writes.length >= 2) await writes.shift();
