@@ -86,16 +86,17 @@ export function joinHashes(hashes: readonly Uint8Array[]): Buffer {
 let tuned = false;
 
 /**
- * Once per process (the store server calls it): keep multi-MiB buffers on the
- * malloc heap and do not trim it eagerly (glibc M_MMAP_THRESHOLD 32 MiB, the
- * most it allows; M_TRIM_THRESHOLD 256 MiB). Each gRPC message of page data
- * is a fresh Buffer (grpc-js joins the HTTP/2 frames of every message); with
- * glibc's defaults large ones come from mmap and go back with munmap, each
- * byte costing a page fault and a zeroed page in the kernel. Measured on a
- * loaded machine (BENCHMARKS.md, store, 2026-11-25): ~10 % fewer server page
- * faults per GiB ingested, within the noise in CPU; the client does not call
- * it (no clear gain there, and it is process-wide). The cost: up to 256 MiB
- * of freed heap stays mapped. No-op off glibc.
+ * Once per process (the store server, and every StoreClient's process): keep
+ * multi-MiB buffers on the malloc heap and do not trim it eagerly (glibc
+ * M_MMAP_THRESHOLD 32 MiB, the most it allows; M_TRIM_THRESHOLD 256 MiB).
+ * Page data streams through fresh buffers (protobufjs encodes into new ones,
+ * Node's HTTP/2 reads into 64 KiB ones); with glibc's defaults large ones
+ * come from mmap and go back with munmap, and the heap top is trimmed and
+ * grown again, each byte costing a page fault and a zeroed page in the
+ * kernel. Measured (BENCHMARKS.md, store, 2026-11-25): ~10 % fewer server
+ * page faults per GiB ingested; a restoring client went from ~75,000 page
+ * faults per GiB to none. The cost: up to 256 MiB of freed heap stays
+ * mapped. No-op off glibc.
  */
 export function tuneMallocForStreaming(): void {
   if (tuned) return;

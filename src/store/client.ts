@@ -20,6 +20,7 @@ import type { PutResponse__Output } from '../gen/exa/v1/PutResponse.js';
 import type { ImageChunk__Output } from '../gen/exa/v1/ImageChunk.js';
 import type { RegionSpec } from '../../storage/backend.js';
 import { hashEach, hashPages } from '../../storage/hash.js';
+import { tuneMallocForStreaming } from '../../storage/pagetable.js';
 import { HASH_BYTES, PAGE_SIZE, isZeroPage } from '../../storage/pages.js';
 import { infoFromProto, regionToProto, type CheckpointSummary } from './convert.js';
 import { storeProto } from './proto.js';
@@ -147,6 +148,8 @@ export class StoreClient {
 
   /** Connect (waits until the channel is ready; UNAVAILABLE naming the address otherwise). */
   static async connect(address: string, opts: ClientOptions & { timeoutMs?: number } = {}): Promise<StoreClient> {
+    // Uploads and restores stream multi-MiB messages through this process too (storage/pagetable.ts).
+    tuneMallocForStreaming();
     const c = createClient(storeProto().exa.v1.Store, address, opts);
     try {
       await waitForReady(c, address, opts.timeoutMs ?? 10_000);
