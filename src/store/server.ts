@@ -88,12 +88,16 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
               // Data only ever answers a batch whose "wanted" was sent, but a
               // client may send it early: its offer must have been applied.
               await offers.find((x) => x.batch === d.batch)?.p;
+              // At most 2 batches' pages being stored; the wait is here, before
+              // the next write, not after this one: the loop goes on reading,
+              // so a hash batch queued behind this message is answered at once
+              // and the client's next data is on its way meanwhile.
+              while (writes.length >= 2) await writes.shift();
               const s = session;
               // Once supplyData has settled nobody holds the pages: the message's buffer goes back to the receive pool.
               const w = s.supplyData(d.batch, d.data).finally(() => releaseReceived(d.data)).then((n) => emit({ stored: { batch: d.batch, pages: n } }));
               w.catch((e: unknown) => { writeError ??= e; s.abort(); fail(e); });
               writes.push(w);
-              while (writes.length >= 2) await writes.shift();
               break;
             }
             case 'commit': {
