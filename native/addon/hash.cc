@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "exa_sha256.h"
 
 #ifdef EXA_HAVE_IPSEC_MB
 // Without this the header's pre-0.53 compatibility names (SHA1, SHA256, ...) clash with OpenSSL's.
@@ -85,20 +86,60 @@ struct MbState {
   }
 };
 
+// Whether the manager init_mb_mgr_auto() chose for these CPU features
+// hashes SHA-256 with the SHA extensions: its "type 2" needs more than
+// SHA-NI (GFNI, VAES, ...), and without them it falls back to SIMD lanes.
+bool auto_uses_shani(IMB_ARCH arch, uint64_t f) {
+  auto has = [f](uint64_t need) { return (f & need) == need; };
+  switch (arch) {
+    case IMB_ARCH_SSE: return has(IMB_CPUFLAGS_SSE_T2);
+    case IMB_ARCH_AVX: return has(IMB_CPUFLAGS_AVX_T2);
+    case IMB_ARCH_AVX2: return has(IMB_CPUFLAGS_AVX2_T2);
+    case IMB_ARCH_AVX512: return has(IMB_CPUFLAGS_AVX512_T2);
+    default: return false;
+  }
+}
+
+// A manager set up for SHA-256 of pages: the one init_mb_mgr_auto() picks,
+// unless that one hashes with SIMD lanes on a CPU that has SHA-NI, then the
+// SSE manager, whose SHA-256 runs two lanes on the SHA extensions. Measured
+// (4 KiB pages, one thread, thread CPU time) on an EPYC with SHA-NI and AVX2
+// but no GFNI, where auto picks AVX2 type 1: 0.7-0.9 GiB/s auto, 1.5-1.7
+// GiB/s SSE with SHA-NI, 1.0 GiB/s OpenSSL. On Zen 4 auto picks AVX-512 type 2
+// (SHA-NI as well) and stays. Null when the library cannot run here.
+IMB_MGR *new_sha_manager(IMB_ARCH *arch_out) {
+  IMB_MGR *m = alloc_mb_mgr(0);
+  if (!m) return nullptr;
+  IMB_ARCH arch = IMB_ARCH_NONE;
+  init_mb_mgr_auto(m, &arch);
+  if (imb_get_errno(m) != 0 || arch == IMB_ARCH_NONE) {
+    free_mb_mgr(m);
+    return nullptr;
+  }
+  const uint64_t f = m->features;
+  if (!auto_uses_shani(arch, f) && (f & IMB_FEATURE_SHANI) && (f & IMB_CPUFLAGS_SSE) == IMB_CPUFLAGS_SSE) {
+    IMB_MGR *sse = alloc_mb_mgr(0);
+    if (sse) {
+      init_mb_mgr_sse(sse);
+      if (imb_get_errno(sse) == 0) {
+        free_mb_mgr(m);
+        m = sse;
+        arch = IMB_ARCH_SSE;
+      } else {
+        free_mb_mgr(sse);
+      }
+    }
+  }
+  *arch_out = arch;
+  return m;
+}
+
 IMB_MGR *mb_manager() {
   thread_local MbState st;
   if (!st.tried) {
     st.tried = true;
-    IMB_MGR *m = alloc_mb_mgr(0);
-    if (m) {
-      IMB_ARCH arch = IMB_ARCH_NONE;
-      init_mb_mgr_auto(m, &arch);
-      if (imb_get_errno(m) != 0 || arch == IMB_ARCH_NONE) {
-        free_mb_mgr(m);
-        m = nullptr;
-      }
-    }
-    st.mgr = m;
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    st.mgr = new_sha_manager(&arch);
   }
   return st.mgr;
 }
@@ -159,17 +200,14 @@ void sha256_many(const Span *spans, size_t count, uint8_t *out) {
 // Which implementation sha256_many() uses on this machine (for benchmarks and tests).
 std::string sha256_engine() {
 #ifdef EXA_HAVE_IPSEC_MB
-  IMB_MGR *m = alloc_mb_mgr(0);
+  IMB_ARCH arch = IMB_ARCH_NONE;
+  IMB_MGR *m = new_sha_manager(&arch);
   if (m) {
-    IMB_ARCH arch = IMB_ARCH_NONE;
-    init_mb_mgr_auto(m, &arch);
-    const bool usable = imb_get_errno(m) == 0 && arch != IMB_ARCH_NONE;
+    const bool shani = auto_uses_shani(arch, m->features);
     free_mb_mgr(m);
-    if (usable) {
-      const char *names[] = {"none", "noaesni", "sse", "avx", "avx2", "avx512"};
-      const char *a = arch >= 0 && arch < static_cast<int>(sizeof(names) / sizeof(names[0])) ? names[arch] : "?";
-      return std::string("ipsec-mb ") + imb_get_version_str() + " " + a;
-    }
+    const char *names[] = {"none", "noaesni", "sse", "avx", "avx2", "avx512"};
+    const char *a = arch >= 0 && arch < static_cast<int>(sizeof(names) / sizeof(names[0])) ? names[arch] : "?";
+    return std::string("ipsec-mb ") + imb_get_version_str() + " " + a + (shani ? " sha-ni" : "");
   }
 #endif
   return "openssl";
@@ -359,6 +397,22 @@ Napi::Value Sha256VerifyPages(const Napi::CallbackInfo &info) {
 }
 
 }  // namespace
+
+namespace exa {
+
+void sha256_each(const uint8_t *const *msgs, size_t count, size_t len, uint8_t *out) {
+  std::vector<Span> spans(count);
+  for (size_t i = 0; i < count; i++) spans[i] = Span{msgs[i], len, msgs[i] != nullptr};
+  sha256_many(spans.data(), count, out);
+}
+
+void sha256_pages(const uint8_t *base, size_t count, size_t len, uint8_t *out) {
+  std::vector<Span> spans(count);
+  for (size_t i = 0; i < count; i++) spans[i] = Span{base + i * len, len, true};
+  sha256_many(spans.data(), count, out);
+}
+
+}  // namespace exa
 
 /* Called from Init() in native/addon/addon.cc. */
 void exa_addon_register_hash(Napi::Env env, Napi::Object exports) {

@@ -25,7 +25,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <openssl/sha.h>
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
@@ -50,6 +49,7 @@
 
 #include "exa.h"
 #include "exa_linux_compat.h"
+#include "exa_sha256.h"
 #include "exa_wire.h"
 
 namespace exa {
@@ -1025,11 +1025,14 @@ bool Session::save_phase(const std::vector<std::shared_ptr<Region>> &regs) {
       uint8_t *dbase = cur->data.data() + base;
       uint8_t *hbase = cur->hash.data() + h0;
       auto work = [&, dbase, hbase](size_t from, size_t to) {
+        // Zero pages flagged; the others hashed together (several at a time, exa_sha256.h).
+        std::vector<const uint8_t *> msgs(to - from);
         for (size_t i = from; i < to; i++) {
           const uint8_t *pg = dbase + i * kPage;
-          if (page_is_zero(pg)) zflags[i] = 1;
-          else SHA256(pg, kPage, hbase + 32 * i);
+          if (page_is_zero(pg)) zflags[i] = 1, msgs[i - from] = nullptr;
+          else msgs[i - from] = pg;
         }
+        exa::sha256_each(msgs.data(), msgs.size(), kPage, hbase + 32 * from);
       };
       if (n >= 16) hasher.run([&] { work(0, n / 2); }, [&] { work(n / 2, n); });
       else work(0, n);
@@ -1392,7 +1395,7 @@ uint64_t Agent::stop_and_copy(const std::string &job, uint64_t *bytes) {
   if (!j) throw Error(-ENOENT, "no job \"" + job + "\" is attached to this agent");
   std::string err;
   std::vector<uint8_t> buf(1u << 20);
-  uint8_t md[32];
+  std::vector<uint8_t> md(32 * (buf.size() / kPage));
   uint64_t t0 = now_us(), n = 0;
   if (int e = j->stop(&err)) throw Error(e, err);
   {
@@ -1401,7 +1404,7 @@ uint64_t Agent::stop_and_copy(const std::string &job, uint64_t *bytes) {
       for (uint64_t off = 0; off < r->size; off += buf.size()) {
         size_t len = std::min<uint64_t>(buf.size(), r->size - off);
         memcpy(buf.data(), r->view + off, len);
-        for (size_t o = 0; o < len; o += kPage) SHA256(buf.data() + o, kPage, md);
+        exa::sha256_pages(buf.data(), len / kPage, kPage, md.data());
         n += len;
       }
     }

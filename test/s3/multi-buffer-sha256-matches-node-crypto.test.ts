@@ -8,7 +8,7 @@
  * thread) each get their own answer, and the engine in use is named.
  */
 import { hash } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { sha256Engine, sha256Pages, sha256VerifyPages } from '../../src/native.js';
 import { verifyPages } from '../../storage/hash.js';
@@ -19,8 +19,14 @@ const sha = (b: Uint8Array): Buffer => hash('sha256', b, 'buffer') as unknown as
 describe('multi-buffer SHA-256', () => {
   it('names the engine: ipsec-mb where its header is installed, else openssl', () => {
     const engine = sha256Engine();
-    if (existsSync('/usr/include/intel-ipsec-mb.h')) expect(engine).toMatch(/^ipsec-mb \d+\.\d+\.\d+ (sse|avx|avx2|avx512|noaesni)$/);
+    if (existsSync('/usr/include/intel-ipsec-mb.h')) expect(engine).toMatch(/^ipsec-mb \d+\.\d+\.\d+ (sse|avx|avx2|avx512|noaesni)( sha-ni)?$/);
     else expect(engine).toBe('openssl');
+  });
+
+  it.skipIf(!existsSync('/usr/include/intel-ipsec-mb.h'))('hashes with the SHA extensions wherever the CPU has them (not with SIMD lanes beside them)', () => {
+    const shaNi = /^flags\s*:.*\bsha_ni\b/m.test(readFileSync('/proc/cpuinfo', 'utf8'));
+    if (shaNi) expect(sha256Engine()).toMatch(/ sha-ni$/);
+    else expect(sha256Engine()).not.toMatch(/ sha-ni$/);
   });
 
   it('gives node:crypto\'s digest for every length 0-300, around block edges and past the lane limit', async () => {
