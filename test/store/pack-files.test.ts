@@ -201,6 +201,35 @@ describe('LevelDB pack files', () => {
     }
   });
 
+  it('starts making index entries durable in the background past backgroundFlush, and GC reclaims them when no commit follows', async () => {
+    const dir = tempDir();
+    const b = await LevelBackend.open(dir, { backgroundFlush: 8 });
+    const data = genBytes('packs/bg', 24 * PAGE);
+    const pages = [...Array(24).keys()].map((i) => ({ hash: sha256(data.subarray(i * PAGE, (i + 1) * PAGE)), data: data.subarray(i * PAGE, (i + 1) * PAGE) }));
+    // 12 pending (>= 8): a background flush starts and the call returns without waiting for it.
+    await b.putPages(pages.slice(0, 12));
+    // Pages stored while it runs are found (pending or durable) and stored once.
+    await b.putPages(pages.slice(0, 16));
+    expect((await b.lookup(pages.slice(0, 16).map((p) => p.hash))).every((r) => r !== null)).toBe(true);
+    await b.close(); // waits for the flush; no commit, as a crash right after it would leave it
+    const again = await LevelBackend.open(dir);
+    const store = new CheckpointStore(again, { gcGraceMs: 0 });
+    try {
+      const found = await again.lookup(pages.map((p) => p.hash));
+      expect(found.slice(0, 12).every((r) => r !== null)).toBe(true);
+      expect(found.slice(16).every((r) => r === null)).toBe(true);
+      const read = await again.readPages(found.slice(0, 12) as Buffer[]);
+      read.forEach((p, i) => expect(p!.equals(pages[i]!.data)).toBe(true));
+      // No checkpoint names them: nothing is visible, and GC reclaims every byte.
+      expect(await store.listJobs()).toEqual([]);
+      await store.gc({ graceMs: 0 });
+      expect((await again.lookup(pages.map((p) => p.hash))).every((r) => r === null)).toBe(true);
+      expect(packBytes(dir)).toBe(0);
+    } finally {
+      await store.close();
+    }
+  });
+
   it('keeps committed checkpoints and reclaims the bytes of an upload cut by SIGKILL after a restart', async () => {
     const dir = tempDir();
     let server = await startStore(dir);
