@@ -28,6 +28,13 @@
  *    seconds (client + server) the restores cost.
  *    restore_chain100_compacted_vs_chain1(_cpu): the same after `compact` of the
  *    chain's job (checkpoint 100's pages rewritten in image order).
+ *  - transport_ingest_mbps, transport_restore_mbps: the same uploads and
+ *    restores against bench/transport-server.ts, a separate process with the
+ *    same gRPC stack and no storage work (pages dropped on upload, served
+ *    from memory on restore): the most a store on this stack can reach here.
+ *    ingest_unique_vs_transport and restore_vs_transport: the store's figure
+ *    over the transport's, measured in the same run (upload: the transport
+ *    before and after the store's ingests, mean; restore: alternating, medians).
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
  *    at random; exastore gets the dirty pages (what the checkpointer sends),
  *    restic backs up the file. Ratios are exastore / restic. Both restores
@@ -46,6 +53,7 @@ import { StoreClient, type PageBatch } from '../src/store/client.js';
 const PAGE = 4096;
 const HERE = dirname(fileURLToPath(import.meta.url));
 const EXASTORE = join(HERE, '..', 'src', 'cli', 'exastore.js');
+const TRANSPORT_SERVER = join(HERE, 'transport-server.js');
 
 function arg(args: string[], name: string, def: number): number {
   const i = args.indexOf(name);
@@ -103,8 +111,13 @@ async function stopServer(proc: ChildProcess): Promise<void> {
 /** Extra node options for the servers (--profile). */
 let serverNodeArgs: string[] = [];
 
-async function startServer(dir: string, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
-  const proc = spawn(process.execPath, [...serverNodeArgs, EXASTORE, 'serve', '--data', dir, '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+/**
+ * Start `exastore serve` on DIR, or with dir null the transport-only server
+ * (bench/transport-server.ts: the same gRPC stack, no storage work).
+ */
+async function startServer(dir: string | null, log: (l: string) => void): Promise<{ proc: ChildProcess; address: string }> {
+  const cmd = dir === null ? [TRANSPORT_SERVER] : [EXASTORE, 'serve', '--data', dir, '--port', '0'];
+  const proc = spawn(process.execPath, [...serverNodeArgs, ...cmd], { stdio: ['ignore', 'pipe', 'inherit'] });
   started.add(proc);
   let out = '';
   proc.stdout!.on('data', (d: Buffer) => { out += d.toString(); });
@@ -114,7 +127,7 @@ async function startServer(dir: string, log: (l: string) => void): Promise<{ pro
     await new Promise((r) => setTimeout(r, 20));
   }
   const address = /listening on (\S+)/.exec(out)![1]!;
-  log(`exastore serving ${dir} on ${address}`);
+  log(dir === null ? `transport-only server on ${address}` : `exastore serving ${dir} on ${address}`);
   return { proc, address };
 }
 
@@ -235,6 +248,17 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       if (m.serverFaults !== undefined) figures[`${name}_server_faults_per_gib`] = Math.round(m.serverFaults / gib);
       if (m.clientFaults !== undefined) figures[`${name}_client_faults_per_gib`] = Math.round(m.clientFaults / gib);
     };
+    // The transport alone (bench/transport-server.ts) carries the same batches
+    // before the store's ingest and again after it; the ratios below are
+    // against the mean of the two.
+    const transport = await startServer(null, log);
+    const tc = await StoreClient.connect(transport.address);
+    const transportIngest = async (): Promise<number> => {
+      const m = await measured(transport.proc, () => tc.putCheckpoint({ job: 'transport', parent: 0, regions }, batches));
+      cpuFigures('transport_ingest', m);
+      return m.s;
+    };
+    const ti: number[] = [await transportIngest()];
     const u = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
     figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
     cpuFigures('ingest_unique', u);
@@ -246,9 +270,16 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     cpuFigures('ingest_dedup', d);
     if (d.v.newPages !== 0) throw new Error(`dedup ingest stored ${d.v.newPages} pages`);
     log(`ingest dedup: ${mib} MiB in ${d.s.toFixed(2)} s = ${(mib / d.s).toFixed(0)} MiB/s`);
+    ti.push(await transportIngest());
+    const tiMean = (ti[0]! + ti[1]!) / 2;
+    figures.transport_ingest_mbps = +(mib / tiMean).toFixed(1);
+    figures.transport_ingest_runs_mbps = ti.map((t) => +(mib / t).toFixed(1));
+    figures.ingest_unique_vs_transport = +(tiMean / u.s).toFixed(3);
+    log(`transport alone, upload: ${(mib / tiMean).toFixed(0)} MiB/s; the store's unique ingest reaches ${(tiMean / u.s).toFixed(2)} of it`);
     batches = [];
     if (ingestOnly) {
       c.close();
+      tc.close();
       figures.load_average_end = +loadavg()[0]!.toFixed(2);
       return figures;
     }
@@ -260,17 +291,28 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     log(`ingest unique, client hashing: ${(mib / h.s).toFixed(0)} MiB/s`);
 
     // ---- restore ----
-    const rs: number[] = [];
+    // Alternating with the transport alone streaming the same number of pages from memory.
+    const rs: number[] = [], trs: number[] = [];
     const rcpu: { clientCpu: number; serverCpu: number; s: number }[] = [];
     for (let i = 0; i < 3; i++) {
       const r = await measured(server.proc, () => restoreTo(c, 'bench-unique', 1, null));
       if (r.v !== pages * PAGE) throw new Error(`restore returned ${r.v} bytes`);
       rs.push(r.s);
       rcpu.push(r);
+      const t = await timeIt(async () => {
+        let bytes = 0;
+        for await (const item of tc.getImage({ job: 'transport', pageCount: pages })) if (!('info' in item)) { bytes += item.data.length; item.release(); }
+        if (bytes !== pages * PAGE) throw new Error(`transport restore returned ${bytes} bytes`);
+      });
+      trs.push(t.s);
     }
+    tc.close();
+    figures.transport_restore_mbps = +(mib / median(trs)).toFixed(1);
+    figures.restore_vs_transport = +(median(trs) / median(rs)).toFixed(3);
     figures.restore_mbps = +(mib / median(rs)).toFixed(1);
     cpuFigures('restore', rcpu.find((r) => r.s === median(rs))!);
-    log(`restore: ${mib} MiB in ${median(rs).toFixed(2)} s (median of 3) = ${(mib / median(rs)).toFixed(0)} MiB/s`);
+    log(`restore: ${mib} MiB in ${median(rs).toFixed(2)} s (median of 3) = ${(mib / median(rs)).toFixed(0)} MiB/s; transport alone ${(mib / median(trs)).toFixed(0)} MiB/s`);
+    await stopServer(transport.proc);
 
     // ---- chain of 100 ----
     const cpages = (chainMib * 1024 * 1024) / PAGE;
