@@ -35,6 +35,10 @@
  *    ingest_unique_vs_transport and restore_vs_transport: the store's figure
  *    over the transport's, measured in the same run (upload: the transport
  *    before and after the store's ingests, mean; restore: alternating, medians).
+ *  - disk_write_mbps: 512 MiB appended with O_DIRECT in 8 MiB writes then
+ *    fdatasync, in the data directory's file system, before and after the
+ *    ingests (mean): no unique-page ingest commits faster, since its pages
+ *    are durable before its commit is. ingest_unique_vs_disk: the ratio.
  *  - restic: a MIB image, then 10 increments each rewriting 1% of the pages
  *    at random; exastore gets the dirty pages (what the checkpointer sends),
  *    restic backs up the file. Ratios are exastore / restic. Both restores
@@ -43,7 +47,7 @@
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createHash, hash as oneShotHash } from 'node:crypto';
-import { mkdtempSync, openSync, closeSync, writeSync, rmSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, rmSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -153,6 +157,33 @@ async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: 
   return bytes;
 }
 
+/**
+ * The disk under the data directory: MIB of `src` written sequentially in
+ * 8 MiB appends with O_DIRECT from an aligned buffer (as the store writes its
+ * packs), then fdatasync; MiB/s. A unique-page ingest cannot commit faster:
+ * its pages are durable before its commit is.
+ */
+async function diskWriteMbps(dir: string, src: Buffer, mib: number): Promise<number> {
+  const { alignedBuffer } = await import('../src/native.js');
+  const { constants } = await import('node:fs');
+  const chunk = 8 * 1024 * 1024;
+  const buf = alignedBuffer(chunk);
+  const file = join(dir, 'disk-probe');
+  const fd = openSync(file, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_DIRECT);
+  try {
+    const t0 = process.hrtime.bigint();
+    for (let off = 0; off < mib * 1024 * 1024; off += chunk) {
+      src.copy(buf, 0, off % src.length, (off % src.length) + chunk);
+      writeSync(fd, buf, 0, chunk, off);
+    }
+    fdatasyncSync(fd);
+    return mib / (Number(process.hrtime.bigint() - t0) / 1e9);
+  } finally {
+    closeSync(fd);
+    rmSync(file, { force: true });
+  }
+}
+
 /** CPU seconds used so far by a process (utime + stime from /proc), NaN when unreadable. */
 function procCpu(pid: number | undefined): number {
   try {
@@ -258,6 +289,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       cpuFigures('transport_ingest', m);
       return m.s;
     };
+    const disk = [await diskWriteMbps(work, img, 512)];
     const ti: number[] = [await transportIngest()];
     const u = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
     figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
@@ -276,6 +308,12 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     figures.transport_ingest_runs_mbps = ti.map((t) => +(mib / t).toFixed(1));
     figures.ingest_unique_vs_transport = +(tiMean / u.s).toFixed(3);
     log(`transport alone, upload: ${(mib / tiMean).toFixed(0)} MiB/s; the store's unique ingest reaches ${(tiMean / u.s).toFixed(2)} of it`);
+    disk.push(await diskWriteMbps(work, img, 512));
+    const diskMean = (disk[0]! + disk[1]!) / 2;
+    figures.disk_write_mbps = +diskMean.toFixed(1);
+    figures.disk_write_runs_mbps = disk.map((x) => +x.toFixed(1));
+    figures.ingest_unique_vs_disk = +((mib / u.s) / diskMean).toFixed(3);
+    log(`disk (O_DIRECT appends + fdatasync): ${diskMean.toFixed(0)} MiB/s; the store's unique ingest reaches ${((mib / u.s) / diskMean).toFixed(2)} of it`);
     batches = [];
     if (ingestOnly) {
       c.close();
