@@ -113,6 +113,10 @@ export function storeHandlers(store: CheckpointStore, auth: ServerAuth): StoreHa
               throw new ExaError('INVALID_ARGUMENT', 'empty PutRequest (none of begin, hashes, data, commit is set)');
           }
         }
+        // A batch still being checked or stored when the stream ended may have
+        // failed: that failure, not the missing commit, is what to report.
+        await Promise.allSettled([...offers.map((x) => x.p), ...writes]);
+        if (writeError) throw writeError;
         throw new ExaError('FAILED_PRECONDITION', session
           ? `the upload stream for job ${session.job} ended before commit; nothing was recorded`
           : 'the upload stream ended before begin');
