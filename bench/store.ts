@@ -47,11 +47,12 @@
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createCipheriv, createHash, hash as oneShotHash } from 'node:crypto';
-import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, rmSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
+import { constants as fsConstants, mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, rmSync, readdirSync, readFileSync, statSync, writeFileSync, existsSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { alignedBuffer } from '../src/native.js';
 import { StoreClient, type PageBatch } from '../src/store/client.js';
 
 const PAGE = 4096;
@@ -135,13 +136,14 @@ async function startServer(dir: string | null, log: (l: string) => void): Promis
   return { proc, address };
 }
 
-async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: string | null): Promise<number> {
+/** Restore a checkpoint (to FILE, or consumed in memory); pageCount asks for that many pages (the transport-only server needs it). */
+async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: string | null, pageCount = 0): Promise<number> {
   const fh = file ? await open(file, 'w') : null;
   let bytes = 0;
   // File writes overlap the stream (at most 4 pieces, 16 MiB, waiting for the disk).
   const writes: Promise<unknown>[] = [];
   try {
-    for await (const item of c.getImage({ job, checkpoint })) {
+    for await (const item of c.getImage({ job, checkpoint, pageCount })) {
       if ('info' in item) continue;
       bytes += item.data.length;
       if (fh) {
@@ -163,13 +165,11 @@ async function restoreTo(c: StoreClient, job: string, checkpoint: number, file: 
  * packs), then fdatasync; MiB/s. A unique-page ingest cannot commit faster:
  * its pages are durable before its commit is.
  */
-async function diskWriteMbps(dir: string, src: Buffer, mib: number): Promise<number> {
-  const { alignedBuffer } = await import('../src/native.js');
-  const { constants } = await import('node:fs');
+function diskWriteMbps(dir: string, src: Buffer, mib: number): number {
   const chunk = 8 * 1024 * 1024;
   const buf = alignedBuffer(chunk);
   const file = join(dir, 'disk-probe');
-  const fd = openSync(file, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_DIRECT);
+  const fd = openSync(file, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_TRUNC | fsConstants.O_DIRECT);
   try {
     const t0 = process.hrtime.bigint();
     for (let off = 0; off < mib * 1024 * 1024; off += chunk) {
@@ -289,7 +289,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       cpuFigures('transport_ingest', m);
       return m.s;
     };
-    const disk = [await diskWriteMbps(work, img, 512)];
+    const disk = [diskWriteMbps(work, img, 512)];
     const ti: number[] = [await transportIngest()];
     const u = await measured(server.proc, () => c.putCheckpoint({ job: 'bench-unique', parent: 0, regions }, batches));
     figures.ingest_unique_mbps = +(mib / u.s).toFixed(1);
@@ -308,7 +308,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     figures.transport_ingest_runs_mbps = ti.map((t) => +(mib / t).toFixed(1));
     figures.ingest_unique_vs_transport = +(tiMean / u.s).toFixed(3);
     log(`transport alone, upload: ${(mib / tiMean).toFixed(0)} MiB/s; the store's unique ingest reaches ${(tiMean / u.s).toFixed(2)} of it`);
-    disk.push(await diskWriteMbps(work, img, 512));
+    disk.push(diskWriteMbps(work, img, 512));
     const diskMean = (disk[0]! + disk[1]!) / 2;
     figures.disk_write_mbps = +diskMean.toFixed(1);
     figures.disk_write_runs_mbps = disk.map((x) => +x.toFixed(1));
@@ -337,11 +337,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       if (r.v !== pages * PAGE) throw new Error(`restore returned ${r.v} bytes`);
       rs.push(r.s);
       rcpu.push(r);
-      const t = await timeIt(async () => {
-        let bytes = 0;
-        for await (const item of tc.getImage({ job: 'transport', pageCount: pages })) if (!('info' in item)) { bytes += item.data.length; item.release(); }
-        if (bytes !== pages * PAGE) throw new Error(`transport restore returned ${bytes} bytes`);
-      });
+      const t = await timeIt(() => restoreTo(tc, 'transport', 0, null, pages));
+      if (t.v !== pages * PAGE) throw new Error(`transport restore returned ${t.v} bytes`);
       trs.push(t.s);
     }
     tc.close();

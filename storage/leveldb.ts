@@ -223,7 +223,7 @@ export class LevelBackend implements Backend {
   private readonly packBytes: number;
   private readonly pendingFlush: number;
   private readonly backgroundFlush: number;
-  /** The background flush under way (at most one), and the error of the last one that failed (for the next flush to report). */
+  /** The background flush under way (at most one; a failed one is retried, and reported, by the next flush). */
   private bgFlush: Promise<void> | null = null;
   /** Appends use O_DIRECT (turned off when the file system refuses it). */
   private directIo: boolean;

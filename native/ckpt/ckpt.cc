@@ -1029,8 +1029,9 @@ bool Session::save_phase(const std::vector<std::shared_ptr<Region>> &regs) {
         std::vector<const uint8_t *> msgs(to - from);
         for (size_t i = from; i < to; i++) {
           const uint8_t *pg = dbase + i * kPage;
-          if (page_is_zero(pg)) zflags[i] = 1, msgs[i - from] = nullptr;
-          else msgs[i - from] = pg;
+          const bool zero = page_is_zero(pg);
+          zflags[i] = zero;
+          msgs[i - from] = zero ? nullptr : pg;
         }
         exa::sha256_each(msgs.data(), msgs.size(), kPage, hbase + 32 * from);
       };
