@@ -448,6 +448,9 @@ class Job {
     deferred.resize(k);
   }
 
+  /* remote_write(): can page p be overwritten from the agent's side as it is? */
+  static bool remote_writable(uint8_t s) { return s != PAGE_PENDING && s != PAGE_SAVING; }
+
   /* remote_write(): make page p safe to overwrite from the agent's side (mu held via lk) */
   void before_remote_write_locked(std::unique_lock<std::mutex> &lk, Region &r, uint64_t p) {
     for (;;) {
@@ -1375,18 +1378,24 @@ void Agent::remote_write(const std::string &job, const std::string &region, uint
     if (m == MAP_FAILED) throw Error(-errno, "job " + job + ": region \"" + region + "\": cannot map it writable: " + errstr(errno));
     r->wview = (uint8_t *)m;
   }
+  /* Runs of pages the running checkpoint (if any) does not need are copied with one memcpy each;
+   * a page it still needs is made safe first (shadowed, or waited for), which may drop the lock,
+   * so the run is looked at again after it. Under the lock throughout a run: no pause can slip
+   * between the state check and the write. */
   size_t done = 0;
   while (done < len) {
     uint64_t a = offset + done;
     uint64_t p = a / kPage;
-    size_t n = std::min<size_t>(len - done, kPage - a % kPage);
     j->before_remote_write_locked(lk, *r, p);
-    /* still under the lock: no pause can slip between the state check and the write */
+    uint64_t last = (offset + len - 1) / kPage, q = p + 1;
+    while (q <= last && j->remote_writable(r->state[q])) q++;
+    size_t n = std::min<uint64_t>(len - done, q * kPage - a);
     memcpy(r->wview + a, data + done, n);
-    if (!r->remote_dirty[p]) {
-      r->remote_dirty[p] = 1;
-      r->remote_dirty_count++;
-    }
+    for (uint64_t k = p; k < q; k++)
+      if (!r->remote_dirty[k]) {
+        r->remote_dirty[k] = 1;
+        r->remote_dirty_count++;
+      }
     done += n;
   }
 }

@@ -18,8 +18,16 @@ afterEach(cleanupPeersFirst);
 const PAGES = 256;
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
+/** The stream's writes: single pages, and writes spanning several pages at offsets that are not page
+ * aligned (the checkpointer copies runs of pages the running checkpoint does not need at once, and
+ * must stop a run at every page it still needs). */
+const shapes = [
+  { shape: '4 KiB writes at page offsets', len: PAGE, n: 400000 },
+  { shape: 'writes of 5 pages + 123 bytes at unaligned offsets', len: 5 * PAGE + 123, n: 100000 },
+];
+
 describe('remote DMA writes while the target is checkpointed', () => {
-  it('every image equals the buffer at the pause instant; the next increment holds the written pages', async () => {
+  it.each(shapes)('every image equals the buffer at the pause instant; the next increment holds the written pages ($shape)', async ({ len, n }) => {
     const a = startAgent();
     const [w, t] = await Promise.all([DmaPeer.start(a.socketPath, 'writer'), DmaPeer.start(a.socketPath, 'target')]);
     await w.ok({ cmd: 'alloc', name: 'src', size: 2 * PAGES * PAGE, seed: 5 });
@@ -38,8 +46,11 @@ describe('remote DMA writes while the target is checkpointed', () => {
     expect([...inc.keys()]).toEqual(['win:5']);
     apply(image, inc, sizes);
 
-    // a stream of 4 KiB writes sweeping the buffer with changing contents (source twice the size)
-    const stream = w.ok({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: 'target', name: 'win', n: 400000, len: PAGE, span: PAGES * PAGE, lspan: 2 * PAGES * PAGE, depth: 64 });
+    // a stream of writes sweeping the buffer with changing contents (source twice the size; write i at
+    // (i * len) % span, so span + len stays within the buffers)
+    const span = PAGES * PAGE - (len === PAGE ? 0 : len);
+    const lspan = 2 * PAGES * PAGE - (len === PAGE ? 0 : len);
+    const stream = w.ok({ cmd: 'burst', q: 1, op: 'write', local: 'src', peer: 'target', name: 'win', n, len, span, lspan, depth: 64 });
     stream.catch(() => undefined); // awaited below; a failure earlier in the test must not surface as unhandled
     const modes: CheckpointOptions['mode'][] = ['sync', 'auto', 'sync', 'copy', 'sync'];
     let shadowed = 0;
@@ -55,8 +66,8 @@ describe('remote DMA writes while the target is checkpointed', () => {
       expect(firstDiff(image.get('win')!, ref), `checkpoint (${mode}): first page differing from the pause instant`).toBe(-1);
     }
     const done = await stream;
-    expect(done).toMatchObject({ n: 400000, ok: 400000 });
-    // The stream (400,000 writes) is meant to overlap the checkpoints; how many it overlaps depends on the
+    expect(done).toMatchObject({ n, ok: n });
+    // The stream (100,000s of writes) is meant to overlap the checkpoints; how many it overlaps depends on the
     // machine's speed, so only that it raced at least one is asserted (the image checks above are the point).
     expect(raced).toBeGreaterThanOrEqual(1);
     expect(shadowed).toBeGreaterThan(0); // some writes hit pages not yet saved: shadowed first
