@@ -3,12 +3,12 @@
  *
  *   exa_dma_bench --socket S --job J --target        alloc "dst" (64 MiB), grant rw to job "client", wait for EOF on stdin
  *   exa_dma_bench --socket S --job J --client PEER   alloc "src" (64 MiB), look up PEER's "dst", then answer commands:
- *     sync LEN ITERS SPAN    -> "ok NS"  ITERS synchronous writes of LEN bytes, op i at offset (i*LEN) % SPAN of
- *                               both src and dst (SPAN = LEN: the same bytes every time, cache-hot), total ns;
- *                               one untimed write first, at op ITERS-1's offset (it wakes the backend thread,
- *                               which sleeps between runs; with SPAN = LEN it also warms the bytes, as the direct
- *                               baseline's untimed call does; sweeping, those bytes are long evicted when
- *                               op ITERS-1 comes)
+ *     sync LEN ITERS SPAN [WARM_NS] -> "ok NS"  ITERS synchronous writes of LEN bytes, op i at offset (i*LEN) % SPAN
+ *                               of both src and dst (SPAN = LEN: the same bytes every time, cache-hot), total ns;
+ *                               untimed writes first, at op ITERS-1's offset, for WARM_NS (at least one: it wakes
+ *                               the backend thread, which sleeps between runs; with SPAN = LEN they also warm the
+ *                               bytes and the CPUs, as the direct baseline's untimed calls do; sweeping, those
+ *                               bytes are long evicted when op ITERS-1 comes)
  *     async LEN ITERS D SPAN -> "ok NS"  the same with D operations outstanding on a polling queue
  *     rtt ITERS         -> "ok NS"  ITERS 64-byte writes, each posted and its completion polled (spin), total ns
  *     alloc ITERS       -> "ok NS_ALLOC NS_REGION"  ITERS exa_dma_alloc of 64 KiB (each freed untimed),
@@ -72,10 +72,13 @@ int main(int argc, char **argv) {
   fflush(stdout);
   struct exa_dma_completion c[64];
   while (fgets(line, sizeof line, stdin)) {
-    unsigned long long len = 0, iters = 0, depth = 0, span = 0;
-    if (sscanf(line, "sync %llu %llu %llu", &len, &iters, &span) == 3 && len && iters && span >= len && span <= BUF) {
+    unsigned long long len = 0, iters = 0, depth = 0, span = 0, warm = 0;
+    if (sscanf(line, "sync %llu %llu %llu %llu", &len, &iters, &span, &warm) >= 3 && len && iters && span >= len && span <= BUF) {
       uint64_t last = ((iters - 1) * len) % (span - span % len);
-      if (exa_dma_write_sync(d, src, last, dst, last, len) < 0) die("write_sync");
+      uint64_t w0 = now_ns();
+      do
+        if (exa_dma_write_sync(d, src, last, dst, last, len) < 0) die("write_sync");
+      while (now_ns() - w0 < warm);
       uint64_t t0 = now_ns();
       for (unsigned long long i = 0; i < iters; i++) {
         uint64_t off = (i * len) % (span - span % len);
