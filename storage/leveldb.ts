@@ -551,10 +551,11 @@ export class LevelBackend implements Backend {
     if (!Number.isInteger(n) || data.length !== n * PAGE_SIZE) {
       return Promise.reject(new ExaError('INTERNAL', `putPageRun: ${hashes.length} bytes of hashes for ${data.length} bytes of pages`));
     }
-    return this.storePages(hashes, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE));
+    return this.storePages(hashes, (i) => data.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE), data);
   }
 
-  private storePages(hashes: Buffer, page: (i: number) => Buffer): Promise<{ refs: Buffer; written: number }> {
+  /** run: the pages side by side (page(i) is run's i-th 4096 bytes), so that runs of new pages are cut from it by index. */
+  private storePages(hashes: Buffer, page: (i: number) => Buffer, run?: Buffer): Promise<{ refs: Buffer; written: number }> {
     // Serialized so that two sessions uploading the same page store it once.
     return this.writeLock.run(async () => {
       this.checkOpen();
@@ -591,17 +592,27 @@ export class LevelBackend implements Backend {
       }
       // Pages that lie side by side in one message go in as one buffer, without a copy.
       const bufs: Buffer[] = [];
-      let run: Buffer | null = null;
-      for (const i of fresh) {
-        const d = page(i);
-        if (run && run.buffer === d.buffer && run.byteOffset + run.length === d.byteOffset) {
-          run = Buffer.from(run.buffer, run.byteOffset, run.length + PAGE_SIZE);
-        } else {
-          if (run) bufs.push(run);
-          run = d;
+      if (run) {
+        // By index: no view per page (two typed arrays a page were ~0.1 CPU s per GiB).
+        for (let k = 0; k < fresh.length;) {
+          let e = k + 1;
+          while (e < fresh.length && fresh[e] === fresh[e - 1]! + 1) e++;
+          bufs.push(run.subarray(fresh[k]! * PAGE_SIZE, (fresh[e - 1]! + 1) * PAGE_SIZE));
+          k = e;
         }
+      } else {
+        let cur: Buffer | null = null;
+        for (const i of fresh) {
+          const d = page(i);
+          if (cur && cur.buffer === d.buffer && cur.byteOffset + cur.length === d.byteOffset) {
+            cur = Buffer.from(cur.buffer, cur.byteOffset, cur.length + PAGE_SIZE);
+          } else {
+            if (cur) bufs.push(cur);
+            cur = d;
+          }
+        }
+        bufs.push(cur!);
       }
-      bufs.push(run!);
       const { pack, slot } = await this.append(bufs, fresh.length * PAGE_SIZE);
       let newHashes: Buffer, newRefs: Buffer;
       if (fresh.length === n) {
