@@ -14,8 +14,9 @@
  *    same buffers. Each round runs both paths once, each run short (about
  *    16 MiB moved with the same bytes, one pass over the 64 MiB sweeping),
  *    the sizes and variants interleaved round by round (each one's rounds
- *    spread over the whole run); 40 rounds by default, and 5 times as many for
- *    the headline overhead_pct_512k, measured on its own. The figure is the
+ *    spread over the whole run); 40 rounds by default, and the headline
+ *    (512 KiB, the same bytes) at five places in every round, so with 5 times
+ *    the samples, spread over the run like the others'. The figure is the
  *    ratio of the two paths' lower-quartile times per operation (q25 over the
  *    rounds): on a 2-CPU machine shared with others, a third runnable process
  *    takes a CPU from the two spinning sides of the remoted path (or from the
@@ -216,7 +217,10 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const RUN_BYTES = 16 * 2 ** 20;
     const WARM_NS = 2_000_000; // untimed work before each run with the same bytes (see the top of this file)
     type Spec = { len: number; mode: 'sync' | 'async'; span: number };
-    type Cmp = { remote: number; direct: number; ratio: number; remoteMedian: number; directMedian: number; ratioMedian: number; perRound: number[] };
+    type Cmp = {
+      remote: number; direct: number; ratio: number; remoteMedian: number; directMedian: number; ratioMedian: number;
+      perRound: number[]; rem: number[]; dir: number[]; pairs: number[];
+    };
     /** Each spec: ns per op of each path, a remoted run (about runBytes) and a direct one, n rounds; the specs
      * are interleaved round by round, so that every spec's rounds are spread over the whole measurement and
      * a burst of load lasting seconds spoils some rounds of every spec instead of all rounds of a few.
@@ -263,12 +267,15 @@ export async function run(args: string[], log: (line: string) => void): Promise<
         for (let r = 0; r + 2 < xs.length; r++) if (r % 4 < 2) out.push(Math.sqrt(xs[r]! * xs[r + 2]!));
         return out.length ? out : xs;
       };
-      return specs.map((_, i) => {
-        const remote = quantile(rem[i]!, 0.25);
-        const direct = quantile(dir[i]!, 0.25);
-        return { remote, direct, ratio: remote / direct, remoteMedian: median(rem[i]!), directMedian: median(dir[i]!), ratioMedian: median(pairRatios(ratios[i]!)), perRound: ratios[i]! };
-      });
+      return specs.map((_, i) => summarize(rem[i]!, dir[i]!, pairRatios(ratios[i]!), ratios[i]!));
     };
+    const summarize = (rem: number[], dir: number[], pairs: number[], perRound: number[]): Cmp => {
+      const remote = quantile(rem, 0.25);
+      const direct = quantile(dir, 0.25);
+      return { remote, direct, ratio: remote / direct, remoteMedian: median(rem), directMedian: median(dir), ratioMedian: median(pairs), perRound, rem, dir, pairs };
+    };
+    /** Several specs' samples as one (the same spec measured at several places in each round). */
+    const merge = (cs: Cmp[]): Cmp => summarize(cs.flatMap((c) => c.rem), cs.flatMap((c) => c.dir), cs.flatMap((c) => c.pairs), cs.flatMap((c) => c.perRound));
 
     type Row = {
       bytes: number; remote_us: number; direct_us: number; remote_gbps: number; direct_gbps: number; overhead_pct: number;
@@ -290,31 +297,34 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const sizes: number[] = [];
     for (let len = 4096; len <= 4 * 2 ** 20; len *= 2) sizes.push(len);
     const ks = args.includes('--near-512k') ? [256, 320, 384, 448, 480, 512, 544, 576, 640, 768, 1024].map((k) => k * 1024) : [];
+    const hotSpecs = sizes.map((len): Spec => ({ len, mode: 'sync', span: len }));
+    const sweepSpecs = sizes.map((len): Spec => ({ len, mode: 'sync', span: SPAN }));
+    const pipedSpec: Spec = { len: 512 * 1024, mode: 'async', span: SPAN };
+    const nearSame = ks.map((len): Spec => ({ len, mode: 'sync', span: len }));
+    const nearSweep = ks.map((len): Spec => ({ len, mode: 'sync', span: SPAN }));
+    // The headline (512 KiB, the same bytes) runs at five places in every round: 5 times the samples of the other
+    // sizes, spread over the whole measurement like theirs (a burst of load spoils some of them, not all).
+    const head = hotSpecs.find((sp) => sp.len === 512 * 1024)!;
     const specs: Spec[] = [
-      ...sizes.map((len): Spec => ({ len, mode: 'sync', span: len })),
-      ...sizes.map((len): Spec => ({ len, mode: 'sync', span: SPAN })),
-      { len: 512 * 1024, mode: 'async', span: SPAN },
-      ...ks.map((len): Spec => ({ len, mode: 'sync', span: len })),
-      ...ks.map((len): Spec => ({ len, mode: 'sync', span: SPAN })),
+      ...hotSpecs.slice(0, 5), head, ...hotSpecs.slice(5), head, ...sweepSpecs.slice(0, 6), head, ...sweepSpecs.slice(6), head, pipedSpec,
+      ...nearSame, ...nearSweep,
     ];
     const all = await compareAll(specs);
-    const nSizes = sizes.length;
-    const hot = sizes.map((len, i) => rowOf(len, all[i]!));
-    const streaming = sizes.map((len, i) => rowOf(len, all[nSizes + i]!));
-    const piped = all[2 * nSizes]!;
+    /** A spec's result, its samples at every place it ran merged. */
+    const resultOf = (sp: Spec): Cmp => merge(all.filter((_, i) => specs[i] === sp));
+    const hot = hotSpecs.map((sp) => rowOf(sp.len, resultOf(sp)));
+    const streaming = sweepSpecs.map((sp) => rowOf(sp.len, resultOf(sp)));
+    const piped = resultOf(pipedSpec);
     hot.forEach((row) => logRow('same bytes', row));
     streaming.forEach((row) => logRow('sweeping 64 MiB', row));
     log(`512 KiB sweeping 64 MiB, 8 outstanding: overhead ${r2((piped.ratio - 1) * 100)} %`);
     let near: { same: Row[]; sweeping: Row[] } | undefined;
     if (ks.length) {
-      near = { same: ks.map((len, i) => rowOf(len, all[2 * nSizes + 1 + i]!)), sweeping: ks.map((len, i) => rowOf(len, all[2 * nSizes + 1 + ks.length + i]!)) };
+      near = { same: nearSame.map((sp) => rowOf(sp.len, resultOf(sp))), sweeping: nearSweep.map((sp) => rowOf(sp.len, resultOf(sp))) };
       near.same.forEach((row) => logRow('near 512 KiB, same bytes', row));
       near.sweeping.forEach((row) => logRow('near 512 KiB, sweeping', row));
     }
-    // The headline, on its own: 512 KiB, the same bytes, 5 times the rounds.
-    const [head] = await compareAll([{ len: 512 * 1024, mode: 'sync', span: 512 * 1024 }], 5 * rounds);
-    const headRow = rowOf(512 * 1024, head!);
-    logRow(`headline (${5 * rounds} rounds), same bytes`, headRow);
+    const headRow = rowOf(head.len, resultOf(head));
     // The previous method, kept for comparison: 9 rounds of 256 MiB, median of the per-round ratios.
     const [legacy] = await compareAll([{ len: 512 * 1024, mode: 'sync', span: 512 * 1024 }], 9, 256 * 2 ** 20);
     const legacyMedian = median(legacy!.perRound);
@@ -338,7 +348,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
       load_start: load,
       overhead_pct_512k: headRow.overhead_pct,
       overhead_pct_512k_median: headRow.overhead_pct_median,
-      overhead_pct_512k_rounds: 5 * rounds,
+      overhead_pct_512k_samples: resultOf(head).rem.length,
       overhead_pct_512k_9rounds: r2((legacyMedian - 1) * 100),
       overhead_pct_512k_streaming: at512(streaming).overhead_pct,
       overhead_pct_512k_streaming_median: at512(streaming).overhead_pct_median,
