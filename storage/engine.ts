@@ -31,7 +31,7 @@ import type { Backend, ManifestHeader, PageMaps, PageRef, RegionSpec, StoredPage
 import { Mutex } from './mutex.js';
 import { checkPages, hashPages, verifyPages } from './hash.js';
 import { PageTable } from './pagetable.js';
-import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, hashKey, isZeroHash, sha256 } from './pages.js';
+import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, bytesEqual, copyBytes, hashKey, isZeroHash, sha256 } from './pages.js';
 
 export interface EngineOptions {
   /** Default GC grace period (ms). */
@@ -290,7 +290,7 @@ export class CheckpointStore {
         let sparse: number[] = [];
         for (let i = p.first; i < p.first + p.count; i++) {
           const off = i * ENTRY_BYTES;
-          if (old && cur.compare(old, off, off + HASH_BYTES, off, off + HASH_BYTES) === 0) continue;
+          if (old && bytesEqual(cur, off, old, off, HASH_BYTES)) continue;
           sparse.push(i);
           if (sparse.length === chunkPages) { pieces.push({ r: p.r, first: sparse[0]!, count: 0, pages: sparse }); sparse = []; }
         }
@@ -308,7 +308,7 @@ export class CheckpointStore {
             const n = p.pages ? p.pages.length : p.count;
             for (let i = 0; i < n; i++) {
               const off = (p.pages ? p.pages[i]! : p.first + i) * ENTRY_BYTES;
-              if (!isZeroHash(map, off)) map.copy(refs, (k++) * REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES);
+              if (!isZeroHash(map, off)) copyBytes(map, off + HASH_BYTES, refs, (k++) * REF_BYTES, REF_BYTES);
             }
           }
           this.backend.prefetch(refs.subarray(0, k * REF_BYTES)).catch(() => undefined);
@@ -381,7 +381,7 @@ export class CheckpointStore {
     let present: (k: number) => boolean;
     if (this.backend.readPagesVerified) {
       const want = Buffer.allocUnsafe(refs.length * HASH_BYTES);
-      for (let k = 0; k < refs.length; k++) map.copy(want, k * HASH_BYTES, pos[k]! * ENTRY_BYTES, pos[k]! * ENTRY_BYTES + HASH_BYTES);
+      for (let k = 0; k < refs.length; k++) copyBytes(map, pos[k]! * ENTRY_BYTES, want, k * HASH_BYTES, HASH_BYTES);
       const ok = await this.backend.readPagesVerified(refs, want, data);
       for (let k = 0; k < refs.length; k++) if (ok[k] !== 1) bad.push(k);
       present = (k) => ok[k] === 2;
@@ -905,8 +905,8 @@ export class PutSession {
       if (zero && zero[i]) { map.fill(0, off, off + ENTRY_BYTES); continue; }
       this.sent++;
       const ho = i * HASH_BYTES;
-      if (b.hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) === 0) continue;
-      b.hashes.copy(map, off, ho, ho + HASH_BYTES);
+      if (bytesEqual(b.hashes, ho, map, off, HASH_BYTES)) continue;
+      copyBytes(b.hashes, ho, map, off, HASH_BYTES);
       cand.push(i);
     }
     const want: number[] = [];
@@ -915,7 +915,7 @@ export class PutSession {
     let ch = b.hashes;
     if (cand.length < n) {
       ch = Buffer.allocUnsafe(cand.length * HASH_BYTES);
-      cand.forEach((i, j) => b.hashes.copy(ch, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+      cand.forEach((i, j) => copyBytes(b.hashes, i * HASH_BYTES, ch, j * HASH_BYTES, HASH_BYTES));
     }
     const sref = Buffer.allocUnsafe(cand.length * REF_BYTES);
     const mine = new Uint8Array(cand.length);
@@ -926,16 +926,16 @@ export class PutSession {
         if (!mine[j]) { lookupPos.push(i); return; }
         const map = this.maps[b.region[i]!]!;
         const off = b.index[i]! * ENTRY_BYTES;
-        if (sref.compare(PENDING_REF, 0, REF_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES) === 0) {
-          PENDING_REF.copy(map, off + HASH_BYTES);
+        if (bytesEqual(sref, j * REF_BYTES, PENDING_REF, 0, REF_BYTES)) {
+          copyBytes(PENDING_REF, 0, map, off + HASH_BYTES, REF_BYTES);
           this.addUnresolved(b.region[i]!, b.index[i]!);
-        } else sref.copy(map, off + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+        } else copyBytes(sref, j * REF_BYTES, map, off + HASH_BYTES, REF_BYTES);
       });
     }
     if (lookupPos.length === 0) return want;
     const m = lookupPos.length;
     const hashes = m === cand.length ? ch : Buffer.allocUnsafe(m * HASH_BYTES);
-    if (hashes !== ch) lookupPos.forEach((i, j) => b.hashes.copy(hashes, j * HASH_BYTES, i * HASH_BYTES, (i + 1) * HASH_BYTES));
+    if (hashes !== ch) lookupPos.forEach((i, j) => copyBytes(b.hashes, i * HASH_BYTES, hashes, j * HASH_BYTES, HASH_BYTES));
     const refs = Buffer.allocUnsafe(m * REF_BYTES);
     const found = new Uint8Array(m);
     const wantRegion: number[] = [], wantIndex: number[] = [];
@@ -963,7 +963,7 @@ export class PutSession {
         const off = b.index[i]! * ENTRY_BYTES;
         const ho = j * HASH_BYTES;
         // A later batch (offered while this lookup ran) put another page at this position: that batch owns it now.
-        if (hashes.compare(map, off, off + HASH_BYTES, ho, ho + HASH_BYTES) !== 0) {
+        if (!bytesEqual(hashes, ho, map, off, HASH_BYTES)) {
           if (aliased) {
             missHashes = Buffer.concat([hashes.subarray(0, missPos.length * HASH_BYTES)], m * HASH_BYTES);
             aliased = false;
@@ -971,13 +971,13 @@ export class PutSession {
           continue;
         }
         if (found[j]) {
-          hashes.copy(pinHashes, (pinned++) * HASH_BYTES, ho, ho + HASH_BYTES);
-          refs.copy(map, off + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+          copyBytes(hashes, ho, pinHashes, (pinned++) * HASH_BYTES, HASH_BYTES);
+          copyBytes(refs, j * REF_BYTES, map, off + HASH_BYTES, REF_BYTES);
           continue;
         }
-        PENDING_REF.copy(map, off + HASH_BYTES);
+        copyBytes(PENDING_REF, 0, map, off + HASH_BYTES, REF_BYTES);
         this.addUnresolved(b.region[i]!, b.index[i]!);
-        if (!aliased) hashes.copy(missHashes, missPos.length * HASH_BYTES, ho, ho + HASH_BYTES);
+        if (!aliased) copyBytes(hashes, ho, missHashes, missPos.length * HASH_BYTES, HASH_BYTES);
         missPos.push(i);
       }
       if (pinned > 0) this.pins.add(pinHashes.subarray(0, pinned * HASH_BYTES), null);
@@ -1000,7 +1000,7 @@ export class PutSession {
       let wh = wantAll;
       if (!wh || wh.length !== want.length * HASH_BYTES) {
         wh = Buffer.allocUnsafe(want.length * HASH_BYTES);
-        for (let k = 0; k < want.length; k++) b.hashes.copy(wh, k * HASH_BYTES, want[k]! * HASH_BYTES, (want[k]! + 1) * HASH_BYTES);
+        for (let k = 0; k < want.length; k++) copyBytes(b.hashes, want[k]! * HASH_BYTES, wh, k * HASH_BYTES, HASH_BYTES);
       }
       this.pending.set(b.batch, { hashes: wh, region: Uint32Array.from(wantRegion), index: Uint32Array.from(wantIndex) });
     }
@@ -1066,22 +1066,22 @@ export class PutSession {
     for (let k = 0; k < this.unresolvedCount; k++) {
       const map = this.maps[this.unresolved[2 * k]!]!;
       const off = this.unresolved[2 * k + 1]! * ENTRY_BYTES;
-      if (map.compare(PENDING_REF, 0, REF_BYTES, off + HASH_BYTES, off + ENTRY_BYTES) === 0) todo.push(k);
+      if (bytesEqual(map, off + HASH_BYTES, PENDING_REF, 0, REF_BYTES)) todo.push(k);
     }
     if (todo.length > 0) {
       const hs = Buffer.allocUnsafe(todo.length * HASH_BYTES), refs = Buffer.allocUnsafe(todo.length * REF_BYTES);
       todo.forEach((k, j) => {
         const off = this.unresolved[2 * k + 1]! * ENTRY_BYTES;
-        this.maps[this.unresolved[2 * k]!]!.copy(hs, j * HASH_BYTES, off, off + HASH_BYTES);
+        copyBytes(this.maps[this.unresolved[2 * k]!]!, off, hs, j * HASH_BYTES, HASH_BYTES);
       });
       const found = new Uint8Array(todo.length);
       this.sessionRefs.get(hs, refs, found);
       todo.forEach((k, j) => {
         const r = this.unresolved[2 * k]!, i = this.unresolved[2 * k + 1]!;
-        if (!found[j] || refs.compare(PENDING_REF, 0, REF_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES) === 0) {
+        if (!found[j] || bytesEqual(refs, j * REF_BYTES, PENDING_REF, 0, REF_BYTES)) {
           throw new ExaError('INTERNAL', `page ${i} of region ${this.regions[r]!.name} has no stored bytes`);
         }
-        refs.copy(this.maps[r]!, i * ENTRY_BYTES + HASH_BYTES, j * REF_BYTES, (j + 1) * REF_BYTES);
+        copyBytes(refs, j * REF_BYTES, this.maps[r]!, i * ENTRY_BYTES + HASH_BYTES, REF_BYTES);
       });
     }
     let zeroPages = 0;

