@@ -28,6 +28,9 @@
  *    seconds (client + server) the restores cost.
  *    restore_chain100_compacted_vs_chain1(_cpu): the same after `compact` of the
  *    chain's job (checkpoint 100's pages rewritten in image order).
+ *    chain_verify_s, chain_compact_s: the operator commands on that job of 101
+ *    checkpoints (`exastore verify JOB`, then `exastore compact JOB`, which
+ *    verifies again first), seconds.
  *  - transport_ingest_mbps, transport_restore_mbps: the same uploads and
  *    restores against bench/transport-server.ts, a separate process with the
  *    same gRPC stack and no storage work (pages dropped on upload, served
@@ -386,7 +389,13 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     figures.restore_chain100_vs_chain1_cpu = +(median(cpu100) / median(cpu1)).toFixed(3);
     log(`chain restore: #1 ${median(t1).toFixed(3)} s, #100 ${median(t100).toFixed(3)} s (medians of ${chainRounds}); CPU ${median(cpu1).toFixed(2)} / ${median(cpu100).toFixed(2)} s`);
     // The same after `exastore compact` (the latest checkpoint's pages rewritten in image order).
-    const comp = await c.compact('bench-chain');
+    // Operator commands on the 101-checkpoint job: verify (every page of every checkpoint) and compact.
+    const ver = await timeIt(() => c.verify({ job: 'bench-chain' }));
+    if (!ver.v.ok) throw new Error(`verify of bench-chain found problems: ${ver.v.problems[0]?.message}`);
+    figures.chain_verify_s = +ver.s.toFixed(2);
+    const ct = await timeIt(() => c.compact('bench-chain'));
+    const comp = ct.v;
+    figures.chain_compact_s = +ct.s.toFixed(2);
     figures.chain_compact_pages_moved = comp.pagesMoved;
     await restoreTo(c, 'bench-chain', parent, null);
     const c1: number[] = [], c100: number[] = [], ccpu1: number[] = [], ccpu100: number[] = [];
