@@ -614,6 +614,12 @@ export class CheckpointStore {
     const verdict = new Map<string, 'ok' | 'corrupt' | 'missing'>();
     const totalPages = headers.reduce((a, h) => a + h.regions.reduce((b, r) => b + r.pageCount, 0), 0);
     let checked = 0, done = 0;
+    // The previous checkpoint's maps and per-page verdicts (0 ok, 1 corrupt, 2 missing, 3 zero): consecutive
+    // checkpoints of a job share most entries, and an entry equal to the previous checkpoint's at the same
+    // place (same hash and ref) has its verdict, without a string key and a Map lookup per page (~0.5 us:
+    // seconds for a job with 100 checkpoints of 64k pages).
+    const VERDICT = { ok: 0, corrupt: 1, missing: 2 } as const;
+    let prev: { job: string; header: ManifestHeader; maps: PageMaps; verdicts: Uint8Array[] } | null = null;
     for (const h of headers) {
       let maps: PageMaps;
       try {
@@ -622,23 +628,37 @@ export class CheckpointStore {
         report({ job: h.job, checkpoint: h.checkpoint, region: '', page: 0, kind: 'manifest', message: (e as Error).message });
         continue;
       }
+      const verdicts = h.regions.map((x) => new Uint8Array(x.pageCount));
       for (let r = 0; r < h.regions.length; r++) {
         const map = maps[r]!;
         const region = h.regions[r]!.name;
         const count = h.regions[r]!.pageCount;
+        const pr = prev && prev.job === h.job ? prev.header.regions.findIndex((x) => x.name === region && x.pageCount === count) : -1;
+        const prevMap = pr >= 0 && prev!.maps[pr]?.length === map.length ? prev!.maps[pr]! : null;
+        const prevVerdicts = prevMap ? prev!.verdicts[pr]! : null;
+        const mine = verdicts[r]!;
         for (let first = 0; first < count; first += 2048) {
           const n = Math.min(2048, count - first);
           const todo: { page: number; off: number; rk: string }[] = [];
           const fresh: { page: number; off: number; rk: string }[] = [];
+          const bad: { page: number; kind: 'corrupt' | 'missing' }[] = []; // reported in page order, after the reads
           for (let i = first; i < first + n; i++) {
             const off = i * ENTRY_BYTES;
-            if (isZeroHash(map, off)) continue;
+            if (prevMap && bytesEqual(map, off, prevMap, off, ENTRY_BYTES)) {
+              const v = prevVerdicts![i]!;
+              mine[i] = v;
+              if (v === 3) continue; // a zero page
+              checked++;
+              if (v !== VERDICT.ok) bad.push({ page: i, kind: v === VERDICT.corrupt ? 'corrupt' : 'missing' });
+              continue;
+            }
+            if (isZeroHash(map, off)) { mine[i] = 3; continue; }
             const rk = map.toString('latin1', off, off + ENTRY_BYTES);
             todo.push({ page: i, off, rk });
             if (!verdict.has(rk)) { verdict.set(rk, 'ok'); fresh.push({ page: i, off, rk }); }
           }
-          const pages = await this.backend.readPages(fresh.map((t) => map.subarray(t.off + HASH_BYTES, t.off + ENTRY_BYTES)));
-          const good = await checkPages(pages, fresh.map((t) => map.subarray(t.off, t.off + HASH_BYTES)));
+          const pages = fresh.length ? await this.backend.readPages(fresh.map((t) => map.subarray(t.off + HASH_BYTES, t.off + ENTRY_BYTES))) : [];
+          const good = fresh.length ? await checkPages(pages, fresh.map((t) => map.subarray(t.off, t.off + HASH_BYTES))) : [];
           for (let k = 0; k < fresh.length; k++) {
             const t = fresh[k]!;
             const want = map.subarray(t.off, t.off + HASH_BYTES);
@@ -652,18 +672,22 @@ export class CheckpointStore {
             }
           }
           for (const t of todo) {
-            const v = verdict.get(t.rk);
-            if (v !== 'ok') {
-              const what = v === 'corrupt' ? 'does not match its hash' : 'is missing from the store';
-              report({ job: h.job, checkpoint: h.checkpoint, region, page: t.page, kind: v!,
-                message: `${ckptName(h.job, h.checkpoint)}: page ${t.page} of region ${JSON.stringify(region)} ${what}` });
-            }
+            const v = verdict.get(t.rk)!;
+            mine[t.page] = VERDICT[v];
+            if (v !== 'ok') bad.push({ page: t.page, kind: v });
+          }
+          if (bad.length > 1) bad.sort((x, y) => x.page - y.page);
+          for (const b of bad) {
+            const what = b.kind === 'corrupt' ? 'does not match its hash' : 'is missing from the store';
+            report({ job: h.job, checkpoint: h.checkpoint, region, page: b.page, kind: b.kind,
+              message: `${ckptName(h.job, h.checkpoint)}: page ${b.page} of region ${JSON.stringify(region)} ${what}` });
           }
           checked += todo.length;
           done += n;
           progress?.({ phase: 'verify', done, total: totalPages, unit: 'pages' });
         }
       }
+      prev = { job: h.job, header: h, maps, verdicts };
     }
     if (opts.allPages) {
       for await (const batch of this.backend.scanPages(2048)) {
@@ -707,48 +731,61 @@ export class CheckpointStore {
       this.readers.add(maps);
       try {
         const total = maps.reduce((a, m) => a + m.length / ENTRY_BYTES, 0);
-        const moved = new Map<string, PageRef>();
-        const moves: StoredPage[] = [];
-        let done = 0;
-        // The image in order, every page verified by readImage; each distinct page copied once.
-        for await (const item of this.readImage(job, latest.checkpoint, {}, { chunkPages: 1024 })) {
-          if ('checkpoint' in item) continue;
-          const r = latest.regions.findIndex((x) => x.name === item.region);
-          const map = maps[r]!;
-          const fresh: { hash: Buffer; data: Buffer }[] = [];
-          let k = 0;
-          for (let i = 0; i < item.pageCount; i++) {
-            if (item.zero.length > 0 && item.zero[i]) continue;
-            const off = (item.firstPage + i) * ENTRY_BYTES;
-            const data = item.data.subarray(k * PAGE_SIZE, ++k * PAGE_SIZE);
-            const key = hashKey(map, off);
-            if (moved.has(key)) continue;
-            moved.set(key, PENDING_REF);
-            fresh.push({ hash: Buffer.from(map.subarray(off, off + HASH_BYTES)), data }); // (pieces are not recycled here)
-          }
-          const refs = await b.relocatePages(fresh);
-          fresh.forEach((p, j) => { moved.set(hashKey(p.hash), refs[j]!); moves.push({ hash: p.hash, ref: refs[j]! }); });
-          done += item.pageCount;
-          progress?.({ phase: 'compact-rewrite', done, total, unit: 'pages' });
-        }
-        pagesMoved = moves.length;
-        // Every checkpoint of the job gets the new refs of the pages it shares with the latest one.
-        const updated: { job: string; checkpoint: number; maps: PageMaps }[] = [];
-        for (const h of hs) {
-          const old = h.checkpoint === latest.checkpoint ? maps : await this.getMaps(job, h.checkpoint);
-          const copy = old.map((m) => Buffer.from(m));
-          let changed = 0;
-          for (const m of copy) {
-            for (let off = 0; off < m.length; off += ENTRY_BYTES) {
-              if (isZeroHash(m, off)) continue;
-              const ref = moved.get(hashKey(m, off));
-              if (ref && ref !== PENDING_REF) { ref.copy(m, off + HASH_BYTES); changed++; }
+        // hash -> its new ref (native: a string key and a Map lookup per page of every checkpoint of the
+        // job cost seconds for 100 checkpoints of 64k pages).
+        const moved = new PageTable();
+        try {
+          const moves: StoredPage[] = [];
+          let done = 0;
+          // The image in order, every page verified by readImage; each distinct page copied once.
+          for await (const item of this.readImage(job, latest.checkpoint, {}, { chunkPages: 1024 })) {
+            if ('checkpoint' in item) continue;
+            const r = latest.regions.findIndex((x) => x.name === item.region);
+            const map = maps[r]!;
+            const pos: number[] = []; // pages of the piece with bytes (zero pages have none)
+            for (let i = 0; i < item.pageCount; i++) if (!(item.zero.length > 0 && item.zero[i])) pos.push(i);
+            const hs = Buffer.allocUnsafe(pos.length * HASH_BYTES);
+            pos.forEach((i, k) => copyBytes(map, (item.firstPage + i) * ENTRY_BYTES, hs, k * HASH_BYTES, HASH_BYTES));
+            const added = new Uint8Array(pos.length);
+            moved.add(hs, PENDING_REF, added); // first occurrences only: each distinct page is copied once
+            const fresh: { hash: Buffer; data: Buffer }[] = [];
+            for (let k = 0; k < pos.length; k++) {
+              if (!added[k]) continue;
+              // (pieces are not recycled here: the data stays valid)
+              fresh.push({ hash: Buffer.from(hs.subarray(k * HASH_BYTES, (k + 1) * HASH_BYTES)), data: item.data.subarray(k * PAGE_SIZE, (k + 1) * PAGE_SIZE) });
             }
+            const refs = await b.relocatePages(fresh);
+            fresh.forEach((p, j) => { moved.set(p.hash, refs[j]!); moves.push({ hash: p.hash, ref: refs[j]! }); });
+            done += item.pageCount;
+            progress?.({ phase: 'compact-rewrite', done, total, unit: 'pages' });
           }
-          if (changed > 0) { updated.push({ job, checkpoint: h.checkpoint, maps: copy }); refsUpdated += changed; }
+          pagesMoved = moves.length;
+          // Every checkpoint of the job gets the new refs of the pages it shares with the latest one.
+          const updated: { job: string; checkpoint: number; maps: PageMaps }[] = [];
+          for (const h of hs) {
+            const old = h.checkpoint === latest.checkpoint ? maps : await this.getMaps(job, h.checkpoint);
+            const copy = old.map((m) => Buffer.from(m));
+            let changed = 0;
+            for (const m of copy) {
+              const n = m.length / ENTRY_BYTES;
+              const keys = Buffer.allocUnsafe(n * HASH_BYTES);
+              for (let i = 0; i < n; i++) copyBytes(m, i * ENTRY_BYTES, keys, i * HASH_BYTES, HASH_BYTES);
+              const vals = Buffer.allocUnsafe(n * REF_BYTES);
+              const found = new Uint8Array(n);
+              if (moved.get(keys, vals, found) === 0) continue; // (the all-zero hash of a zero page is never found)
+              for (let i = 0; i < n; i++) {
+                if (!found[i] || bytesEqual(vals, i * REF_BYTES, PENDING_REF, 0, REF_BYTES)) continue;
+                copyBytes(vals, i * REF_BYTES, m, i * ENTRY_BYTES + HASH_BYTES, REF_BYTES);
+                changed++;
+              }
+            }
+            if (changed > 0) { updated.push({ job, checkpoint: h.checkpoint, maps: copy }); refsUpdated += changed; }
+          }
+          await b.commitRelocation(moves, updated);
+          for (const u of updated) this.mapCache.delete(`${job}\0${u.checkpoint}`);
+        } finally {
+          moved.close();
         }
-        await b.commitRelocation(moves, updated);
-        for (const u of updated) this.mapCache.delete(`${job}\0${u.checkpoint}`);
       } finally {
         this.readers.delete(maps);
       }

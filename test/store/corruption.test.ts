@@ -50,6 +50,8 @@ describe('store corruption', () => {
     expect(v.ok).toBe(false);
     const found = v.problems.map((p) => `${p.job}/${p.checkpoint}/${p.region}/${p.page}/${p.kind}`).sort();
     expect(found).toEqual(['heat-1/1/halo/123/corrupt', 'heat-1/2/halo/123/corrupt']);
+    // Every page of both checkpoints counted (checkpoint 2's unchanged pages take checkpoint 1's verdicts).
+    expect(v.pagesChecked).toBe(2 * (300 + 200));
     expect(v.problems[0]!.message).toMatch(/checkpoint \d of job heat-1: page 123 of region "halo" does not match its hash/);
 
     for (const n of [1, 2]) {
