@@ -211,7 +211,16 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     if ((await client.next()) !== 'ready') throw new Error('client did not start');
 
     // Placement (see the top of this file): round r puts this process on CPU r % 2 and the jobs on the other.
-    const pinning = !args.includes('--no-pin') && availableParallelism() >= 2;
+    const canPin = (): boolean => {
+      try {
+        execFileSync('taskset', ['--version'], { stdio: 'ignore' });
+        return true;
+      } catch {
+        log('taskset (util-linux) is not available: placement left to the scheduler');
+        return false;
+      }
+    };
+    const pinning = !args.includes('--no-pin') && availableParallelism() >= 2 && canPin();
     const place = (r: number): void => {
       if (!pinning) return;
       pin(process.pid, String(r % 2));
