@@ -394,9 +394,8 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     if (!ver.v.ok) throw new Error(`verify of bench-chain found problems: ${ver.v.problems[0]?.message}`);
     figures.chain_verify_s = +ver.s.toFixed(2);
     const ct = await timeIt(() => c.compact('bench-chain'));
-    const comp = ct.v;
     figures.chain_compact_s = +ct.s.toFixed(2);
-    figures.chain_compact_pages_moved = comp.pagesMoved;
+    figures.chain_compact_pages_moved = ct.v.pagesMoved;
     await restoreTo(c, 'bench-chain', parent, null);
     const c1: number[] = [], c100: number[] = [], ccpu1: number[] = [], ccpu100: number[] = [];
     for (let i = 0; i < chainRounds; i++) {
