@@ -1362,7 +1362,8 @@ void Agent::decline_requests(const std::string &job, int status, const std::stri
   j->pending_requests.clear();
 }
 
-void Agent::remote_write(const std::string &job, const std::string &region, uint64_t offset, const uint8_t *data, size_t len) {
+size_t Agent::remote_fill(const std::string &job, const std::string &region, uint64_t offset, size_t len,
+                          const std::function<size_t(uint8_t *, size_t)> &fill) {
   auto j = find(job);
   if (!j) throw Error(-ENOENT, "no job \"" + job + "\" is attached to this agent");
   std::unique_lock<std::mutex> lk(j->mu);
@@ -1378,7 +1379,7 @@ void Agent::remote_write(const std::string &job, const std::string &region, uint
     if (m == MAP_FAILED) throw Error(-errno, "job " + job + ": region \"" + region + "\": cannot map it writable: " + errstr(errno));
     r->wview = (uint8_t *)m;
   }
-  /* Runs of pages the running checkpoint (if any) does not need are copied with one memcpy each;
+  /* Runs of pages the running checkpoint (if any) does not need are filled with one call each;
    * a page it still needs is made safe first (shadowed, or waited for), which may drop the lock,
    * so the run is looked at again after it. Under the lock throughout a run: no pause can slip
    * between the state check and the write. */
@@ -1389,15 +1390,27 @@ void Agent::remote_write(const std::string &job, const std::string &region, uint
     j->before_remote_write_locked(lk, *r, p);
     uint64_t last = (offset + len - 1) / kPage, q = p + 1;
     while (q <= last && j->remote_writable(r->state[q])) q++;
-    size_t n = std::min<uint64_t>(len - done, q * kPage - a);
-    memcpy(r->wview + a, data + done, n);
-    for (uint64_t k = p; k < q; k++)
+    size_t want = std::min<uint64_t>(len - done, q * kPage - a);
+    size_t n = fill(r->wview + a, want);
+    if (n > want) n = want; /* a fill that claims more than it was given wrote nothing beyond it */
+    if (!n) break;
+    for (uint64_t k = p, e = (a + n - 1) / kPage; k <= e; k++)
       if (!r->remote_dirty[k]) {
         r->remote_dirty[k] = 1;
         r->remote_dirty_count++;
       }
     done += n;
+    if (n < want) break; /* the source has no more for now */
   }
+  return done;
+}
+
+void Agent::remote_write(const std::string &job, const std::string &region, uint64_t offset, const uint8_t *data, size_t len) {
+  remote_fill(job, region, offset, len, [&data](uint8_t *dst, size_t n) {
+    memcpy(dst, data, n);
+    data += n;
+    return n;
+  });
 }
 
 uint64_t Agent::stop_and_copy(const std::string &job, uint64_t *bytes) {

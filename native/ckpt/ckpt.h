@@ -221,6 +221,18 @@ class Agent {
    * consumer needs (the addon runs it on a worker thread). Throws Error (ENOENT, EINVAL).
    */
   void remote_write(const std::string &job, const std::string &region, uint64_t offset, const uint8_t *data, size_t len);
+  /*
+   * remote_write() from a source that is read as the job's memory is written, such as a socket
+   * (an RDMA payload received straight into the job's buffer, without a staging copy).
+   * fill(dst, n) is called, with the job's lock held, for runs of pages the running checkpoint
+   * no longer needs, in order: it puts at most n bytes at dst and returns how many. It must not
+   * block (the job's fault handling waits for the lock): a short count says the source has no
+   * more for now and ends the call. Returns the bytes written (pages touched join the next
+   * checkpoint's set); the caller calls again for the rest once its source has more. Throws as
+   * remote_write().
+   */
+  size_t remote_fill(const std::string &job, const std::string &region, uint64_t offset, size_t len,
+                     const std::function<size_t(uint8_t *, size_t)> &fill);
   /* Baseline for benchmarks: stop the job, copy and hash every page, resume. Returns pause in us. */
   uint64_t stop_and_copy(const std::string &job, uint64_t *bytes);
 

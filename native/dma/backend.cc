@@ -68,19 +68,6 @@ bool recv_all(int fd, void *p, size_t n) {
   return true;
 }
 
-/* Receive len payload bytes in chunks of at most buf.size(), handing each to fn(chunk, offset, n). */
-template <typename F>
-bool recv_payload(int fd, uint64_t len, std::vector<uint8_t> &buf, F fn) {
-  uint64_t done = 0;
-  while (done < len) {
-    size_t n = (size_t)std::min<uint64_t>(buf.size(), len - done);
-    if (!recv_all(fd, buf.data(), n)) return false;
-    fn(buf.data(), done, n);
-    done += n;
-  }
-  return true;
-}
-
 bool send_iov(int fd, struct iovec *iov, int n) {
   while (n > 0) {
     struct msghdr mh;
@@ -200,25 +187,59 @@ bool same_token(const std::string &a, const std::string &b) {
 }
 
 /*
- * The bytes of a received WRITE payload (or READ reply) go into a job's
- * buffer through its checkpointer, chunk by chunk as they arrive. The first
- * failure is kept (a negative errno and its text) and later chunks are
- * dropped; the caller still drains the rest of the payload from the socket.
+ * The bytes of a received WRITE payload (or READ reply) go straight from the socket into a job's
+ * buffer, through its checkpointer (Agent::remote_fill), with no staging copy: the socket is
+ * read without blocking while the job's lock is held, at most kChunk bytes at a time, and the
+ * thread waits for more bytes outside the lock. The first failure to write is kept (a negative
+ * errno and its text) and the rest of the payload is drained into `scratch` (kChunk bytes), so
+ * the stream stays in step; so is a payload that is not to be applied. recv() returns false when
+ * the connection failed mid-payload.
  */
-struct PayloadWrite {
+struct PayloadRecv {
   int status = 0;
   std::string error;
-  void chunk(Agent *agent, const std::string &job, const std::string &buffer, uint64_t off, const uint8_t *c, size_t n) {
-    if (status) return;
-    try {
-      agent->remote_write(job, buffer, off, c, n);
-    } catch (const Error &x) {
-      status = x.err < 0 ? x.err : -EIO;
-      error = x.what();
-    } catch (const std::exception &x) {
-      status = -EIO;
-      error = x.what();
+  bool recv(int fd, Agent *agent, const std::string &job, const std::string &buffer, uint64_t off, uint64_t len,
+            std::vector<uint8_t> &scratch, bool apply = true) {
+    uint64_t done = 0;
+    while (done < len) {
+      size_t want = (size_t)std::min<uint64_t>(kChunk, len - done);
+      if (!apply || status) {
+        if (!recv_all(fd, scratch.data(), want)) return false;
+        done += want;
+        continue;
+      }
+      int rerr = 0;
+      bool eof = false;
+      size_t n = 0;
+      try {
+        n = agent->remote_fill(job, buffer, off + done, want, [&](uint8_t *dst, size_t m) -> size_t {
+          ssize_t k;
+          do k = ::recv(fd, dst, m, MSG_DONTWAIT);
+          while (k < 0 && errno == EINTR);
+          if (k < 0) rerr = errno;
+          if (k == 0) eof = true;
+          return k > 0 ? (size_t)k : 0;
+        });
+      } catch (const Error &x) {
+        status = x.err < 0 ? x.err : -EIO;
+        error = x.what();
+        continue;
+      } catch (const std::exception &x) {
+        status = -EIO;
+        error = x.what();
+        continue;
+      }
+      done += n;
+      if (eof || (rerr && rerr != EAGAIN && rerr != EWOULDBLOCK)) return false;
+      if (done < len && n < want) {
+        struct pollfd pf = {fd, POLLIN, 0};
+        int pr;
+        do pr = poll(&pf, 1, -1);
+        while (pr < 0 && errno == EINTR);
+        if (pr < 0) return false;
+      }
     }
+    return true;
   }
 };
 
@@ -418,13 +439,10 @@ class Link {
           p->inbox->push(std::move(e));
           break;
         }
-        PayloadWrite w;
+        PayloadRecv w;
         if (want) {
           /* The bytes land in the issuer's buffer through the checkpointer, like every write. */
-          bool ok = recv_payload(fd_, want, buf, [&](const uint8_t *c, uint64_t off, size_t n) {
-            w.chunk(be_->agent_, p->local->owner, p->local->name, r.local_off + off, c, n);
-          });
-          if (!ok) {
+          if (!w.recv(fd_, be_->agent_, p->local->owner, p->local->name, r.local_off, want, buf)) {
             e.kind = Inbox::FAILED;
             e.status = -ECONNRESET;
             why = "connection to agent " + addr_ + " lost";
@@ -1734,10 +1752,8 @@ void Backend::serve_peer(PeerConn *pc) {
     }
     if (!apply && rep.status == EXA_DMA_NET_HELD) n_held_++;
     if (h.type == EXA_DMA_NET_WRITE) {
-      PayloadWrite w;
-      bool ok = recv_payload(fd, h.len, buf, [&](const uint8_t *c, uint64_t off, size_t n) {
-        if (apply) w.chunk(agent_, job, name, h.offset + off, c, n); /* refused: the payload is drained, not applied */
-      });
+      PayloadRecv w; /* refused (!apply): the payload is drained, not applied */
+      bool ok = w.recv(fd, agent_, job, name, h.offset, h.len, buf, apply);
       if (apply) js->active.fetch_sub(1);
       if (!ok) return; /* the sender went away mid-frame: its outcome is unknown to it anyway */
       if (apply && w.status) answer(w.status, "write into buffer \"" + name + "\" of job " + job + " on " + here + ": " + w.error);
