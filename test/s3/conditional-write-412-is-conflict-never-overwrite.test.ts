@@ -7,21 +7,20 @@
  * job and checkpoint, never an overwrite. (Against a real MinIO, see
  * s3-errors-name-bucket-and-endpoint.test.ts with EXA_TEST_S3_ENDPOINT.)
  */
-import { createServer, request, type Server } from 'node:http';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CheckpointStore } from '../../storage/engine.js';
 import { S3Backend } from '../../storage/s3/backend.js';
 import { S3Io } from '../../storage/s3/io.js';
 import { sha256 } from '../../storage/pages.js';
-import { S3RVER_KEYS, genPage, putDirect, removeDir, startS3, type TestS3 } from './helpers.js';
+import { S3RVER_KEYS, genPage, putDirect, removeDir, s3Error, startS3, startS3Proxy, type TestProxy, type TestS3 } from './helpers.js';
 
 let s3: TestS3 | null = null;
-let proxy: Server | null = null;
+let proxy: TestProxy | null = null;
 const closers: (() => Promise<unknown>)[] = [];
 
 afterEach(async () => {
   for (const c of closers.splice(0).reverse()) await c().catch(() => undefined);
-  if (proxy) { proxy.closeAllConnections(); await new Promise((r) => proxy!.close(r)); }
+  await proxy?.close();
   proxy = null;
   await s3?.stop();
   removeDir(s3?.dir);
@@ -32,28 +31,26 @@ afterEach(async () => {
 async function enforcingProxy(target: number): Promise<{ endpoint: string; refused: () => number }> {
   const seen = new Set<string>();
   let refused = 0;
-  proxy = createServer((req, res) => {
-    const path = (req.url ?? '').split('?')[0]!;
-    const query = (req.url ?? '').split('?')[1] ?? '';
-    const create = req.method === 'PUT' && req.headers['if-none-match'] === '*' && !query.includes('partNumber');
-    if (create && seen.has(path)) {
+  const create = (url = ''): string | null => {
+    const [path, query = ''] = url.split('?');
+    return query.includes('partNumber') ? null : path!;
+  };
+  proxy = await startS3Proxy(
+    target,
+    (req, res) => {
+      const path = req.method === 'PUT' && req.headers['if-none-match'] === '*' ? create(req.url) : null;
+      if (path === null || !seen.has(path)) return false;
       refused++;
       req.resume();
-      res.writeHead(412, { 'content-type': 'application/xml' });
-      res.end('<?xml version="1.0" encoding="UTF-8"?><Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>');
-      return;
-    }
-    const up = request({ host: '127.0.0.1', port: target, method: req.method, path: req.url, headers: req.headers }, (r) => {
-      if (create && r.statusCode === 200) seen.add(path);
-      res.writeHead(r.statusCode ?? 502, r.headers);
-      r.pipe(res);
-    });
-    up.on('error', () => { res.writeHead(502); res.end(); });
-    req.pipe(up);
-  });
-  await new Promise<void>((r) => proxy!.listen(0, '127.0.0.1', r));
-  const a = proxy.address();
-  return { endpoint: `http://127.0.0.1:${typeof a === 'object' && a ? a.port : 0}`, refused: () => refused };
+      s3Error(res, 412, 'PreconditionFailed', 'At least one of the pre-conditions you specified did not hold');
+      return true;
+    },
+    (req, status) => {
+      const path = req.method === 'PUT' && req.headers['if-none-match'] === '*' ? create(req.url) : null;
+      if (path !== null && status === 200) seen.add(path);
+    },
+  );
+  return { endpoint: proxy.endpoint, refused: () => refused };
 }
 
 describe('conditional writes where the server enforces them', () => {

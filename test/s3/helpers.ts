@@ -5,6 +5,7 @@
  * caller's afterEach.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer as createHttpServer, request, type IncomingMessage, type ServerResponse } from 'node:http';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -239,4 +240,48 @@ export async function runExastore(args: string[], env: Record<string, string> = 
   // 'close' (all output read), not 'exit' (output may still be in the pipes)
   const code = await new Promise<number>((r) => proc.once('close', (c) => r(c ?? 1)));
   return { code, stdout, stderr };
+}
+
+/** An HTTP proxy on loopback in front of the S3 server on port `target`. */
+export interface TestProxy {
+  endpoint: string;
+  close(): Promise<void>;
+}
+
+/**
+ * Start a proxy to the S3 server on `target`: `intercept(req, res)` may answer
+ * a request itself (and then returns true: a fault, or a refusal the S3 server
+ * would not make); every other request is forwarded, and `forwarded(req,
+ * status)` hears the S3 server's answer to it.
+ */
+export async function startS3Proxy(
+  target: number,
+  intercept: (req: IncomingMessage, res: ServerResponse) => boolean,
+  forwarded: (req: IncomingMessage, status: number) => void = () => undefined,
+): Promise<TestProxy> {
+  const proxy = createHttpServer((req, res) => {
+    if (intercept(req, res)) return;
+    const up = request({ host: '127.0.0.1', port: target, method: req.method, path: req.url, headers: req.headers }, (r) => {
+      forwarded(req, r.statusCode ?? 502);
+      res.writeHead(r.statusCode ?? 502, r.headers);
+      r.pipe(res);
+    });
+    up.on('error', () => { res.writeHead(502); res.end(); });
+    req.pipe(up);
+  });
+  await new Promise<void>((r) => proxy.listen(0, '127.0.0.1', r));
+  const a = proxy.address();
+  return {
+    endpoint: `http://127.0.0.1:${typeof a === 'object' && a ? a.port : 0}`,
+    close: async () => {
+      proxy.closeAllConnections();
+      await new Promise((r) => proxy.close(r));
+    },
+  };
+}
+
+/** An S3 error answer, as the S3 server would write it. */
+export function s3Error(res: ServerResponse, status: number, code: string, message: string): void {
+  res.writeHead(status, { 'content-type': 'application/xml' });
+  res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${message}</Message></Error>`);
 }

@@ -5,20 +5,19 @@
  * back bit-exact. A 403 is not retried. When every attempt fails, the error
  * is UNAVAILABLE and says how many attempts were made.
  */
-import { createServer, request, type Server } from 'node:http';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CheckpointStore } from '../../storage/engine.js';
 import { S3Backend } from '../../storage/s3/backend.js';
 import { S3Io, isRetryable } from '../../storage/s3/io.js';
-import { S3RVER_KEYS, genPage, putDirect, readDirect, removeDir, startS3, type TestS3 } from './helpers.js';
+import { S3RVER_KEYS, genPage, putDirect, readDirect, removeDir, s3Error, startS3, startS3Proxy, type TestProxy, type TestS3 } from './helpers.js';
 
 let s3: TestS3 | null = null;
-let proxy: Server | null = null;
+let proxy: TestProxy | null = null;
 const closers: (() => Promise<unknown>)[] = [];
 
 afterEach(async () => {
   for (const c of closers.splice(0).reverse()) await c().catch(() => undefined);
-  if (proxy) { proxy.closeAllConnections(); await new Promise((r) => proxy!.close(r)); }
+  await proxy?.close();
   proxy = null;
   await s3?.stop();
   removeDir(s3?.dir);
@@ -30,27 +29,16 @@ type Fault = 'slowdown' | 'internal' | 'hang' | null;
 /** A proxy to s3rver; `plan(n)` says what to do with the n-th request (0-based). */
 async function faultyProxy(target: number, plan: (n: number, method: string) => Fault): Promise<{ endpoint: string; faults: () => number }> {
   let n = 0, faults = 0;
-  proxy = createServer((req, res) => {
+  proxy = await startS3Proxy(target, (req, res) => {
     const f = plan(n++, req.method ?? '');
-    if (f) faults++;
-    if (f === 'hang') { req.resume(); return; }
-    if (f) {
-      req.resume();
-      const [status, code] = f === 'slowdown' ? [503, 'SlowDown'] : [500, 'InternalError'];
-      res.writeHead(status, { 'content-type': 'application/xml' });
-      res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>injected</Message></Error>`);
-      return;
-    }
-    const up = request({ host: '127.0.0.1', port: target, method: req.method, path: req.url, headers: req.headers }, (r) => {
-      res.writeHead(r.statusCode ?? 502, r.headers);
-      r.pipe(res);
-    });
-    up.on('error', () => { res.writeHead(502); res.end(); });
-    req.pipe(up);
+    if (!f) return false;
+    faults++;
+    req.resume();
+    if (f === 'slowdown') s3Error(res, 503, 'SlowDown', 'injected');
+    else if (f === 'internal') s3Error(res, 500, 'InternalError', 'injected');
+    return true; // 'hang': never answered
   });
-  await new Promise<void>((r) => proxy!.listen(0, '127.0.0.1', r));
-  const a = proxy.address();
-  return { endpoint: `http://127.0.0.1:${typeof a === 'object' && a ? a.port : 0}`, faults: () => faults };
+  return { endpoint: proxy.endpoint, faults: () => faults };
 }
 
 describe('retries', () => {
