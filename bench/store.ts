@@ -56,6 +56,7 @@ import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alignedBuffer } from '../src/native.js';
+import { NODE_FLAGS } from '../src/node-flags.js';
 import { StoreClient, type PageBatch } from '../src/store/client.js';
 
 const PAGE = 4096;
@@ -116,8 +117,8 @@ async function stopServer(proc: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
-/** Extra node options for the servers (--profile). */
-let serverNodeArgs: string[] = [];
+/** Node options for the servers: the services' own (src/node-flags.ts), and --cpu-prof with --profile. */
+let serverNodeArgs: string[] = [...NODE_FLAGS];
 
 /**
  * Start `exastore serve` on DIR, or with dir null the transport-only server
@@ -260,7 +261,7 @@ export async function run(args: string[], log: (line: string) => void): Promise<
   // --ingest-only: the two ingest phases and nothing else (for profiling them).
   const ingestOnly = args.includes('--ingest-only');
   const pi = args.indexOf('--profile');
-  serverNodeArgs = pi >= 0 && args[pi + 1] ? ['--cpu-prof', '--cpu-prof-dir', args[pi + 1]!] : [];
+  serverNodeArgs = [...NODE_FLAGS, ...(pi >= 0 && args[pi + 1] ? ['--cpu-prof', '--cpu-prof-dir', args[pi + 1]!] : [])];
   const pages = (mib * 1024 * 1024) / PAGE;
   const work = mkdtempSync(join(tmpdir(), 'exa-bench-store-'));
   const figures: Record<string, unknown> = { load_average_start: +loadavg()[0]!.toFixed(2), image_mib: mib, chain_image_mib: chainMib, batch_pages: batchPages, cpus: (await import('node:os')).cpus().length };

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=64
 /**
  * exackpt: run jobs under an agent and manage their checkpoints.
  *

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=64
 /**
  * exarestore: restore a job on a host, migrating it live when it runs.
  *

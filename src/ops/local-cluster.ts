@@ -12,6 +12,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../native.js';
+import { NODE_FLAGS } from '../node-flags.js';
 
 export interface LocalCluster {
   storeAddress: string;
@@ -23,7 +24,7 @@ export interface LocalCluster {
 const cli = (n: string): string => join(repoRoot, 'dist', 'src', 'cli', `${n}.js`);
 
 function spawnReady(children: ChildProcess[], name: string, args: string[], ready: RegExp): Promise<RegExpExecArray> {
-  const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [...NODE_FLAGS, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   children.push(proc);
   let out = '';
   return new Promise((resolve, reject) => {
