@@ -1392,7 +1392,7 @@ size_t Agent::remote_fill(const std::string &job, const std::string &region, uin
     while (q <= last && j->remote_writable(r->state[q])) q++;
     size_t want = std::min<uint64_t>(len - done, q * kPage - a);
     size_t n = fill(r->wview + a, want);
-    if (n > want) n = want; /* a fill that claims more than it was given wrote nothing beyond it */
+    if (n > want) n = want; /* defensive: a fill reports at most what it was given */
     if (!n) break;
     for (uint64_t k = p, e = (a + n - 1) / kPage; k <= e; k++)
       if (!r->remote_dirty[k]) {
