@@ -66,9 +66,9 @@
  *    same run with the same frames, socket code path (writev of header +
  *    payload, the owner's chunked receive loop, one reply per frame read on
  *    its own thread), message size, window and buffers (64 MiB source and
- *    destination swept at the same offsets; the raw receiver receives
- *    straight into the destination, where the agent must copy through the
- *    checkpointer) (dmaTcpBaseline). Each round runs both, which one first
+ *    destination swept at the same offsets; both receive straight into the
+ *    destination, the agent's through its checkpointer's remote_fill)
+ *    (dmaTcpBaseline). Each round runs both, which one first
  *    alternating (20 rounds by default: per-round ratios spread 0.5-1.6); the figure is
  *    the median per-round ratio.
  *

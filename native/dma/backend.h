@@ -40,7 +40,10 @@
  * reader thread per link); replies come back to the issuing client thread
  * through its Inbox, so every completion ring keeps a single producer.
  * Incoming requests are served by one thread per accepted connection, which
- * writes through exa::Agent::remote_write exactly as the local path.
+ * writes through the checkpointer as the local path does: a payload goes
+ * from the socket straight into the job's buffer (exa::Agent::remote_fill,
+ * non-blocking receives under the job's lock), as does a READ's reply on the
+ * issuing side.
  *
  * Migration primitives (per job, JobState): fence (no op is applied to the
  * job's buffers; local ops wait head of line, remote ones are answered HELD;
