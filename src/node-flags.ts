@@ -9,9 +9,10 @@
  * each socket read into a fresh one: every byte of gRPC traffic received is
  * such an allocation. These processes keep a small JS heap (page data lives
  * in native memory), so the limit V8 derives from it is small, and receiving
- * a 1 GiB image ran 70-110 full mark-compacts in a restoring client and
- * 20-30 in a store server taking a 1 GiB upload. With an initial old space of
- * 64 MiB the client ran 0-1 and the server 7-9: the client's CPU per GiB
+ * 1 GiB ran 23-28 full mark-compacts in a restoring client (one per 35-45
+ * MiB) and 20-30 in a store server taking a 1 GiB upload. With an initial
+ * old space of 64 MiB the client ran 0-1 in 4 GiB and the server 7-9 per
+ * GiB: the client's CPU per GiB
  * restored fell from 1.5-1.9 s to 0.7-1.0 s, the server's per GiB uploaded
  * from 5.2-5.6 s to 4.4-4.8 s (BENCHMARKS.md, store, 2026-12-07). It cannot
  * be set from NODE_OPTIONS or at run time (v8.setFlagsFromString comes after
