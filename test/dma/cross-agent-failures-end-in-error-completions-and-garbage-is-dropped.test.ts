@@ -122,22 +122,24 @@ describe('faults on the agent-to-agent data path', () => {
     await until(() => native.dmaBackendStats(A0!.be).remoteOps > 200, 'transfers under way');
     rl.cut();
     const r = (await burst) as unknown as Burst;
+    // what the burst and both backends saw, for the message of any assertion below that fails
+    const seen = (): string => JSON.stringify({ ok: r.ok, errors: r.errors, a: native.dmaBackendStats(A0!.be), b: native.dmaBackendStats(B0!.be) });
     expect(r.n).toBe(N); // none hung
-    expect(r.ok).toBeLessThan(N);
+    expect(r.ok, seen()).toBeLessThan(N);
     const lost = r.errors.filter((e) => /connection to agent .* lost/.test(e.error.message));
-    expect(lost.length, JSON.stringify(r.errors)).toBeGreaterThan(0);
+    expect(lost.length, seen()).toBeGreaterThan(0);
     for (const { error } of lost) {
-      expect(error.code).toBe('UNAVAILABLE');
-      expect(error.message).toMatch(/^write to buffer "win" of job jb: connection to agent 127\.0\.0\.1:\d+ lost \(outcome unknown/);
+      expect(error.code, seen()).toBe('UNAVAILABLE');
+      expect(error.message, seen()).toMatch(/^write to buffer "win" of job jb: connection to agent 127\.0\.0\.1:\d+ lost \(outcome unknown/);
     }
     const sa = native.dmaBackendStats(A0!.be);
-    expect(sa.retries).toBe(0); // nothing re-sent
-    expect(native.dmaBackendStats(B0!.be).servedOps).toBeLessThanOrEqual(N); // so nothing applied twice
-    expect(native.dmaBackendStats(B0!.be).servedOps).toBeGreaterThanOrEqual(r.ok);
+    expect(sa.retries, seen()).toBe(0); // nothing re-sent
+    expect(native.dmaBackendStats(B0!.be).servedOps, seen()).toBeLessThanOrEqual(N); // so nothing applied twice
+    expect(native.dmaBackendStats(B0!.be).servedOps, seen()).toBeGreaterThanOrEqual(r.ok);
     // the next operation gets a new connection
     await pa.ok({ cmd: 'sync', op: 'write', local: 'src', peer: 'jb', name: 'win', len: SIZE });
     expect((await pb.ok({ cmd: 'hash', name: 'win' })).sha).toBe((await pa.ok({ cmd: 'hash', name: 'src' })).sha);
-    expect(native.dmaBackendStats(A0!.be).links).toBe(2);
+    expect(native.dmaBackendStats(A0!.be).links, seen()).toBe(2);
   });
 
   it('garbage on the agent port (bad magic, unknown type, absurd length, bad names, no HELLO) drops that connection with a logged reason; the backend keeps serving', async () => {
