@@ -8,9 +8,12 @@
  * built at commit from the parent's map plus the pages the writer sent. A
  * restore of checkpoint 100 reads one map and the pages it names, exactly as
  * a restore of checkpoint 1 does: time is independent of chain length, and
- * deleting any checkpoint never breaks another. The cost is 40 bytes of map
- * per page per checkpoint (10 MiB per GiB of image), which is about 1% of the
- * image and far below what a 1% increment stores anyway.
+ * deleting any checkpoint never breaks another. A full map is 40 bytes a
+ * page (10 MiB per GiB of image), as much as a 1% increment's new pages, so
+ * a backend may store it more compactly as long as getMaps returns it whole:
+ * the LevelDB backend stores most maps as the entries that differ from an
+ * earlier full map (storage/mapdelta.ts; still two reads however long the
+ * chain).
  *
  * GC protocol (two phases with a grace period, as kopia and rustic):
  *  - live set = every hash in every committed manifest, in every in-flight

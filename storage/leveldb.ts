@@ -1,5 +1,5 @@
 /**
- * The embedded backend (store format 3): page bytes in append-only pack
+ * The embedded backend (store format 4): page bytes in append-only pack
  * files, LevelDB (through `level`) only as the index, manifests and GC marks.
  *
  * Layout of the data directory:
@@ -8,10 +8,13 @@
  *   index/  (LevelDB; keys and values are raw bytes):
  *   'H' hash(32)                  -> ref: pack id (u32 BE), slot (u32 BE)   hash index
  *   'M' job 0x00 ckpt(u32 BE)     -> header JSON             committed checkpoints
- *   'P' job 0x00 ckpt(u32 BE)     -> page maps (40 B/page)   their full page maps
+ *   'P' job 0x00 ckpt(u32 BE)     -> page maps (40 B/page)   full page maps (of a checkpoint, or kept
+ *                                                            as the base of later checkpoints' deltas)
+ *   'R' job 0x00 ckpt(u32 BE)     -> base ckpt (u32 BE)      this checkpoint's map is a delta against base's
+ *   'Q' job 0x00 base ckpt        -> delta (storage/mapdelta.ts): the entries that differ from base's map
  *   'J' job                       -> last number (u32 BE)    numbers are never reused
  *   'G' hash(32)                  -> marked-at ms (u64 BE)   GC phase-1 marks
- *   'V'                           -> format (u32 BE) = 3
+ *   'V'                           -> format (u32 BE) = 4
  *   'K'                           -> highest pack id ever created (u32 BE)
  *
  * Why packs: with page bytes in LevelDB every byte went through its WAL, a
@@ -75,6 +78,16 @@
  * used idle ones closed first (acquire/release). A pack being read or synced,
  * the current pack and packs with unsynced appends are never closed.
  *
+ * Page maps. A map is 40 bytes a page (10 MiB per GiB of image) however few
+ * pages an increment changed, so a checkpoint whose map differs from its
+ * parent's base map in at most 1/DELTA_DIVISOR of the entries stores only
+ * those entries ('R', 'Q'); others store the whole map ('P') and become the
+ * base of the next ones. Reading a map is still two reads, however long the
+ * chain (a delta is always against a full map, never against another
+ * delta). Deleting a checkpoint keeps its full map while deltas need it;
+ * the last delete that frees it removes it (in the same batch). Format 3
+ * (whole maps only) is read as it is and marked 4 on open.
+ *
  * Upgrade from format 2 (page groups in a second LevelDB, `pages/`): on open,
  * every page is copied into packs (any packs of an interrupted conversion are
  * removed first), the packs are synced, then one synced batch of the index
@@ -91,14 +104,23 @@ import { ExaError, toExaError } from '../src/errors.js';
 import { packAdvise, packRead, packWrite } from '../src/native.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
+import { applyMapDelta, mapDelta } from './mapdelta.js';
 import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroHash } from './pages.js';
 import { PageTable, joinHashes } from './pagetable.js';
 
 type DB = Level<Buffer, Buffer>;
 type Op = { type: 'put'; key: Buffer; value: Buffer } | { type: 'del'; key: Buffer };
 
-const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, J = 0x4a, G = 0x47, V = 0x56, K = 0x4b;
-const FORMAT = 3;
+const D = 0x44, H = 0x48, M = 0x4d, P = 0x50, Q = 0x51, R = 0x52, J = 0x4a, G = 0x47, V = 0x56, K = 0x4b;
+const FORMAT = 4;
+/**
+ * A checkpoint's page map is stored as a delta against its base's full map
+ * while at most 1/DELTA_DIVISOR of its entries differ from it; past that it
+ * is stored whole and becomes the base of the checkpoints after it. With
+ * random 1 % increments a full map comes every ~13 checkpoints: ~1/7 of the
+ * bytes of a full map each.
+ */
+const DELTA_DIVISOR = 8;
 /** A pack is closed for appends once it reaches this size (a batch may overshoot it). */
 const PACK_BYTES = 64 * 1024 * 1024;
 /** Packs whose live fraction is below this are rewritten by sweepOrphans. */
@@ -141,6 +163,23 @@ function ckptKey(prefix: number, job: string, n: number): Buffer {
   k[1 + j.length] = 0;
   k.writeUInt32BE(n, 2 + j.length);
   return k;
+}
+/** prefix, job, 0x00: the start of every per-checkpoint key of the job. */
+function jobPrefix(prefix: number, job: string): Buffer {
+  return Buffer.concat([Buffer.from([prefix]), Buffer.from(job, 'utf8'), Buffer.from([0])]);
+}
+/** 'Q' job 0x00 base(u32 BE) ckpt(u32 BE): the base first, so a key-only scan tells which bases are in use. */
+function deltaKey(job: string, base: number, n: number): Buffer {
+  const k = ckptKey(Q, job, base);
+  const b = Buffer.allocUnsafe(k.length + 4);
+  k.copy(b);
+  b.writeUInt32BE(n, k.length);
+  return b;
+}
+function u32(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32BE(n);
+  return b;
 }
 function jobKey(job: string): Buffer {
   return Buffer.concat([Buffer.from([J]), Buffer.from(job, 'utf8')]);
@@ -282,11 +321,16 @@ export class LevelBackend implements Backend {
       await this.convertFromFormat2();
       format = FORMAT;
     }
+    if (format === 3) {
+      // Format 3 stored every map whole, which format 4 reads as it is; from now on deltas may be written.
+      await this.db.put(Buffer.from([V]), u32(FORMAT), { sync: true });
+      format = FORMAT;
+    }
     if (format !== FORMAT) {
       let any = false;
       for await (const _k of this.db.keys({ limit: 1 })) any = true;
       if (format !== 0 || any) {
-        throw new ExaError('FAILED_PRECONDITION', `data directory ${this.dir} has store format ${format || 1}; this exastore reads format 2 (converted on open) and ${FORMAT}: archive the jobs with the older exastore and import them`);
+        throw new ExaError('FAILED_PRECONDITION', `data directory ${this.dir} has store format ${format || 1}; this exastore reads formats 2 (converted on open), 3 (upgraded on open) and ${FORMAT}: archive the jobs with the older exastore and import them`);
       }
       const f = Buffer.allocUnsafe(4);
       f.writeUInt32BE(FORMAT);
@@ -820,15 +864,66 @@ export class LevelBackend implements Backend {
       const ops: Op[] = [];
       const current = await this.lookup(moves.map((m) => m.hash));
       moves.forEach((m, i) => { if (current[i]) ops.push({ type: 'put', key: hashKeyOf(H, m.hash), value: m.ref }); });
-      for (const m of maps) {
-        if (!(await this.getHeader(m.job, m.checkpoint))) continue; // deleted meanwhile
-        ops.push({ type: 'put', key: ckptKey(P, m.job, m.checkpoint), value: Buffer.concat(m.maps) });
-      }
-      await this.flushPending(ops);
+      // Under the manifest lock until written: a delete in between could drop a base these maps are stored against.
+      await this.manifestLock.run(async () => {
+        ops.push(...(await this.relocatedMapOps(maps)));
+        await this.flushPending(ops);
+      });
       // The in-memory index answers lookups: it must name the copies too (the old ones become orphans).
       if (this.index) for (const op of ops) if (op.type === 'put' && op.key[0] === H) this.index.set(op.key.subarray(1), op.value);
       for (const m of moves) this.relocating.delete(m.ref.readUInt32BE(0));
     });
+  }
+
+  /**
+   * The operations storing the rewritten maps of compaction (checkpoints
+   * deleted meanwhile skipped). A map stored against a base is stored again
+   * against that base's new map when the base is rewritten too (else its
+   * stored one); if it now differs in too many entries (a base kept only for
+   * deltas keeps its old refs), it is stored whole, and bases nobody needs
+   * any more go.
+   */
+  private async relocatedMapOps(maps: readonly { job: string; checkpoint: number; maps: PageMaps }[]): Promise<Op[]> {
+    const ops: Op[] = [];
+    const byJob = new Map<string, Map<number, Buffer>>();
+    for (const m of maps) {
+      if (!(await this.getHeader(m.job, m.checkpoint))) continue; // deleted meanwhile
+      let j = byJob.get(m.job);
+      if (!j) byJob.set(m.job, (j = new Map()));
+      j.set(m.checkpoint, Buffer.concat(m.maps));
+    }
+    for (const [job, j] of byJob) {
+      const dropped = new Set<number>();
+      for (const [n, flat] of j) {
+        const r = await this.db.get(ckptKey(R, job, n));
+        let base: { n: number; map: Buffer } | null = null;
+        if (r) {
+          const b = r.readUInt32BE(0);
+          const map = j.get(b) ?? (await this.db.get(ckptKey(P, job, b)));
+          if (map && map.length === flat.length) base = { n: b, map };
+        }
+        const o = this.mapOps(job, n, flat, base);
+        if (r && o[0]!.key[0] === P) { ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) }); dropped.add(n); }
+        ops.push(...o);
+      }
+      if (dropped.size > 0) ops.push(...(await this.unusedFullMaps(job, new Set(), dropped)));
+    }
+    return ops;
+  }
+
+  /**
+   * How the job's page maps are stored (tests, diagnostics): checkpoints
+   * whose full map is kept (deleted ones included while deltas need them),
+   * and the checkpoints stored as deltas with their bases.
+   */
+  async mapLayout(job: string): Promise<{ full: number[]; deltas: { checkpoint: number; base: number }[] }> {
+    const pre = (p: number): Buffer => jobPrefix(p, job);
+    const full: number[] = [];
+    for await (const k of this.db.keys(prefixRange(pre(P)))) full.push(k.readUInt32BE(k.length - 4));
+    const deltas: { checkpoint: number; base: number }[] = [];
+    for await (const k of this.db.keys(prefixRange(pre(Q)))) deltas.push({ checkpoint: k.readUInt32BE(k.length - 4), base: k.readUInt32BE(k.length - 8) });
+    deltas.sort((a, b) => a.checkpoint - b.checkpoint);
+    return { full, deltas };
   }
 
   /** Open pack descriptors now (tests: the cache stays within maxOpenPacks plus packs in use). */
@@ -952,15 +1047,46 @@ export class LevelBackend implements Backend {
           throw new ExaError('INTERNAL', `page map of region ${header.regions[r]!.name} has the wrong size`);
         }
       }
-      const num = Buffer.allocUnsafe(4);
-      num.writeUInt32BE(header.checkpoint);
+      const flat = Buffer.concat(maps);
+      const base = await this.deltaBase(header.job, header.parent, flat.length);
       // Packs synced first, then index entries and manifest in one synced batch.
       await this.flushPending([
-        { type: 'put', key: ckptKey(P, header.job, header.checkpoint), value: Buffer.concat(maps) },
+        ...this.mapOps(header.job, header.checkpoint, flat, base),
         { type: 'put', key: ckptKey(M, header.job, header.checkpoint), value: Buffer.from(JSON.stringify(header)) },
-        { type: 'put', key: jobKey(header.job), value: num },
+        { type: 'put', key: jobKey(header.job), value: u32(header.checkpoint) },
       ]);
     });
+  }
+
+  /**
+   * The full map a new checkpoint of `job` whose parent is `parent` may be
+   * stored against: the parent's own map when it is stored whole, else the
+   * parent's base. Null when there is none (no parent, deleted meanwhile,
+   * another size).
+   */
+  private async deltaBase(job: string, parent: number, bytes: number): Promise<{ n: number; map: Buffer } | null> {
+    if (parent === 0 || bytes === 0) return null;
+    const [r, p] = await this.db.getMany([ckptKey(R, job, parent), ckptKey(P, job, parent)]);
+    const n = r ? r.readUInt32BE(0) : parent;
+    const map = r ? await this.db.get(ckptKey(P, job, n)) : p;
+    return map && map.length === bytes ? { n, map } : null;
+  }
+
+  /**
+   * The operations storing checkpoint n's map `flat`: a delta against `base`
+   * while few entries differ ('R' n -> base, 'Q' base n -> delta), else the
+   * whole map ('P' n). Either way the other form's keys are deleted.
+   */
+  private mapOps(job: string, n: number, flat: Buffer, base: { n: number; map: Buffer } | null): Op[] {
+    const delta = base ? mapDelta(base.map, flat, Math.floor(flat.length / ENTRY_BYTES / DELTA_DIVISOR)) : null;
+    if (base && delta) {
+      return [
+        { type: 'put', key: ckptKey(R, job, n), value: u32(base.n) },
+        { type: 'put', key: deltaKey(job, base.n, n), value: delta },
+        { type: 'del', key: ckptKey(P, job, n) },
+      ];
+    }
+    return [{ type: 'put', key: ckptKey(P, job, n), value: flat }, { type: 'del', key: ckptKey(R, job, n) }];
   }
 
   async getHeader(job: string, checkpoint: number): Promise<ManifestHeader | null> {
@@ -969,7 +1095,28 @@ export class LevelBackend implements Backend {
   }
 
   async getMaps(job: string, checkpoint: number): Promise<PageMaps | null> {
-    const [h, v] = await this.db.getMany([ckptKey(M, job, checkpoint), ckptKey(P, job, checkpoint)]);
+    // One snapshot for the two reads: a delete or a compaction between them cannot take the base away.
+    const snapshot = this.db.snapshot();
+    let h: Buffer | undefined, v: Buffer | undefined;
+    try {
+      let r: Buffer | undefined;
+      [h, v, r] = await this.db.getMany([ckptKey(M, job, checkpoint), ckptKey(P, job, checkpoint), ckptKey(R, job, checkpoint)], { snapshot });
+      if (h && !v && r) {
+        const base = r.readUInt32BE(0);
+        const [b, d] = await this.db.getMany([ckptKey(P, job, base), deltaKey(job, base, checkpoint)], { snapshot });
+        if (!b || !d) {
+          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map is stored against checkpoint ${base}'s, whose ${b ? 'delta' : 'full map'} is missing`,
+            { job, checkpoint });
+        }
+        try {
+          v = applyMapDelta(b, d);
+        } catch (e) {
+          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map delta against checkpoint ${base}: ${(e as Error).message}`, { job, checkpoint });
+        }
+      }
+    } finally {
+      await snapshot.close();
+    }
     if (!h) return null;
     const header = parseHeader(h, job, checkpoint);
     const total = header.regions.reduce((a, r) => a + r.pageCount, 0) * ENTRY_BYTES;
@@ -987,7 +1134,7 @@ export class LevelBackend implements Backend {
   }
 
   async listHeaders(job?: string): Promise<ManifestHeader[]> {
-    const prefix = job === undefined ? Buffer.from([M]) : Buffer.concat([Buffer.from([M]), Buffer.from(job, 'utf8'), Buffer.from([0])]);
+    const prefix = job === undefined ? Buffer.from([M]) : jobPrefix(M, job);
     const out: ManifestHeader[] = [];
     for await (const [k, v] of this.db.iterator(prefixRange(prefix))) {
       const z = k.indexOf(0, 1);
@@ -1001,17 +1148,46 @@ export class LevelBackend implements Backend {
     return v ? v.readUInt32BE(0) : 0;
   }
 
-  async deleteManifests(job: string, checkpoints: readonly number[]): Promise<void> {
-    const ops: Op[] = [];
-    for (const n of checkpoints) {
-      ops.push({ type: 'del', key: ckptKey(M, job, n) }, { type: 'del', key: ckptKey(P, job, n) });
+  deleteManifests(job: string, checkpoints: readonly number[]): Promise<void> {
+    return this.manifestLock.run(async () => {
+      if (checkpoints.length === 0) return;
+      const ops: Op[] = [];
+      const bases = await this.db.getMany(checkpoints.map((n) => ckptKey(R, job, n)));
+      checkpoints.forEach((n, i) => {
+        ops.push({ type: 'del', key: ckptKey(M, job, n) }, { type: 'del', key: ckptKey(R, job, n) });
+        const r = bases[i];
+        if (r) ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) });
+      });
+      // A deleted checkpoint's full map stays while later checkpoints are stored against it.
+      const gone = new Set(checkpoints);
+      ops.push(...(await this.unusedFullMaps(job, gone, gone)));
+      await this.write(ops, true);
+    });
+  }
+
+  /**
+   * Deletes of the job's full maps that neither a committed checkpoint nor a
+   * delta needs once the checkpoints `goneCkpts` and the deltas of the
+   * checkpoints `goneDeltas` are gone (key-only scans of the job's keys).
+   */
+  private async unusedFullMaps(job: string, goneCkpts: ReadonlySet<number>, goneDeltas: ReadonlySet<number>): Promise<Op[]> {
+    const pre = (p: number): Buffer => jobPrefix(p, job);
+    const needed = new Set<number>();
+    for await (const k of this.db.keys(prefixRange(pre(M)))) {
+      const n = k.readUInt32BE(k.length - 4);
+      if (!goneCkpts.has(n)) needed.add(n);
     }
-    if (ops.length > 0) await this.write(ops, true);
+    for await (const k of this.db.keys(prefixRange(pre(Q)))) {
+      if (!goneDeltas.has(k.readUInt32BE(k.length - 4))) needed.add(k.readUInt32BE(k.length - 8));
+    }
+    const ops: Op[] = [];
+    for await (const k of this.db.keys(prefixRange(pre(P)))) if (!needed.has(k.readUInt32BE(k.length - 4))) ops.push({ type: 'del', key: k });
+    return ops;
   }
 
   async manifestBytes(): Promise<number> {
     let total = 0;
-    for await (const v of this.db.values({ gte: Buffer.from([P]), lt: Buffer.from([P + 1]) })) total += v.length;
+    for (const p of [M, P, Q, R]) for await (const v of this.db.values({ gte: Buffer.from([p]), lt: Buffer.from([p + 1]) })) total += v.length;
     return total;
   }
 

@@ -1,5 +1,5 @@
 /**
- * The LevelDB backend's pack files (storage/leveldb.ts, store format 3):
+ * The LevelDB backend's pack files (storage/leveldb.ts, store formats 3 and 4):
  * page bytes in append-only packs, LevelDB only as the index. An index entry
  * is never durable before its bytes; bytes that no index entry names (an
  * upload that never committed, a SIGKILL) are reclaimed by GC; GC rewrites
