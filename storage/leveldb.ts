@@ -902,9 +902,9 @@ export class LevelBackend implements Backend {
           const map = j.get(b) ?? (await this.db.get(ckptKey(P, job, b)));
           if (map && map.length === flat.length) base = { n: b, map };
         }
-        const o = this.mapOps(job, n, flat, base);
-        if (r && o[0]!.key[0] === P) { ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) }); dropped.add(n); }
-        ops.push(...o);
+        const stored = this.mapOps(job, n, flat, base);
+        ops.push(...stored.ops);
+        if (r && !stored.delta) { ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) }); dropped.add(n); }
       }
       if (dropped.size > 0) ops.push(...(await this.unusedFullMaps(job, new Set(), dropped)));
     }
@@ -1051,7 +1051,7 @@ export class LevelBackend implements Backend {
       const base = await this.deltaBase(header.job, header.parent, flat.length);
       // Packs synced first, then index entries and manifest in one synced batch.
       await this.flushPending([
-        ...this.mapOps(header.job, header.checkpoint, flat, base),
+        ...this.mapOps(header.job, header.checkpoint, flat, base).ops,
         { type: 'put', key: ckptKey(M, header.job, header.checkpoint), value: Buffer.from(JSON.stringify(header)) },
         { type: 'put', key: jobKey(header.job), value: u32(header.checkpoint) },
       ]);
@@ -1077,16 +1077,19 @@ export class LevelBackend implements Backend {
    * while few entries differ ('R' n -> base, 'Q' base n -> delta), else the
    * whole map ('P' n). Either way the other form's keys are deleted.
    */
-  private mapOps(job: string, n: number, flat: Buffer, base: { n: number; map: Buffer } | null): Op[] {
+  private mapOps(job: string, n: number, flat: Buffer, base: { n: number; map: Buffer } | null): { ops: Op[]; delta: boolean } {
     const delta = base ? mapDelta(base.map, flat, Math.floor(flat.length / ENTRY_BYTES / DELTA_DIVISOR)) : null;
     if (base && delta) {
-      return [
-        { type: 'put', key: ckptKey(R, job, n), value: u32(base.n) },
-        { type: 'put', key: deltaKey(job, base.n, n), value: delta },
-        { type: 'del', key: ckptKey(P, job, n) },
-      ];
+      return {
+        delta: true,
+        ops: [
+          { type: 'put', key: ckptKey(R, job, n), value: u32(base.n) },
+          { type: 'put', key: deltaKey(job, base.n, n), value: delta },
+          { type: 'del', key: ckptKey(P, job, n) },
+        ],
+      };
     }
-    return [{ type: 'put', key: ckptKey(P, job, n), value: flat }, { type: 'del', key: ckptKey(R, job, n) }];
+    return { delta: false, ops: [{ type: 'put', key: ckptKey(P, job, n), value: flat }, { type: 'del', key: ckptKey(R, job, n) }] };
   }
 
   async getHeader(job: string, checkpoint: number): Promise<ManifestHeader | null> {
@@ -1105,8 +1108,8 @@ export class LevelBackend implements Backend {
         const base = r.readUInt32BE(0);
         const [b, d] = await this.db.getMany([ckptKey(P, job, base), deltaKey(job, base, checkpoint)], { snapshot });
         if (!b || !d) {
-          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map is stored against checkpoint ${base}'s, whose ${b ? 'delta' : 'full map'} is missing`,
-            { job, checkpoint });
+          const what = b ? `its delta against checkpoint ${base}'s full map is missing` : `it is a delta against checkpoint ${base}'s full map, which is missing`;
+          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map unreadable: ${what}`, { job, checkpoint });
         }
         try {
           v = applyMapDelta(b, d);

@@ -224,7 +224,7 @@ describe('page map deltas', () => {
     try {
       const err = await engineImage(store, 'c', 2).then(() => null, (e: unknown) => e as { code: string; message: string });
       expect(err?.code).toBe('CORRUPT');
-      expect(err?.message).toMatch(/checkpoint 2 of job c: page map is stored against checkpoint 1's, whose full map is missing/);
+      expect(err?.message).toMatch(/checkpoint 2 of job c: page map unreadable: it is a delta against checkpoint 1's full map, which is missing/);
       expect((await engineImage(store, 'other', 1)).equals(img)).toBe(true);
     } finally {
       await store.close();
