@@ -8,10 +8,10 @@
  * the bucket and endpoint.
  */
 import { afterEach, describe, expect, it } from 'vitest';
-import { StoreClient, pagesToBatch } from '../../src/store/client.js';
+import { StoreClient } from '../../src/store/client.js';
 import { S3Io } from '../../storage/s3/io.js';
 import { parsePackKey, parseTombKey } from '../../storage/s3/format.js';
-import { S3RVER_KEYS, makeChain, removeDir, runExastore, spawnExastore, startS3, tempDir, type ExastoreProcess, type TestS3 } from './helpers.js';
+import { S3RVER_KEYS, expectBothJobsKeptThroughEither, removeDir, runExastore, spawnExastore, startS3, tempDir, twoJobsWhileBothCollect, type ExastoreProcess, type TestS3 } from './helpers.js';
 
 let s3: TestS3 | null = null;
 const dirs: string[] = [];
@@ -27,9 +27,6 @@ afterEach(async () => {
   for (const d of dirs.splice(0)) removeDir(d);
 });
 
-const REGIONS = [{ name: 'grid', pages: 240 }];
-const regions = REGIONS.map((r) => ({ name: r.name, pageCount: r.pages, address: '', flags: 0 }));
-const CKPTS = 10;
 const GRACE_S = 3;
 
 function s3Args(url: string): string[] {
@@ -53,32 +50,7 @@ describe('exastore serve --s3 (real processes)', () => {
     const ca = await StoreClient.connect(a.address);
     const cb = await StoreClient.connect(b.address);
     closers.push(async () => { ca.close(); cb.close(); });
-    const alpha = makeChain(11, REGIONS, CKPTS, 3, 101);
-    const beta = makeChain(11, REGIONS, CKPTS, 4, 202);
-    let uploading = true;
-    const writer = async (c: StoreClient, job: string, chain: typeof alpha): Promise<void> => {
-      for (let k = 0; k < CKPTS; k++) {
-        await c.putCheckpoint({ job, parent: k, regions }, [pagesToBatch(chain.changes[k]!)]);
-        if (k >= 3) await c.deleteCheckpoints(job, { keepLast: 3, keepEvery: 4 });
-        await new Promise((r) => setTimeout(r, 150));
-      }
-    };
-    const collector = async (c: StoreClient): Promise<void> => {
-      while (uploading) {
-        await c.gc({ graceSeconds: 0 });
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    };
-    const gcs = [collector(ca), collector(cb)];
-    await Promise.all([writer(ca, 'alpha', alpha), writer(cb, 'beta', beta)]);
-    uploading = false;
-    await Promise.all(gcs);
-    // Past the pack grace period, collect again on both (the delete-time re-check runs here).
-    for (let i = 0; i < 2; i++) {
-      await new Promise((r) => setTimeout(r, GRACE_S * 1000 + 300));
-      await ca.gc({ graceSeconds: 0 });
-      await cb.gc({ graceSeconds: 0 });
-    }
+    const { alpha, beta } = await twoJobsWhileBothCollect(ca, cb, GRACE_S * 1000);
     // Packs were condemned and some of them are gone from the bucket.
     const io = new S3Io({ url, endpoint: s3.endpoint, ...S3RVER_KEYS });
     closers.push(async () => io.close());
@@ -87,17 +59,7 @@ describe('exastore serve --s3 (real processes)', () => {
     expect(condemned.size).toBeGreaterThan(0);
     expect([...condemned].filter((c) => !present.has(c!)).length).toBeGreaterThan(0);
 
-    for (const [job, chain] of [['alpha', alpha], ['beta', beta]] as const) {
-      for (const c of [ca, cb]) {
-        const nums = (await c.listCheckpoints(job)).map((x) => x.checkpoint);
-        expect(nums).toEqual([4, 8, 9, 10]);
-        for (const k of nums) {
-          const img = await c.fetchImage({ job, checkpoint: k });
-          expect(img.regions.get('grid')!.equals(chain.images[k - 1]!.get('grid')!), `${job} #${k} through ${c === ca ? 'A' : 'B'}`).toBe(true);
-        }
-        expect((await c.verify({ job })).problems).toEqual([]);
-      }
-    }
+    await expectBothJobsKeptThroughEither(ca, cb, alpha, beta);
     // The maintenance commands work against an S3 store too.
     const v = await runExastore(['verify', '--all-pages', '--store', a.address, '--json']);
     expect(v.code, v.stderr).toBe(0);

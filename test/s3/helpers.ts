@@ -10,6 +10,8 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import S3rver from 's3rver';
+import { expect } from 'vitest';
+import { pagesToBatch, type StoreClient } from '../../src/store/client.js';
 import { PAGE_SIZE } from '../../storage/pages.js';
 import type { CheckpointStore } from '../../storage/engine.js';
 import type { ManifestHeader, RegionSpec } from '../../storage/backend.js';
@@ -284,4 +286,71 @@ export async function startS3Proxy(
 export function s3Error(res: ServerResponse, status: number, code: string, message: string): void {
   res.writeHead(status, { 'content-type': 'application/xml' });
   res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${message}</Message></Error>`);
+}
+
+/** The regions and chain length of the two-servers-one-bucket scenario (twoJobsWhileBothCollect). */
+export const SHARED_BUCKET_REGIONS = [{ name: 'grid', pages: 240 }];
+const SHARED_BUCKET_CKPTS = 10;
+
+/**
+ * Two store servers on one bucket (clients ca and cb): each checkpoints its
+ * own job ('alpha' through ca, 'beta' through cb; checkpoint 1 is the same
+ * image for both, so they dedup against each other's packs, later ones
+ * diverge), pruning to the 3 newest and every 4th as it goes, while both run
+ * GC in a loop. Past the writers, the collectors go on for one grace period,
+ * then both collect, wait another grace period and collect again (so packs
+ * condemned late are deleted too). Resolves with the chains and how many
+ * times each collector ran.
+ */
+export async function twoJobsWhileBothCollect(ca: StoreClient, cb: StoreClient, graceMs: number): Promise<{ alpha: ReturnType<typeof makeChain>; beta: ReturnType<typeof makeChain>; gcRuns: number[] }> {
+  const regions = SHARED_BUCKET_REGIONS.map((r) => ({ name: r.name, pageCount: r.pages, address: '', flags: 0 }));
+  const alpha = makeChain(11, SHARED_BUCKET_REGIONS, SHARED_BUCKET_CKPTS, 3, 101);
+  const beta = makeChain(11, SHARED_BUCKET_REGIONS, SHARED_BUCKET_CKPTS, 4, 202);
+  let uploading = true;
+  const writer = async (c: StoreClient, job: string, chain: ReturnType<typeof makeChain>): Promise<void> => {
+    for (let k = 0; k < SHARED_BUCKET_CKPTS; k++) {
+      await c.putCheckpoint({ job, parent: k, regions }, [pagesToBatch(chain.changes[k]!)]);
+      if (k >= 3) await c.deleteCheckpoints(job, { keepLast: 3, keepEvery: 4 });
+      await new Promise((r) => setTimeout(r, 150));
+    }
+  };
+  const collector = async (c: StoreClient): Promise<number> => {
+    let runs = 0;
+    while (uploading) {
+      // Engine grace 0: pages are dropped at once; the pack-level grace and the re-check protect the other server's uploads.
+      await c.gc({ graceSeconds: 0 });
+      runs++;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return runs;
+  };
+  const gcs = [collector(ca), collector(cb)];
+  try {
+    await Promise.all([writer(ca, 'alpha', alpha), writer(cb, 'beta', beta)]);
+    await new Promise((r) => setTimeout(r, graceMs + 300));
+  } finally {
+    uploading = false;
+  }
+  const gcRuns = await Promise.all(gcs);
+  for (let i = 0; i < 2; i++) {
+    if (i > 0) await new Promise((r) => setTimeout(r, graceMs + 300));
+    await ca.gc({ graceSeconds: 0 });
+    await cb.gc({ graceSeconds: 0 });
+  }
+  return { alpha, beta, gcRuns };
+}
+
+/** After twoJobsWhileBothCollect: checkpoints 4, 8, 9 and 10 of both jobs remain, read bit-exact and verify through either server. */
+export async function expectBothJobsKeptThroughEither(ca: StoreClient, cb: StoreClient, alpha: ReturnType<typeof makeChain>, beta: ReturnType<typeof makeChain>): Promise<void> {
+  for (const [job, chain] of [['alpha', alpha], ['beta', beta]] as const) {
+    for (const c of [ca, cb]) {
+      const nums = (await c.listCheckpoints(job)).map((x) => x.checkpoint);
+      expect(nums).toEqual([4, 8, 9, 10]);
+      for (const k of nums) {
+        const img = await c.fetchImage({ job, checkpoint: k });
+        expect(img.regions.get('grid')!.equals(chain.images[k - 1]!.get('grid')!), `${job} #${k} through ${c === ca ? 'A' : 'B'}`).toBe(true);
+      }
+      expect((await c.verify({ job })).problems).toEqual([]);
+    }
+  }
 }
