@@ -30,7 +30,11 @@
  *    chain's job (checkpoint 100's pages rewritten in image order).
  *    chain_verify_s, chain_compact_s: the operator commands on that job of 101
  *    checkpoints (`exastore verify JOB`, then `exastore compact JOB`, which
- *    verifies again first), seconds.
+ *    verifies again first), seconds. chain_increment_s: median time of one
+ *    1% increment's upload and commit; chain_metadata_bytes_per_checkpoint:
+ *    the manifests (headers and page maps, stored whole or as deltas) the
+ *    chain's 100 checkpoints added, per checkpoint, beside
+ *    chain_full_map_bytes, one whole map of the chain's image.
  *  - transport_ingest_mbps, transport_restore_mbps: the same uploads and
  *    restores against bench/transport-server.ts, a separate process with the
  *    same gRPC stack and no storage work (pages dropped on upload, served
@@ -58,6 +62,7 @@ import { fileURLToPath } from 'node:url';
 import { alignedBuffer } from '../src/native.js';
 import { NODE_FLAGS } from '../src/node-flags.js';
 import { StoreClient, type PageBatch } from '../src/store/client.js';
+import { ENTRY_BYTES } from '../storage/pages.js';
 
 const PAGE = 4096;
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -358,15 +363,23 @@ export async function run(args: string[], log: (line: string) => void): Promise<
     const cregions = [{ name: 'mem', pageCount: cpages, address: '', flags: 0 }];
     const cimg = genBytes('bench/store/chain', cpages * PAGE);
     const rand = rng(1);
+    const metaBefore = (await c.stat()).metadataBytes;
     let parent = (await c.putCheckpoint({ job: 'bench-chain', parent: 0, regions: cregions }, makeBatches(cimg, [...Array(cpages).keys()], batchPages, true))).checkpoint;
     log(`chain: 99 increments of 1% over ${chainMib} MiB`);
+    const incS: number[] = [];
     for (let k = 2; k <= 100; k++) {
       const dirty = new Set<number>();
       while (dirty.size < cpages / 100) dirty.add(Math.floor(rand() * cpages));
       const list = [...dirty].sort((a, b) => a - b);
       for (const p of list) genBytes(`chain/${k}/${p}`, PAGE).copy(cimg, p * PAGE);
-      parent = (await c.putCheckpoint({ job: 'bench-chain', parent, regions: cregions }, makeBatches(cimg, list, batchPages, true))).checkpoint;
+      const inc = await timeIt(() => c.putCheckpoint({ job: 'bench-chain', parent, regions: cregions }, makeBatches(cimg, list, batchPages, true)));
+      parent = inc.v.checkpoint;
+      incS.push(inc.s);
     }
+    figures.chain_increment_s = +median(incS).toFixed(4);
+    figures.chain_metadata_bytes_per_checkpoint = Math.round(((await c.stat()).metadataBytes - metaBefore) / 100);
+    figures.chain_full_map_bytes = cpages * ENTRY_BYTES;
+    log(`chain: an increment took ${median(incS).toFixed(3)} s (median); manifests ${figures.chain_metadata_bytes_per_checkpoint} bytes a checkpoint (a full map: ${cpages * ENTRY_BYTES})`);
     // One untimed restore of each first (the packs were written with O_DIRECT:
     // whichever restore came first paid for reading them from disk), then
     // chainRounds rounds, the order alternating within a round so that neither
