@@ -10,7 +10,8 @@
  *   'M' job 0x00 ckpt(u32 BE)     -> header JSON             committed checkpoints
  *   'P' job 0x00 ckpt(u32 BE)     -> page maps (40 B/page)   full page maps (of a checkpoint, or kept
  *                                                            as the base of later checkpoints' deltas)
- *   'R' job 0x00 ckpt(u32 BE)     -> base ckpt (u32 BE)      this checkpoint's map is a delta against base's
+ *   'R' job 0x00 ckpt(u32 BE)     -> base ckpt (u32 BE),     this checkpoint's map is a delta against base's;
+ *                                    SHA-256 of its map      the rebuilt map is checked against the hash
  *   'Q' job 0x00 base ckpt        -> delta (storage/mapdelta.ts): the entries that differ from base's map
  *   'J' job                       -> last number (u32 BE)    numbers are never reused
  *   'G' hash(32)                  -> marked-at ms (u64 BE)   GC phase-1 marks
@@ -84,9 +85,13 @@
  * those entries ('R', 'Q'); others store the whole map ('P') and become the
  * base of the next ones. Reading a map is still two reads, however long the
  * chain (a delta is always against a full map, never against another
- * delta). Deleting a checkpoint keeps its full map while deltas need it;
- * the last delete that frees it removes it (in the same batch). Format 3
- * (whole maps only) is read as it is and marked 4 on open.
+ * delta). A delta's index entries and base number are not covered by the
+ * page checks (a misplaced entry names a real page that hashes right), so
+ * the base record holds the SHA-256 of the map it rebuilds and every read
+ * checks it: a damaged delta, base record or base is CORRUPT, never a
+ * silently wrong image. Deleting a checkpoint keeps its full map while
+ * deltas need it; the last delete that frees it removes it (in the same
+ * batch). Format 3 (whole maps only) is read as it is and marked 4 on open.
  *
  * Upgrade from format 2 (page groups in a second LevelDB, `pages/`): on open,
  * every page is copied into packs (any packs of an interrupted conversion are
@@ -105,7 +110,7 @@ import { packAdvise, packRead, packWrite } from '../src/native.js';
 import type { Backend, ManifestHeader, NewPage, PageMaps, PageRef, StoredPage } from './backend.js';
 import { Mutex } from './mutex.js';
 import { applyMapDelta, mapDelta } from './mapdelta.js';
-import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroHash } from './pages.js';
+import { ENTRY_BYTES, HASH_BYTES, PAGE_SIZE, REF_BYTES, isZeroHash, sha256 } from './pages.js';
 import { PageTable, joinHashes } from './pagetable.js';
 
 type DB = Level<Buffer, Buffer>;
@@ -175,6 +180,18 @@ function deltaKey(job: string, base: number, n: number): Buffer {
   k.copy(b);
   b.writeUInt32BE(n, k.length);
   return b;
+}
+/** 'R' value: the base's number (u32 BE), then the SHA-256 of the whole map the delta rebuilds (checked on every read). */
+const BASE_REF_BYTES = 4 + HASH_BYTES;
+function baseRef(base: number, flat: Buffer): Buffer {
+  const b = Buffer.allocUnsafe(BASE_REF_BYTES);
+  b.writeUInt32BE(base);
+  sha256(flat).copy(b, 4);
+  return b;
+}
+/** The base a well-formed 'R' value names, else null. */
+function baseOf(r: Buffer | undefined): number | null {
+  return r && r.length === BASE_REF_BYTES ? r.readUInt32BE(0) : null;
 }
 function u32(n: number): Buffer {
   const b = Buffer.allocUnsafe(4);
@@ -896,17 +913,17 @@ export class LevelBackend implements Backend {
       const dropped = new Set<number>();
       for (const [n, flat] of j) {
         const r = await this.db.get(ckptKey(R, job, n));
+        const b = baseOf(r);
         let base: { n: number; map: Buffer } | null = null;
-        if (r) {
-          const b = r.readUInt32BE(0);
+        if (b !== null) {
           const map = j.get(b) ?? (await this.db.get(ckptKey(P, job, b)));
           if (map && map.length === flat.length) base = { n: b, map };
         }
         const stored = this.mapOps(job, n, flat, base);
         ops.push(...stored.ops);
-        if (r && !stored.delta) { ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) }); dropped.add(n); }
+        if (r && !stored.delta) dropped.add(n);
       }
-      if (dropped.size > 0) ops.push(...(await this.unusedFullMaps(job, new Set(), dropped)));
+      if (dropped.size > 0) ops.push(...(await this.mapCleanup(job, new Set(), dropped)));
     }
     return ops;
   }
@@ -1067,7 +1084,8 @@ export class LevelBackend implements Backend {
   private async deltaBase(job: string, parent: number, bytes: number): Promise<{ n: number; map: Buffer } | null> {
     if (parent === 0 || bytes === 0) return null;
     const [r, p] = await this.db.getMany([ckptKey(R, job, parent), ckptKey(P, job, parent)]);
-    const n = r ? r.readUInt32BE(0) : parent;
+    if (r && baseOf(r) === null) return null; // a damaged parent: this map goes whole
+    const n = baseOf(r) ?? parent;
     const map = r ? await this.db.get(ckptKey(P, job, n)) : p;
     return map && map.length === bytes ? { n, map } : null;
   }
@@ -1083,7 +1101,7 @@ export class LevelBackend implements Backend {
       return {
         delta: true,
         ops: [
-          { type: 'put', key: ckptKey(R, job, n), value: u32(base.n) },
+          { type: 'put', key: ckptKey(R, job, n), value: baseRef(base.n, flat) },
           { type: 'put', key: deltaKey(job, base.n, n), value: delta },
           { type: 'del', key: ckptKey(P, job, n) },
         ],
@@ -1105,17 +1123,18 @@ export class LevelBackend implements Backend {
       let r: Buffer | undefined;
       [h, v, r] = await this.db.getMany([ckptKey(M, job, checkpoint), ckptKey(P, job, checkpoint), ckptKey(R, job, checkpoint)], { snapshot });
       if (h && !v && r) {
-        const base = r.readUInt32BE(0);
+        const bad = (why: string): ExaError => new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map unreadable: ${why}`, { job, checkpoint });
+        const base = baseOf(r);
+        if (base === null) throw bad(`its base record is ${r.length} bytes, expected ${BASE_REF_BYTES}`);
         const [b, d] = await this.db.getMany([ckptKey(P, job, base), deltaKey(job, base, checkpoint)], { snapshot });
-        if (!b || !d) {
-          const what = b ? `its delta against checkpoint ${base}'s full map is missing` : `it is a delta against checkpoint ${base}'s full map, which is missing`;
-          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map unreadable: ${what}`, { job, checkpoint });
-        }
+        if (!b || !d) throw bad(b ? `its delta against checkpoint ${base}'s full map is missing` : `it is a delta against checkpoint ${base}'s full map, which is missing`);
         try {
           v = applyMapDelta(b, d);
         } catch (e) {
-          throw new ExaError('CORRUPT', `checkpoint ${checkpoint} of job ${job}: page map delta against checkpoint ${base}: ${(e as Error).message}`, { job, checkpoint });
+          throw bad(`its delta against checkpoint ${base}'s full map is damaged: ${(e as Error).message}`);
         }
+        // A damaged index or base would place entries silently wrong: the rebuilt map must be the one committed.
+        if (!sha256(v).equals(r.subarray(4))) throw bad(`the map rebuilt from checkpoint ${base}'s full map and its delta does not match its checksum`);
       }
     } finally {
       await snapshot.close();
@@ -1155,35 +1174,32 @@ export class LevelBackend implements Backend {
     return this.manifestLock.run(async () => {
       if (checkpoints.length === 0) return;
       const ops: Op[] = [];
-      const bases = await this.db.getMany(checkpoints.map((n) => ckptKey(R, job, n)));
-      checkpoints.forEach((n, i) => {
-        ops.push({ type: 'del', key: ckptKey(M, job, n) }, { type: 'del', key: ckptKey(R, job, n) });
-        const r = bases[i];
-        if (r) ops.push({ type: 'del', key: deltaKey(job, r.readUInt32BE(0), n) });
-      });
-      // A deleted checkpoint's full map stays while later checkpoints are stored against it.
+      for (const n of checkpoints) ops.push({ type: 'del', key: ckptKey(M, job, n) }, { type: 'del', key: ckptKey(R, job, n) });
+      // Their deltas go; a deleted checkpoint's full map stays while later checkpoints are stored against it.
       const gone = new Set(checkpoints);
-      ops.push(...(await this.unusedFullMaps(job, gone, gone)));
+      ops.push(...(await this.mapCleanup(job, gone, gone)));
       await this.write(ops, true);
     });
   }
 
   /**
-   * Deletes of the job's full maps that neither a committed checkpoint nor a
-   * delta needs once the checkpoints `goneCkpts` and the deltas of the
-   * checkpoints `goneDeltas` are gone (key-only scans of the job's keys).
+   * Deletes of the deltas of the checkpoints `goneDeltas`, and of the job's
+   * full maps that neither a committed checkpoint nor a remaining delta
+   * needs once the checkpoints `goneCkpts` are gone too (key-only scans of
+   * the job's keys).
    */
-  private async unusedFullMaps(job: string, goneCkpts: ReadonlySet<number>, goneDeltas: ReadonlySet<number>): Promise<Op[]> {
+  private async mapCleanup(job: string, goneCkpts: ReadonlySet<number>, goneDeltas: ReadonlySet<number>): Promise<Op[]> {
     const pre = (p: number): Buffer => jobPrefix(p, job);
+    const ops: Op[] = [];
     const needed = new Set<number>();
     for await (const k of this.db.keys(prefixRange(pre(M)))) {
       const n = k.readUInt32BE(k.length - 4);
       if (!goneCkpts.has(n)) needed.add(n);
     }
     for await (const k of this.db.keys(prefixRange(pre(Q)))) {
-      if (!goneDeltas.has(k.readUInt32BE(k.length - 4))) needed.add(k.readUInt32BE(k.length - 8));
+      if (goneDeltas.has(k.readUInt32BE(k.length - 4))) ops.push({ type: 'del', key: k });
+      else needed.add(k.readUInt32BE(k.length - 8));
     }
-    const ops: Op[] = [];
     for await (const k of this.db.keys(prefixRange(pre(P)))) if (!needed.has(k.readUInt32BE(k.length - 4))) ops.push({ type: 'del', key: k });
     return ops;
   }

@@ -4,8 +4,9 @@
  * map while few differ, else whole. Every checkpoint still reads back
  * bit-exact; a deleted checkpoint's full map stays exactly as long as deltas
  * need it; compaction, GC and deletes racing uploads lose nothing; a format-3
- * directory (whole maps only) opens and takes deltas from then on; a missing
- * base is a named CORRUPT error, not wrong bytes.
+ * directory (whole maps only) opens and takes deltas from then on; a damaged
+ * delta, base record or base (or a missing base) is a named CORRUPT error,
+ * not a silently wrong image, and such a checkpoint can still be deleted.
  */
 import { Level } from 'level';
 import { join } from 'node:path';
@@ -206,6 +207,70 @@ describe('page map deltas', () => {
     const db2 = new Level<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
     expect((await db2.get(Buffer.from('V')))!.readUInt32BE(0)).toBe(4);
     await db2.close();
+  });
+
+  it('a damaged delta, base record or base is a CORRUPT error naming job and checkpoint (never a silently wrong map); such a checkpoint can still be deleted', async () => {
+    const dir = tempDir();
+    let backend = await LevelBackend.open(dir);
+    let store = new CheckpointStore(backend, { gcGraceMs: 0 });
+    const rand = rng(2);
+    const imgs: Buffer[] = [genBytes('c/0', PAGES * PAGE)];
+    await enginePut(store, 'c', 0, PAGES, imgs[0]!, [...Array(PAGES).keys()]);
+    for (let k = 1; k <= 4; k++) {
+      const m = mutate(imgs[k - 1]!, `c/${k}`, 10, rand);
+      imgs.push(m.img);
+      await enginePut(store, 'c', k, PAGES, m.img, m.dirty);
+    }
+    await enginePut(store, 'other', 0, PAGES, imgs[0]!, [...Array(PAGES).keys()]);
+    // the same length as job c's maps, another full map to point a base record at
+    await enginePut(store, 'c2', 0, PAGES, genBytes('c2', PAGES * PAGE), [...Array(PAGES).keys()]);
+    expect((await backend.mapLayout('c')).deltas.map((d) => d.base)).toEqual([1, 1, 1, 1]);
+    await store.close();
+
+    const key = (p: string, job: string, ...ns: number[]): Buffer => Buffer.concat([Buffer.from(p + job), Buffer.from([0]), ...ns.map((n) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; })]);
+    const db = new Level<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
+    // #2: two records' entries swapped (indexes stay in range and ascending: only the checksum can tell)
+    const d2 = Buffer.from((await db.get(key('Q', 'c', 1, 2)))!);
+    const e0 = Buffer.from(d2.subarray(4, DELTA_RECORD_BYTES));
+    d2.copy(d2, 4, DELTA_RECORD_BYTES + 4, 2 * DELTA_RECORD_BYTES);
+    e0.copy(d2, DELTA_RECORD_BYTES + 4);
+    await db.put(key('Q', 'c', 1, 2), d2);
+    // #3: its base record names another full map of the same length (job c2's, copied in as "checkpoint 9"), its delta moved along
+    const r3 = Buffer.from((await db.get(key('R', 'c', 3)))!);
+    r3.writeUInt32BE(9, 0);
+    await db.put(key('R', 'c', 3), r3);
+    await db.put(key('P', 'c', 9), (await db.get(key('P', 'c2', 1)))!);
+    await db.put(key('Q', 'c', 9, 3), (await db.get(key('Q', 'c', 1, 3)))!);
+    await db.del(key('Q', 'c', 1, 3));
+    // #4: a truncated base record
+    await db.put(key('R', 'c', 4), Buffer.from([0, 0, 0, 1]));
+    await db.close();
+
+    backend = await LevelBackend.open(dir);
+    store = new CheckpointStore(backend, { gcGraceMs: 0 });
+    try {
+      const errOf = (n: number): Promise<{ code: string; message: string } | null> => engineImage(store, 'c', n).then(() => null, (e: unknown) => e as { code: string; message: string });
+      const e2 = await errOf(2);
+      expect(e2?.code).toBe('CORRUPT');
+      expect(e2?.message).toMatch(/checkpoint 2 of job c: page map unreadable: the map rebuilt from checkpoint 1's full map and its delta does not match its checksum/);
+      const e3 = await errOf(3);
+      expect(e3?.code).toBe('CORRUPT');
+      expect(e3?.message).toMatch(/checkpoint 3 of job c: page map unreadable: the map rebuilt from checkpoint 9's full map and its delta does not match its checksum/);
+      const e4 = await errOf(4);
+      expect(e4?.code).toBe('CORRUPT');
+      expect(e4?.message).toMatch(/checkpoint 4 of job c: page map unreadable: its base record is 4 bytes, expected 36/);
+      expect((await engineImage(store, 'c', 5)).equals(imgs[4]!)).toBe(true);
+      expect((await engineImage(store, 'other', 1)).equals(imgs[0]!)).toBe(true);
+      // verify names them too, and the broken ones can be deleted (their keys go with them)
+      const v = await store.verify({ job: 'c' });
+      expect(v.problems.map((p) => p.checkpoint).sort()).toEqual([2, 3, 4]);
+      await store.deleteCheckpoints('c', { checkpoints: [2, 3, 4] });
+      expect(await backend.mapLayout('c')).toEqual({ full: [1], deltas: [{ checkpoint: 5, base: 1 }] });
+      expect((await store.verify({ job: 'c' })).problems).toEqual([]);
+      expect((await engineImage(store, 'c', 5)).equals(imgs[4]!)).toBe(true);
+    } finally {
+      await store.close();
+    }
   });
 
   it('a delta whose base map is missing is a CORRUPT error naming job, checkpoint and base; the other checkpoints still read', async () => {
