@@ -349,9 +349,7 @@ export class LevelBackend implements Backend {
       if (format !== 0 || any) {
         throw new ExaError('FAILED_PRECONDITION', `data directory ${this.dir} has store format ${format || 1}; this exastore reads formats 2 (converted on open), 3 (upgraded on open) and ${FORMAT}: archive the jobs with the older exastore and import them`);
       }
-      const f = Buffer.allocUnsafe(4);
-      f.writeUInt32BE(FORMAT);
-      await this.db.put(Buffer.from([V]), f, { sync: true });
+      await this.db.put(Buffer.from([V]), u32(FORMAT), { sync: true });
     }
     // A conversion that crashed after its commit leaves the old page database behind.
     rmSync(join(this.dir, 'pages'), { recursive: true, force: true });
@@ -422,9 +420,7 @@ export class LevelBackend implements Backend {
     const id = this.nextPackId++;
     // The high-water mark goes to the index log (made durable by the next synced
     // batch, which comes before any sweep can remove this pack).
-    const hw = Buffer.allocUnsafe(4);
-    hw.writeUInt32BE(id);
-    await this.db.put(Buffer.from([K]), hw);
+    await this.db.put(Buffer.from([K]), u32(id));
     let fh: FileHandle;
     try {
       fh = await openFile(join(this.packDir, packName(id)), 'wx+');
@@ -1382,9 +1378,7 @@ export class LevelBackend implements Backend {
       }
       ops.push({ type: 'put', key: k, value: map });
     }
-    const f = Buffer.allocUnsafe(4);
-    f.writeUInt32BE(FORMAT);
-    ops.push({ type: 'put', key: Buffer.from([V]), value: f });
+    ops.push({ type: 'put', key: Buffer.from([V]), value: u32(FORMAT) });
     // Packs durable first; then the flip, in one synced batch.
     await this.flushPending(ops);
     // Later appends go to a new pack (the conversion's last one is complete).

@@ -30,6 +30,29 @@ function mutate(img: Buffer, tag: string, count: number, rand: () => number): { 
   return { img: next, dirty: [...dirty].sort((a, b) => a - b) };
 }
 
+const ALL = [...Array(PAGES).keys()];
+
+/**
+ * Checkpoint 1 of `job` (a whole generated image), then `increments` more,
+ * increment k rewriting `dirty(k)` random pages: each checkpoint's image by number.
+ */
+async function putChain(store: CheckpointStore, job: string, increments: number, dirty: (k: number) => number, rand: () => number): Promise<Map<number, Buffer>> {
+  const versions = new Map<number, Buffer>();
+  let img = genBytes(`${job}/0`, PAGES * PAGE);
+  versions.set(await enginePut(store, job, 0, PAGES, img, ALL), img);
+  for (let k = 1; k <= increments; k++) {
+    const m = mutate(img, `${job}/${k}`, dirty(k), rand);
+    img = m.img;
+    versions.set(await enginePut(store, job, k, PAGES, img, m.dirty), img);
+  }
+  return versions;
+}
+
+/** A per-checkpoint key of the LevelDB backend: prefix letter, job, 0x00, then u32 BE numbers. */
+function key(prefix: string, job: string, ...ns: number[]): Buffer {
+  return Buffer.concat([Buffer.from(prefix + job), Buffer.from([0]), ...ns.map((n) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; })]);
+}
+
 /** Every full map is a live checkpoint's or a delta's base, and every delta's base has one. */
 async function expectLayoutTight(b: LevelBackend, job: string): Promise<void> {
   const live = new Set((await b.listHeaders(job)).map((h) => h.checkpoint));
@@ -74,16 +97,8 @@ describe('page map deltas', () => {
     const backend = await LevelBackend.open(dir);
     const store = new CheckpointStore(backend, { gcGraceMs: 0 });
     try {
-      const rand = rng(11);
-      const versions = new Map<number, Buffer>();
-      let img = genBytes('d/0', PAGES * PAGE);
-      versions.set(await enginePut(store, 'j', 0, PAGES, img, [...Array(PAGES).keys()]), img);
-      for (let k = 1; k < 40; k++) {
-        // 1% a checkpoint, and one big rewrite (30%) that must be stored whole
-        const m = mutate(img, `d/${k}`, k === 20 ? 600 : 20, rand);
-        img = m.img;
-        versions.set(await enginePut(store, 'j', k, PAGES, img, m.dirty), img);
-      }
+      // 1% a checkpoint, and one big rewrite (30%) that must be stored whole
+      const versions = await putChain(store, 'j', 39, (k) => (k === 20 ? 600 : 20), rng(11));
       const { full, deltas } = await backend.mapLayout('j');
       expect(full).toContain(1);
       expect(full).toContain(21); // the 30% rewrite
@@ -114,14 +129,8 @@ describe('page map deltas', () => {
     const store = new CheckpointStore(backend, { gcGraceMs: 0 });
     try {
       const rand = rng(12);
-      const versions = new Map<number, Buffer>();
-      let img = genBytes('k/0', PAGES * PAGE);
-      versions.set(await enginePut(store, 'k', 0, PAGES, img, [...Array(PAGES).keys()]), img);
-      for (let k = 1; k < 8; k++) {
-        const m = mutate(img, `k/${k}`, 10, rand);
-        img = m.img;
-        versions.set(await enginePut(store, 'k', k, PAGES, img, m.dirty), img);
-      }
+      const versions = await putChain(store, 'k', 7, () => 10, rand);
+      const img = versions.get(8)!;
       expect((await backend.mapLayout('k')).full).toEqual([1]);
       // Checkpoint 1 goes: its map stays as the base of 2..8.
       await store.deleteCheckpoints('k', { checkpoints: [1, 2, 3] });
@@ -161,7 +170,7 @@ describe('page map deltas', () => {
       const rand = rng(13);
       const versions = new Map<number, Buffer>();
       let img = genBytes('r/0', PAGES * PAGE);
-      let parent = await enginePut(store, 'r', 0, PAGES, img, [...Array(PAGES).keys()]);
+      let parent = await enginePut(store, 'r', 0, PAGES, img, ALL);
       versions.set(parent, img);
       const deletes: Promise<unknown>[] = [];
       for (let k = 1; k < 30; k++) {
@@ -188,7 +197,7 @@ describe('page map deltas', () => {
     const dir = tempDir();
     let store = new CheckpointStore(await LevelBackend.open(dir), { gcGraceMs: 0 });
     const img = genBytes('f/0', PAGES * PAGE);
-    await enginePut(store, 'f', 0, PAGES, img, [...Array(PAGES).keys()]);
+    await enginePut(store, 'f', 0, PAGES, img, ALL);
     await store.close();
     const db = new Level<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
     await db.put(Buffer.from('V'), Buffer.from([0, 0, 0, 3]));
@@ -213,21 +222,13 @@ describe('page map deltas', () => {
     const dir = tempDir();
     let backend = await LevelBackend.open(dir);
     let store = new CheckpointStore(backend, { gcGraceMs: 0 });
-    const rand = rng(2);
-    const imgs: Buffer[] = [genBytes('c/0', PAGES * PAGE)];
-    await enginePut(store, 'c', 0, PAGES, imgs[0]!, [...Array(PAGES).keys()]);
-    for (let k = 1; k <= 4; k++) {
-      const m = mutate(imgs[k - 1]!, `c/${k}`, 10, rand);
-      imgs.push(m.img);
-      await enginePut(store, 'c', k, PAGES, m.img, m.dirty);
-    }
-    await enginePut(store, 'other', 0, PAGES, imgs[0]!, [...Array(PAGES).keys()]);
+    const versions = await putChain(store, 'c', 4, () => 10, rng(2));
+    await enginePut(store, 'other', 0, PAGES, versions.get(1)!, ALL);
     // the same length as job c's maps, another full map to point a base record at
-    await enginePut(store, 'c2', 0, PAGES, genBytes('c2', PAGES * PAGE), [...Array(PAGES).keys()]);
+    await enginePut(store, 'c2', 0, PAGES, genBytes('c2', PAGES * PAGE), ALL);
     expect((await backend.mapLayout('c')).deltas.map((d) => d.base)).toEqual([1, 1, 1, 1]);
     await store.close();
 
-    const key = (p: string, job: string, ...ns: number[]): Buffer => Buffer.concat([Buffer.from(p + job), Buffer.from([0]), ...ns.map((n) => { const b = Buffer.alloc(4); b.writeUInt32BE(n); return b; })]);
     const db = new Level<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
     // #2: two records' entries swapped (indexes stay in range and ascending: only the checksum can tell)
     const d2 = Buffer.from((await db.get(key('Q', 'c', 1, 2)))!);
@@ -259,15 +260,15 @@ describe('page map deltas', () => {
       const e4 = await errOf(4);
       expect(e4?.code).toBe('CORRUPT');
       expect(e4?.message).toMatch(/checkpoint 4 of job c: page map unreadable: its base record is 4 bytes, expected 36/);
-      expect((await engineImage(store, 'c', 5)).equals(imgs[4]!)).toBe(true);
-      expect((await engineImage(store, 'other', 1)).equals(imgs[0]!)).toBe(true);
+      expect((await engineImage(store, 'c', 5)).equals(versions.get(5)!)).toBe(true);
+      expect((await engineImage(store, 'other', 1)).equals(versions.get(1)!)).toBe(true);
       // verify names them too, and the broken ones can be deleted (their keys go with them)
       const v = await store.verify({ job: 'c' });
       expect(v.problems.map((p) => p.checkpoint).sort()).toEqual([2, 3, 4]);
       await store.deleteCheckpoints('c', { checkpoints: [2, 3, 4] });
       expect(await backend.mapLayout('c')).toEqual({ full: [1], deltas: [{ checkpoint: 5, base: 1 }] });
       expect((await store.verify({ job: 'c' })).problems).toEqual([]);
-      expect((await engineImage(store, 'c', 5)).equals(imgs[4]!)).toBe(true);
+      expect((await engineImage(store, 'c', 5)).equals(versions.get(5)!)).toBe(true);
     } finally {
       await store.close();
     }
@@ -276,14 +277,11 @@ describe('page map deltas', () => {
   it('a delta whose base map is missing is a CORRUPT error naming job, checkpoint and base; the other checkpoints still read', async () => {
     const dir = tempDir();
     let store = new CheckpointStore(await LevelBackend.open(dir), { gcGraceMs: 0 });
-    const img = genBytes('c/0', PAGES * PAGE);
-    await enginePut(store, 'c', 0, PAGES, img, [...Array(PAGES).keys()]);
-    const m = mutate(img, 'c/1', 10, rng(2));
-    await enginePut(store, 'c', 1, PAGES, m.img, m.dirty);
-    await enginePut(store, 'other', 0, PAGES, img, [...Array(PAGES).keys()]);
+    const img = (await putChain(store, 'c', 1, () => 10, rng(2))).get(1)!;
+    await enginePut(store, 'other', 0, PAGES, img, ALL);
     await store.close();
     const db = new Level<Buffer, Buffer>(join(dir, 'index'), { keyEncoding: 'buffer', valueEncoding: 'buffer' });
-    await db.del(Buffer.concat([Buffer.from('Pc'), Buffer.from([0, 0, 0, 0, 1])]));
+    await db.del(key('P', 'c', 1));
     await db.close();
     store = new CheckpointStore(await LevelBackend.open(dir), { gcGraceMs: 0 });
     try {
