@@ -210,26 +210,26 @@ struct PayloadRecv {
       }
       int rerr = 0;
       bool eof = false;
-      size_t n = 0;
+      size_t n = 0; /* bytes taken from the socket: counted here, so a throw after some were taken keeps the stream in step */
       try {
-        n = agent->remote_fill(job, buffer, off + done, want, [&](uint8_t *dst, size_t m) -> size_t {
+        agent->remote_fill(job, buffer, off + done, want, [&](uint8_t *dst, size_t m) -> size_t {
           ssize_t k;
           do k = ::recv(fd, dst, m, MSG_DONTWAIT);
           while (k < 0 && errno == EINTR);
           if (k < 0) rerr = errno;
           if (k == 0) eof = true;
+          if (k > 0) n += (size_t)k;
           return k > 0 ? (size_t)k : 0;
         });
       } catch (const Error &x) {
         status = x.err < 0 ? x.err : -EIO;
         error = x.what();
-        continue;
       } catch (const std::exception &x) {
         status = -EIO;
         error = x.what();
-        continue;
       }
       done += n;
+      if (status) continue; /* the rest is drained */
       if (eof || (rerr && rerr != EAGAIN && rerr != EWOULDBLOCK)) return false;
       if (done < len && n < want) {
         struct pollfd pf = {fd, POLLIN, 0};
